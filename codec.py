@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 SAMPLE_RATE = 24_000              # Hz, mono
 LATENT_DIM = 128                  # channels of the continuous encoder output
@@ -54,7 +55,8 @@ def _load_state_dict(weights: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise CodecLoadError(f"--encodec_weights {path}: not a readable torch checkpoint ({error})") from None
+        reason = str(error).strip().splitlines()[0]
+        raise CodecLoadError(f"--encodec_weights {path}: not a readable torch checkpoint ({reason})") from None
     if not isinstance(state, dict):
         raise CodecLoadError(f"--encodec_weights {path}: expected a state dict, found {type(state).__name__}")
     return state
@@ -129,8 +131,9 @@ class FrozenDecoder(nn.Module):
     which gives the same output without recomputing w = g * v / ||v|| on every call.
     """
 
-    def __init__(self, codec: nn.Module):
+    def __init__(self, codec: nn.Module, checkpointing: bool = False):
         super().__init__()
+        self.checkpointing = checkpointing
         self.decoder = _build_model().decoder   # a copy: folding weight norm must not alter the codec
         self.decoder.load_state_dict(codec.decoder.state_dict())
         self.decoder.to(next(codec.parameters()).device)
@@ -146,4 +149,9 @@ class FrozenDecoder(nn.Module):
         return self  # see __init__: the mode makes no numerical difference and cuDNN needs train mode
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decoder(latents)
+        if not (self.checkpointing and torch.is_grad_enabled() and latents.requires_grad):
+            return self.decoder(latents)
+        # Activation checkpointing, one example at a time: the forward keeps no activations and the
+        # backward recomputes one example's at once, so the decoder's activation memory drops from the
+        # whole batch's to a single example's, for the price of one extra decoder forward.
+        return torch.cat([checkpoint(self.decoder, item, use_reentrant=False) for item in latents.split(1)])
