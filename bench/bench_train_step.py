@@ -1,0 +1,245 @@
+"""Benchmark the training step (the worker's own `train_step`) and the data loader.
+
+    python bench/bench_train_step.py                                  # one step config, JSON line
+    python bench/bench_train_step.py --segment_seconds 2 4 8          # memory vs segment length
+    python bench/bench_train_step.py --segment_seconds 8 --decoder_checkpointing both
+    python bench/bench_train_step.py --mode loader --data_dir data_cache/demo --num_workers 2
+
+Step mode builds exactly what a rank trains with (ContinuationTransformer, LatentNormalizer, the frozen
+EnCodec decoder, CombinedLoss, AdamW + the worker's LR schedule) on synthetic latents and audio, and runs
+train_simple_worker.train_step. It prints one JSON line per config with the median step time, audio
+seconds trained per wall second, the decoder's forward+backward alone on the same batch (the part no
+implementation of this design can avoid), their ratio, the share of each stage (from a second,
+instrumented pass that runs the same operations one at a time) and peak memory (CPU: peak RSS and its
+growth during the steps; CUDA: max_memory_allocated). Several configs run in fresh subprocesses so each
+peak is its own. The codec is the random one: timings do not depend on the weights' values.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import itertools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from codec import FRAME_RATE, HOP_LENGTH, LATENT_DIM, SAMPLE_RATE, FrozenDecoder, load_codec  # noqa: E402
+from data import ContinuationDataset, LatentNormalizer  # noqa: E402
+from losses import CombinedLoss  # noqa: E402
+from model import ContinuationTransformer  # noqa: E402
+from train_simple_worker import lr_factor, to_device, train_step  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("step", "loader"), default="step")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--segment_seconds", type=float, nargs="+", default=[2.0])
+    parser.add_argument("--d_model", type=int, default=256)
+    parser.add_argument("--num_layers", type=int, default=4)
+    parser.add_argument("--num_heads", type=int, default=4)
+    parser.add_argument("--loss_weights", type=float, nargs=4, default=[0.25, 0.25, 0.25, 0.25],
+                        metavar=("INPUT", "TARGET", "SPECTRAL", "MEL"),
+                        help="default: every component trained, the most expensive step")
+    parser.add_argument("--decoder_checkpointing", choices=("off", "on", "both"), default="off")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps (after --warmup)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--data_dir", help="loader mode: a prepared cache")
+    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=50, help="loader mode: batches to time")
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    synchronize(device)
+    started = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return time.perf_counter() - started, result
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # kilobytes on Linux
+
+
+def synthetic_batch(batch_size: int, frames: int, device: torch.device) -> dict:
+    samples = frames * HOP_LENGTH
+    batch = {"input_latent": torch.randn(batch_size, LATENT_DIM, frames),
+             "target_latent": torch.randn(batch_size, LATENT_DIM, frames),
+             "input_audio": 0.1 * torch.randn(batch_size, 1, samples),
+             "target_audio": 0.1 * torch.randn(batch_size, 1, samples)}
+    if device.type == "cuda":
+        batch = {name: tensor.pin_memory() for name, tensor in batch.items()}
+    return batch
+
+
+# ------------------------------------------------------------------------------------------ step mode
+
+def build_training_parts(args, frames: int, checkpointing: bool, device: torch.device):
+    """The objects a rank trains with, as train_simple_worker.run builds them (minus DDP: one process)."""
+    decoder = FrozenDecoder(load_codec("random", device), checkpointing=checkpointing)
+    normalizer = LatentNormalizer(torch.zeros(LATENT_DIM), torch.ones(LATENT_DIM)).to(device)
+    loss_fn = CombinedLoss(*args.loss_weights).to(device)
+    torch.manual_seed(0)
+    model = ContinuationTransformer(d_model=args.d_model, num_layers=args.num_layers,
+                                    num_heads=args.num_heads, dropout=0.0).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, warmup_steps=10, total_steps=1000))
+    if device.type == "cuda":
+        autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    else:
+        autocast = contextlib.nullcontext
+    return model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast
+
+
+def stage_times(parts, host_batch, device) -> dict:
+    """The step's operations one at a time, each timed (same order and work as train_step)."""
+    model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast = parts
+    times = {}
+    times["data"], batch = timed(lambda: to_device(host_batch, device), device)
+    with autocast():
+        times["model_forward"], prediction = timed(lambda: model(batch["input_latent"]), device)
+        times["decoder_forward"], audio = timed(lambda: decoder(normalizer.denormalize(prediction)), device)
+    times["losses"], (total, _) = timed(
+        lambda: loss_fn(audio, batch["input_audio"], batch["target_audio"]), device)
+    times["backward"], _ = timed(total.backward, device)
+
+    def optimizer_update():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+    times["optimizer"], _ = timed(optimizer_update, device)
+    return times
+
+
+def decoder_alone(decoder, batch, device) -> float:
+    """Forward + backward of the frozen decoder only, on latents of the batch's shape."""
+    latents = batch["input_latent"].detach().clone().requires_grad_(True)
+
+    def run():
+        decoder(latents).square().mean().backward()
+    seconds, _ = timed(run, device)
+    return seconds
+
+
+def bench_step(args, segment_seconds: float, checkpointing: bool) -> dict:
+    device = torch.device(args.device)
+    frames = round(segment_seconds * FRAME_RATE)
+    parts = build_training_parts(args, frames, checkpointing, device)
+    model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast = parts
+    host_batch = synthetic_batch(args.batch_size, frames, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_before = current_rss_mb()
+
+    step_times = []
+    for index in range(args.warmup + args.steps):
+        seconds, _ = timed(lambda: train_step(model, decoder, normalizer, loss_fn, optimizer, scheduler,
+                                              to_device(host_batch, device), grad_clip=1.0,
+                                              autocast_ctx=autocast), device)
+        if index >= args.warmup:
+            step_times.append(seconds)
+    peak = peak_rss_mb() if device.type == "cpu" else torch.cuda.max_memory_allocated(device) / 2**20
+    batch = to_device(host_batch, device)
+    with autocast():
+        decoder_times = [decoder_alone(decoder, batch, device) for _ in range(args.steps)]
+    stages = [stage_times(parts, host_batch, device) for _ in range(args.steps)]
+    stage_medians = {name: statistics.median(run[name] for run in stages) for name in stages[0]}
+    stage_sum = sum(stage_medians.values())
+
+    step = statistics.median(step_times)
+    decode = statistics.median(decoder_times)
+    return {
+        "device": device.type, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+        "segment_seconds": segment_seconds, "segment_frames": frames, "d_model": args.d_model,
+        "num_layers": args.num_layers, "loss_weights": args.loss_weights,
+        "decoder_checkpointing": checkpointing, "model_parameters": model.num_parameters(),
+        "step_seconds": round(step, 4),
+        "audio_seconds_per_second": round(args.batch_size * frames * HOP_LENGTH / SAMPLE_RATE / step, 3),
+        "decoder_fwd_bwd_seconds": round(decode, 4),
+        "step_over_decoder": round(step / decode, 3),
+        "stage_share": {name: round(value / stage_sum, 3) for name, value in stage_medians.items()},
+        "peak_memory_mb": round(peak, 1),
+        "step_memory_growth_mb": round(peak - rss_before, 1) if device.type == "cpu" else round(peak, 1),
+    }
+
+
+# ---------------------------------------------------------------------------------------- loader mode
+
+def bench_loader(args, segment_seconds: float) -> dict:
+    if not args.data_dir:
+        sys.exit("bench_train_step.py: --mode loader needs --data_dir (a cache made by prepare_data.py)")
+    frames = round(segment_seconds * FRAME_RATE)
+    dataset = ContinuationDataset(args.data_dir, "train", frames)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
+                                         num_workers=args.num_workers, drop_last=True,
+                                         persistent_workers=args.num_workers > 0)
+    batches = itertools.cycle(loader) if len(loader) < args.batches else iter(loader)
+    next(batches)                                   # worker start-up is not part of the steady rate
+    started = time.perf_counter()
+    for _ in range(args.batches):
+        next(batches)
+    seconds = time.perf_counter() - started
+    return {"mode": "loader", "data_dir": args.data_dir, "num_workers": args.num_workers,
+            "batch_size": args.batch_size, "segment_frames": frames, "examples": len(dataset),
+            "examples_per_second": round(args.batches * args.batch_size / seconds, 1)}
+
+
+# ------------------------------------------------------------------------------------------- main
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.decoder_checkpointing]
+    configs = [(seconds, flag) for seconds in args.segment_seconds for flag in checkpointing]
+    if args.mode == "loader":
+        for seconds in args.segment_seconds:
+            print(json.dumps(bench_loader(args, seconds)), flush=True)
+        return
+    if len(configs) == 1:
+        print(json.dumps(bench_step(args, *configs[0])), flush=True)
+        return
+    # One subprocess per config: peak RSS only ever grows within a process.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for seconds, flag in configs:
+        child = _without_options(argv, ("--segment_seconds", "--decoder_checkpointing"))
+        child += ["--segment_seconds", str(seconds), "--decoder_checkpointing", "on" if flag else "off"]
+        subprocess.run([sys.executable, __file__, *child], check=True)
+
+
+def _without_options(argv: list, names: tuple) -> list:
+    kept, skipping = [], False
+    for token in argv:
+        if token.startswith("--"):
+            skipping = token in names
+        if not skipping:
+            kept.append(token)
+    return kept
+
+
+if __name__ == "__main__":
+    main()

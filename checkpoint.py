@@ -1,0 +1,109 @@
+"""Saving and loading training checkpoints (atomically), and rebuilding a trained model for inference.
+
+A checkpoint is one torch file holding a dict:
+
+    model             unwrapped state dict (no "module." / "_orig_mod." prefixes)
+    model_config      ContinuationTransformer keyword arguments
+    optimizer         AdamW state dict
+    scheduler         LR scheduler state dict (its step count is the global step)
+    epoch             the last finished epoch (1-based); resuming starts at epoch + 1
+    args              every launcher flag (dict)
+    latent_mean, latent_std   [128] float tensors: the cache's normalisation statistics
+    codec_fingerprint, encodec_weights   the codec whose latents the model was trained on
+    mlflow_run_id     the MLflow run to continue when resuming (None if MLflow was not reachable)
+    best_val_loss     the lowest validation loss so far (decides best.pt)
+    val_loss          this epoch's validation loss
+    segment_frames    latent frames per input window
+    skipped_steps     non-finite steps skipped so far
+    world_size        processes that produced it
+
+No RNG state is stored: the worker reseeds every process at the start of each epoch from
+(seed, rank, epoch) and the DistributedSampler shuffles from (seed, epoch), so the epoch number is
+all that a bit-exact resume needs.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+LATEST_NAME = "latest.pt"
+BEST_NAME = "best.pt"
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")   # added by DistributedDataParallel and torch.compile
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or not one of ours (message is one line)."""
+
+
+def unwrapped_state_dict(model: torch.nn.Module) -> dict:
+    """The state dict of the bare model, whatever DDP / torch.compile wrappers surround it."""
+    state = model.state_dict()
+    cleaned = {}
+    for name, tensor in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in WRAPPER_PREFIXES:
+                if name.startswith(prefix):
+                    name, changed = name[len(prefix):], True
+        cleaned[name] = tensor
+    return cleaned
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A crash at any moment leaves either the previous file or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp_path, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Read a checkpoint written by save_checkpoint; CheckpointError with a one-line reason otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - truncated / foreign / corrupt files raise many types
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
+    required = ("model", "model_config", "epoch", "latent_mean", "latent_std", "codec_fingerprint")
+    missing = [key for key in required if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a training checkpoint (missing {', '.join(missing)})")
+    return state
+
+
+def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
+    """checkpoint_dir/latest.pt if it exists (what `--resume auto` continues from)."""
+    path = Path(checkpoint_dir) / LATEST_NAME
+    return path if path.is_file() else None
+
+
+def load_model_for_inference(path: str | os.PathLike, device="cpu"):
+    """(model in eval mode, LatentNormalizer, checkpoint dict) from a training checkpoint."""
+    from data import LatentNormalizer
+    from model import ContinuationTransformer
+
+    state = load_checkpoint(path)
+    try:
+        model = ContinuationTransformer(**state["model_config"])
+        model.load_state_dict(state["model"])
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: model weights do not match its model_config "
+                              f"({str(error).splitlines()[0]})") from None
+    normalizer = LatentNormalizer(state["latent_mean"], state["latent_std"])
+    return model.to(device).eval(), normalizer.to(device), state

@@ -1,0 +1,90 @@
+"""Shared test fixtures: the repository on sys.path, a tiny prepared demo cache, a real MLflow server.
+
+    tiny_cache      session-wide demo cache: 4 synthetic tracks of 2 s (3 train, 1 val) encoded with
+                    the 'random' codec; 150 frames per track = 17 examples of 2 x 8 frames each.
+    mlflow_server   a real `mlflow server` on 127.0.0.1 at a free port (sqlite backend, artifacts in a
+                    temporary folder), started once per session, stopped at teardown. Its tracking URI.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+MLFLOW_START_TIMEOUT = 240.0     # seconds; a cold `mlflow server` takes ~10-50 s on a busy 2-core machine
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    import prepare_data
+    cache = tmp_path_factory.mktemp("tiny_cache") / "demo"
+    prepare_data.prepare_demo(cache, num_tracks=4, seconds=2.0, val_fraction=0.25, device="cpu", progress=False)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+               "--artifacts-destination", str(folder / "artifacts")]
+    if not Path(command[0]).exists():
+        command[:1] = [sys.executable, "-m", "mlflow"]
+    log = open(folder / "server.log", "wb")
+    # Its own session, so teardown can stop the server and the uvicorn/job-runner children it starts.
+    server = subprocess.Popen(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + MLFLOW_START_TIMEOUT
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"mlflow server exited ({server.returncode}): "
+                                   f"{(folder / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(uri + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not answer within {MLFLOW_START_TIMEOUT:.0f} s")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        _stop_process_group(server)
+        log.close()
+
+
+def _stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM the server's process group, then SIGKILL whatever is still there after 10 s."""
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        try:   # the leader is gone; make sure its children are too
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return

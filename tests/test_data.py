@@ -1,0 +1,476 @@
+"""Tests of audio loading, cache preparation, the continuation dataset and the demo corpus.
+
+Everything runs on tiny files written into tmp_path with the fixed-seed 'random' codec on CPU.
+References are computed independently (soundfile + codec.encode + numpy), never by the code under test.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+import codec
+import data
+import demo_corpus
+import prepare_data
+from codec import HOP_LENGTH, LATENT_DIM, SAMPLE_RATE
+
+REPO = Path(__file__).resolve().parents[1]
+MIN_SECONDS = 0.5          # tiny tracks: 0.5 s is one example of 2 x 18 frames
+SEGMENT = 10               # frames per input window in the dataset tests
+
+
+def sine(freq: float, seconds: float, rate: int, amplitude: float = 0.5) -> np.ndarray:
+    t = np.arange(int(round(seconds * rate))) / rate
+    return (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def write_good_files(folder: Path) -> None:
+    """Mixed formats, rates and channel counts, one in a sub-folder."""
+    left, right = sine(440, 1.0, 44_100, 0.5), sine(440, 1.0, 44_100, 0.25)
+    soundfile.write(folder / "stereo44.wav", np.stack([left, right], axis=1), 44_100, subtype="FLOAT")
+    (folder / "sub").mkdir()
+    soundfile.write(folder / "sub" / "mono16.flac", sine(300, 1.2, 16_000, 0.4), 16_000)
+    plan = demo_corpus.plan_track(0, seed=7)
+    music = demo_corpus.render_track(plan, 2.0, SAMPLE_RATE, seed=7).mean(axis=1)
+    soundfile.write(folder / "music.wav", music.astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
+    soundfile.write(folder / "extra.ogg", sine(660, 1.0, SAMPLE_RATE), SAMPLE_RATE, format="OGG", subtype="VORBIS")
+    soundfile.write(folder / "extra.mp3", sine(220, 1.0, SAMPLE_RATE), SAMPLE_RATE, format="MP3",
+                    subtype="MPEG_LAYER_III")
+
+
+BAD_FILES = {   # name -> a word the skip reason must contain
+    "corrupt.wav": "unreadable",
+    "empty.wav": "empty",
+    "noframes.wav": "empty",
+    "short.wav": "too short",
+    "notes.txt": "not an audio file",
+    "fake.flac": "unreadable",
+}
+
+
+def write_bad_files(folder: Path) -> None:
+    rng = np.random.default_rng(0)
+    (folder / "corrupt.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + rng.bytes(300))
+    (folder / "empty.wav").write_bytes(b"")
+    soundfile.write(folder / "noframes.wav", np.zeros(0, dtype=np.float32), SAMPLE_RATE)
+    soundfile.write(folder / "short.wav", sine(440, 0.1, SAMPLE_RATE), SAMPLE_RATE)
+    (folder / "notes.txt").write_text("not audio\n")
+    (folder / "fake.flac").write_text("this is text pretending to be a flac file\n" * 20)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_threaded_torch():
+    """The reference encodes here are tiny; one intra-op thread is much faster on shared cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A cache made from five good files and six bad ones (prepared once for the whole module)."""
+    root = tmp_path_factory.mktemp("corpus")
+    audio_dir = root / "audio"
+    audio_dir.mkdir()
+    write_good_files(audio_dir)
+    write_bad_files(audio_dir)
+    cache = root / "cache"
+    manifest = prepare_data.prepare(audio_dir, cache, encodec_weights="random", val_fraction=0.34, seed=0,
+                                    device="cpu", min_seconds=MIN_SECONDS, workers=2, progress=False)
+    return audio_dir, cache, manifest
+
+
+@pytest.fixture(scope="module")
+def random_codec():
+    return codec.load_codec("random", "cpu")
+
+
+def track_by_source(manifest: dict, source: str) -> dict:
+    return next(track for track in manifest["tracks"] if track["source"] == source)
+
+
+def cached_arrays(cache: Path, track: dict) -> tuple[np.ndarray, np.ndarray]:
+    folder = cache / "tracks"
+    return np.load(folder / f"{track['id']}.latents.npy"), np.load(folder / f"{track['id']}.audio.npy")
+
+
+# --------------------------------------------------------------------------------------- loading
+
+def test_load_audio_mixes_to_mono_and_resamples_to_24k(tmp_path):
+    left, right = sine(440, 1.0, 44_100, 0.5), sine(440, 1.0, 44_100, 0.25)
+    soundfile.write(tmp_path / "s.wav", np.stack([left, right], axis=1), 44_100, subtype="FLOAT")
+    soundfile.write(tmp_path / "m.wav", sine(300, 1.2, 16_000, 0.4), 16_000, subtype="FLOAT")
+
+    stereo = data.load_audio(tmp_path / "s.wav")
+    mono = data.load_audio(tmp_path / "m.wav")
+    assert stereo.shape == (1, 24_000) and stereo.dtype == torch.float32
+    assert mono.shape == (1, 28_800)
+    # the mean of the channels is a 440 Hz sine of amplitude 0.375; compare away from the edges
+    middle = slice(2_000, -2_000)
+    np.testing.assert_allclose(stereo[0, middle].numpy(), sine(440, 1.0, SAMPLE_RATE, 0.375)[middle], atol=2e-3)
+    np.testing.assert_allclose(mono[0, middle].numpy(), sine(300, 1.2, SAMPLE_RATE, 0.4)[middle], atol=2e-3)
+
+
+def test_load_audio_errors_name_the_file(tmp_path):
+    with pytest.raises(data.AudioLoadError, match="missing.wav: unreadable"):
+        data.load_audio(tmp_path / "missing.wav")
+    (tmp_path / "text.wav").write_text("hello")
+    with pytest.raises(data.AudioLoadError, match="text.wav: "):
+        data.load_audio(tmp_path / "text.wav")
+
+
+def test_cached_tracks_are_24k_mono_with_whole_frames(prepared):
+    _, cache, manifest = prepared
+    expected_samples = {"stereo44.wav": 24_000, "sub/mono16.flac": 28_800, "music.wav": 48_000,
+                        "extra.ogg": 24_000}
+    assert {t["source"] for t in manifest["tracks"]} == set(expected_samples) | {"extra.mp3"}
+    for track in manifest["tracks"]:
+        latents, audio = cached_arrays(cache, track)
+        frames = track["frames"]
+        if track["source"] in expected_samples:
+            assert frames == expected_samples[track["source"]] // HOP_LENGTH
+        else:  # an MP3 decodes to about its length (encoder padding varies): within 0.1 s
+            assert abs(frames - 75) <= 8
+        assert latents.shape == (LATENT_DIM, frames) and latents.dtype == np.float32
+        assert audio.shape == (frames * HOP_LENGTH,) and audio.dtype == np.float32
+        assert track["duration"] == pytest.approx(frames / codec.FRAME_RATE)
+    assert manifest["complete"] and manifest["sample_rate"] == SAMPLE_RATE
+    assert manifest["hop_length"] == HOP_LENGTH and manifest["latent_dim"] == LATENT_DIM
+    assert manifest["settings"]["min_seconds"] == MIN_SECONDS and manifest["encodec_weights"] == "random"
+    # the stored audio of the 24 kHz file is exactly its samples (no resampling applied)
+    track = track_by_source(manifest, "music.wav")
+    reference, _ = soundfile.read(prepared[0] / "music.wav", dtype="float32")
+    np.testing.assert_array_equal(cached_arrays(cache, track)[1], reference[: track["frames"] * HOP_LENGTH])
+
+
+# --------------------------------------------------------------------------------------- dataset
+
+def reference_latents(random_codec, audio: np.ndarray) -> np.ndarray:
+    return codec.encode(random_codec, torch.from_numpy(audio).reshape(1, 1, -1))[0].numpy()
+
+
+def normalise(latents: np.ndarray, manifest: dict) -> np.ndarray:
+    mean = np.asarray(manifest["latent_mean"], dtype=np.float32)[:, None]
+    std = np.asarray(manifest["latent_std"], dtype=np.float32)[:, None]
+    return (latents - mean) / std
+
+
+def test_target_window_follows_input_window(prepared, random_codec):
+    audio_dir, cache, manifest = prepared
+    track = track_by_source(manifest, "music.wav")
+    dataset = data.ContinuationDataset(cache, track["split"], SEGMENT)
+    samples, _ = soundfile.read(audio_dir / "music.wav", dtype="float32")
+    whole = normalise(reference_latents(random_codec, samples), manifest)
+
+    starts = []
+    for index in range(len(dataset)):
+        track_id, start = dataset.window_location(index)
+        if track_id != track["id"]:
+            continue
+        starts.append(start)
+        item = dataset[index]
+        n = SEGMENT * HOP_LENGTH
+        np.testing.assert_array_equal(item["input_audio"][0].numpy(), samples[start * HOP_LENGTH: start * HOP_LENGTH + n])
+        np.testing.assert_array_equal(item["target_audio"][0].numpy(), samples[start * HOP_LENGTH + n: start * HOP_LENGTH + 2 * n])
+        np.testing.assert_allclose(item["input_latent"].numpy(), whole[:, start: start + SEGMENT], atol=1e-3)
+        np.testing.assert_allclose(item["target_latent"].numpy(), whole[:, start + SEGMENT: start + 2 * SEGMENT], atol=1e-3)
+        if start == 0:
+            # the encoder is causal: encoding just input+target audio gives the same frames
+            both = torch.cat([item["input_audio"], item["target_audio"]], dim=-1).numpy()[0]
+            joint = normalise(reference_latents(random_codec, both), manifest)
+            np.testing.assert_allclose(item["input_latent"].numpy(), joint[:, :SEGMENT], atol=1e-3)
+            np.testing.assert_allclose(item["target_latent"].numpy(), joint[:, SEGMENT:], atol=1e-3)
+    assert starts == list(range(0, track["frames"] - 2 * SEGMENT + 1, SEGMENT))
+
+
+def test_unity_mode_target_is_input(prepared):
+    _, cache, _ = prepared
+    real = data.ContinuationDataset(cache, "train", SEGMENT)
+    unity = data.ContinuationDataset(cache, "train", SEGMENT, unity_test=True)
+    assert len(unity) == len(real)
+    for index in range(0, len(unity), 3):
+        item, reference = unity[index], real[index]
+        assert torch.equal(item["target_latent"], item["input_latent"])
+        assert torch.equal(item["target_audio"], item["input_audio"])
+        assert torch.equal(item["input_latent"], reference["input_latent"])
+        assert not torch.equal(reference["target_latent"], reference["input_latent"])
+
+
+def test_windows_stride_and_track_boundaries(prepared):
+    _, cache, manifest = prepared
+    stride = 7
+    dataset = data.ContinuationDataset(cache, "train", SEGMENT, stride_frames=stride)
+    frames = {t["id"]: t["frames"] for t in manifest["tracks"] if t["split"] == "train"}
+    expected = sorted((tid, s) for tid, f in frames.items() for s in range(0, f - 2 * SEGMENT + 1, stride))
+    found = sorted(dataset.window_location(i) for i in range(len(dataset)))
+    assert found == expected
+    with pytest.raises(IndexError):
+        dataset[len(dataset)]
+
+
+def test_split_is_by_track_without_leakage(prepared):
+    _, cache, manifest = prepared
+    splits = {t["id"]: t["split"] for t in manifest["tracks"]}
+    assert set(splits.values()) == {"train", "val"}
+    assert sum(s == "val" for s in splits.values()) == 2          # round(0.34 * 5)
+    for split in ("train", "val"):
+        dataset = data.ContinuationDataset(cache, split, SEGMENT)
+        used = {dataset.window_location(i)[0] for i in range(len(dataset))}
+        assert used == {tid for tid, s in splits.items() if s == split}
+    # reproducible from the seed and independent of the order the files were found in
+    ids = sorted(splits)
+    assert prepare_data.split_tracks(ids[::-1], 0.34, 0) == splits
+    assert prepare_data.split_tracks(ids, 0.0, 0) == {tid: "train" for tid in ids}
+    assert list(prepare_data.split_tracks(ids[:2], 0.01, 3).values()).count("val") == 1   # at least one
+
+
+def test_normalisation_statistics_match_numpy(prepared):
+    _, cache, manifest = prepared
+    train = [t for t in manifest["tracks"] if t["split"] == "train"]
+    frames = np.concatenate([cached_arrays(cache, t)[0].astype(np.float64) for t in train], axis=1)
+    np.testing.assert_allclose(manifest["latent_mean"], frames.mean(axis=1), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(manifest["latent_std"], frames.std(axis=1), rtol=1e-9)
+
+    dataset = data.ContinuationDataset(cache, "train", SEGMENT)
+    torch.testing.assert_close(dataset.latent_mean, torch.tensor(frames.mean(axis=1), dtype=torch.float32))
+    track_id, start = dataset.window_location(5)
+    raw = cached_arrays(cache, next(t for t in train if t["id"] == track_id))[0][:, start: start + SEGMENT]
+    normaliser = data.LatentNormalizer(dataset.latent_mean, dataset.latent_std)
+    expected = (raw - frames.mean(axis=1)[:, None]) / frames.std(axis=1)[:, None]
+    np.testing.assert_allclose(dataset[5]["input_latent"].numpy(), expected, atol=1e-4)
+    torch.testing.assert_close(normaliser.normalize(torch.from_numpy(raw)[None])[0], dataset[5]["input_latent"])
+    torch.testing.assert_close(normaliser.denormalize(dataset[5]["input_latent"][None])[0], torch.from_numpy(raw),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_std_is_clamped_away_from_zero(tmp_path):
+    (tmp_path / "tracks").mkdir()
+    latents = np.random.default_rng(0).standard_normal((LATENT_DIM, 40)).astype(np.float32)
+    latents[3] = 0.25                                   # a constant channel
+    np.save(tmp_path / "tracks" / "t.latents.npy", latents)
+    mean, std = prepare_data.latent_statistics(tmp_path, [{"id": "t"}])
+    assert mean[3] == pytest.approx(0.25) and std[3] == prepare_data.STD_FLOOR
+    assert std[0] == pytest.approx(latents[0].astype(np.float64).std())
+
+
+def test_reading_is_memory_mapped_and_lazy(prepared):
+    _, cache, _ = prepared
+    dataset = data.ContinuationDataset(cache, "train", SEGMENT)
+    assert not dataset._open_tracks                       # nothing is opened before the first item
+    for index in range(len(dataset)):
+        dataset[index]
+    maps = list(dataset._open_tracks.values())
+    assert maps and all(isinstance(array, np.memmap) for pair in maps for array in pair)
+    # no attribute holds track data: only small index arrays / statistics
+    for value in vars(dataset).values():
+        if isinstance(value, (np.ndarray, torch.Tensor)):
+            size = value.size if isinstance(value, np.ndarray) else value.numel()
+            assert size <= LATENT_DIM
+    clone = pickle.loads(pickle.dumps(dataset))            # what a DataLoader worker receives
+    assert not clone._open_tracks and len(pickle.dumps(dataset)) < 200_000
+    torch.testing.assert_close(clone[1], dataset[1])
+
+
+def test_dataloader_workers_with_distributed_sampler(prepared):
+    _, cache, _ = prepared
+    dataset = data.ContinuationDataset(cache, "train", SEGMENT)
+    seen = []
+    for rank in range(2):
+        sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        sampler.set_epoch(1)
+        loader = DataLoader(dataset, batch_size=3, sampler=sampler, num_workers=2)
+        indices = list(sampler)
+        batches = list(loader)
+        assert sum(len(b["input_latent"]) for b in batches) == len(indices)
+        for batch_number, batch in enumerate(batches):
+            chunk = indices[batch_number * 3: batch_number * 3 + 3]
+            assert batch["input_latent"].shape == (len(chunk), LATENT_DIM, SEGMENT)
+            assert batch["target_audio"].shape == (len(chunk), 1, SEGMENT * HOP_LENGTH)
+            for row, index in enumerate(chunk):
+                torch.testing.assert_close(batch["target_latent"][row], dataset[index]["target_latent"])
+        seen.extend(indices)
+    assert set(seen) == set(range(len(dataset)))
+
+
+def test_dataset_errors_are_clear(prepared, tmp_path):
+    _, cache, _ = prepared
+    with pytest.raises(ValueError, match="no window of 2 x 1000 frames"):
+        data.ContinuationDataset(cache, "val", 1000)
+    with pytest.raises(data.CacheError, match="manifest.json: no such file"):
+        data.ContinuationDataset(tmp_path, "train", SEGMENT)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(data.CacheError, match="manifest.json: not a readable JSON"):
+        data.read_manifest(tmp_path)
+    with pytest.raises(ValueError, match="split"):
+        data.ContinuationDataset(cache, "test", SEGMENT)
+
+
+# --------------------------------------------------------------------------------------- bad input
+
+def test_bad_files_are_skipped_and_reported(prepared):
+    _, _, manifest = prepared
+    reasons = {entry["source"]: entry["reason"] for entry in manifest["skipped"]}
+    assert set(reasons) == set(BAD_FILES)
+    for name, word in BAD_FILES.items():
+        assert word in reasons[name], (name, reasons[name])
+        assert "\n" not in reasons[name]
+
+
+def test_no_usable_audio_exits_non_zero(tmp_path, capsys):
+    audio_dir = tmp_path / "bad"
+    audio_dir.mkdir()
+    write_bad_files(audio_dir)
+    code = prepare_data.main(["--audio_dir", str(audio_dir), "--out_dir", str(tmp_path / "cache"),
+                              "--encodec_weights", "random", "--device", "cpu", "--min_seconds", "0.5"])
+    err = capsys.readouterr().err
+    assert code != 0 and "no usable audio" in err
+    for name in BAD_FILES:   # one warning line per file: "PATH: reason"
+        assert any(line.startswith(f"warning: {audio_dir / name}: ") for line in err.splitlines()), name
+    assert prepare_data.main(["--audio_dir", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "c2"),
+                              "--encodec_weights", "random"]) != 0
+    assert "no such directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_data.main(["--out_dir", str(tmp_path / "c3")])
+    assert exit_info.value.code != 0 and "--audio_dir is required" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------- resume
+
+class CountingEncode:
+    """Wraps codec.encode, counting calls; optionally raises KeyboardInterrupt at call number `fail_at`."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.calls, self.fail_at = 0, fail_at
+
+    def __call__(self, model, audio):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt
+        return codec.encode(model, audio)
+
+
+def small_prepare(audio_dir: Path, cache: Path) -> dict:
+    # one worker: the interrupted run then stops at a known track
+    return prepare_data.prepare(audio_dir, cache, encodec_weights="random", device="cpu",
+                                min_seconds=MIN_SECONDS, workers=1, progress=False)
+
+
+def test_interrupted_run_resumes_and_new_files_are_picked_up(tmp_path, monkeypatch):
+    audio_dir, cache = tmp_path / "audio", tmp_path / "cache"
+    audio_dir.mkdir()
+    for number, freq in enumerate((200, 300, 400)):
+        soundfile.write(audio_dir / f"t{number}.wav", sine(freq, 0.6, SAMPLE_RATE), SAMPLE_RATE)
+
+    crash = CountingEncode(fail_at=2)                      # Ctrl-C while encoding the second track
+    monkeypatch.setattr(prepare_data, "encode", crash)
+    with pytest.raises(KeyboardInterrupt):
+        small_prepare(audio_dir, cache)
+    partial = data.read_manifest(cache)
+    assert [t["source"] for t in partial["tracks"]] == ["t0.wav"] and not partial["complete"]
+    with pytest.raises(data.CacheError, match="did not finish"):
+        data.ContinuationDataset(cache, "train", SEGMENT)
+
+    resumed = CountingEncode()
+    monkeypatch.setattr(prepare_data, "encode", resumed)
+    manifest = small_prepare(audio_dir, cache)
+    assert resumed.calls == 2 and manifest["complete"] and len(manifest["tracks"]) == 3
+    arrays = sorted((cache / "tracks").iterdir())
+    assert len(arrays) == 6                                 # no temporary files left behind
+    mtimes = {path: path.stat().st_mtime_ns for path in arrays}
+
+    again = CountingEncode()
+    monkeypatch.setattr(prepare_data, "encode", again)
+    assert small_prepare(audio_dir, cache)["tracks"] == manifest["tracks"]
+    assert again.calls == 0 and {p: p.stat().st_mtime_ns for p in arrays} == mtimes
+
+    soundfile.write(audio_dir / "t3.wav", sine(500, 0.6, SAMPLE_RATE), SAMPLE_RATE)
+    new = CountingEncode()
+    monkeypatch.setattr(prepare_data, "encode", new)
+    grown = small_prepare(audio_dir, cache)
+    assert new.calls == 1 and len(grown["tracks"]) == 4
+    assert {p: p.stat().st_mtime_ns for p in arrays} == mtimes
+
+
+def test_cache_from_another_codec_is_refused_and_kept(tmp_path, monkeypatch):
+    audio_dir, cache = tmp_path / "audio", tmp_path / "cache"
+    audio_dir.mkdir()
+    soundfile.write(audio_dir / "a.wav", sine(200, 0.6, SAMPLE_RATE), SAMPLE_RATE)
+    small_prepare(audio_dir, cache)
+    before = (cache / "manifest.json").read_bytes()
+
+    def other_codec(weights, device):
+        model = codec.load_codec("random", device)
+        with torch.no_grad():
+            next(iter(model.encoder.parameters())).add_(1e-3)   # different weights, same architecture
+        return model
+
+    monkeypatch.setattr(prepare_data, "load_codec", other_codec)
+    soundfile.write(audio_dir / "b.wav", sine(300, 0.6, SAMPLE_RATE), SAMPLE_RATE)
+    with pytest.raises(codec.CodecLoadError, match="made with EnCodec weights"):
+        small_prepare(audio_dir, cache)
+    assert (cache / "manifest.json").read_bytes() == before
+    assert len(list((cache / "tracks").iterdir())) == 2
+
+
+def test_random_codec_is_identical_across_processes(prepared, random_codec):
+    script = "import codec; print(codec.codec_fingerprint(codec.load_codec('random')))"
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONHASHSEED": "123"})
+    other_process = result.stdout.strip().splitlines()[-1]
+    assert other_process == codec.codec_fingerprint(random_codec) == prepared[2]["codec_fingerprint"]
+
+
+# --------------------------------------------------------------------------------------- demo corpus
+
+def test_demo_corpus_is_deterministic_and_not_rewritten(tmp_path):
+    first = demo_corpus.write_corpus(tmp_path / "a", num_tracks=2, seconds=1.0, seed=0)
+    second = demo_corpus.write_corpus(tmp_path / "b", num_tracks=2, seconds=1.0, seed=0)
+    assert [p.name for p in first] == [p.name for p in second]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(first, second))
+    assert first[0].read_bytes() != first[1].read_bytes()
+    other_seed = demo_corpus.write_corpus(tmp_path / "c", num_tracks=2, seconds=1.0, seed=1)
+    assert other_seed[0].read_bytes() != first[0].read_bytes()
+    mtimes = [p.stat().st_mtime_ns for p in first]
+    demo_corpus.write_corpus(tmp_path / "a", num_tracks=2, seconds=1.0, seed=0)
+    assert [p.stat().st_mtime_ns for p in first] == mtimes
+    info = soundfile.info(first[1])                           # the second file is 44.1 kHz stereo
+    assert (info.samplerate, info.channels) == (44_100, 2)
+    audio, _ = soundfile.read(first[0])
+    assert 0.5 < np.abs(audio).max() <= 1.0
+
+
+@pytest.mark.parametrize("index", [0, 3, 7])
+def test_demo_rhythm_repeats_every_bar_at_the_track_tempo(index):
+    """Onset-strength autocorrelation: within 0.6..1.4 bars its peak is at one bar (4 beats at plan.bpm)."""
+    plan = demo_corpus.plan_track(index, seed=0)
+    audio = demo_corpus.render_track(plan, 6.0, SAMPLE_RATE, seed=0).mean(axis=1)
+    hop = 120                                                   # 5 ms envelope frames
+    envelope = np.sqrt(np.mean(audio[: len(audio) // hop * hop].reshape(-1, hop) ** 2, axis=1))
+    onset = np.maximum(np.diff(envelope), 0)
+    onset -= onset.mean()
+    correlation = np.correlate(onset, onset, mode="full")[len(onset) - 1:]
+    bar = 4 * 60.0 / plan.bpm * SAMPLE_RATE / hop              # one bar in envelope frames
+    low, high = int(0.6 * bar), int(1.4 * bar)
+    peak = low + int(np.argmax(correlation[low:high]))
+    assert abs(peak - bar) <= 0.01 * bar
+
+
+def test_prepare_demo_makes_a_usable_cache(tmp_path):
+    manifest = prepare_data.prepare_demo(tmp_path / "demo", num_tracks=2, seconds=1.0, device="cpu", progress=False)
+    assert manifest["complete"] and len(manifest["tracks"]) == 2 and not manifest["skipped"]
+    assert manifest["encodec_weights"] == "random"
+    assert {t["split"] for t in manifest["tracks"]} == {"train", "val"}
+    assert all(t["frames"] == 75 for t in manifest["tracks"])
+    item = data.ContinuationDataset(tmp_path / "demo", "train", 30)[0]
+    assert item["input_latent"].shape == (LATENT_DIM, 30)

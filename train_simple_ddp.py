@@ -1,0 +1,302 @@
+"""Train the continuation transformer with DistributedDataParallel: the launcher.
+
+One node, every GPU (or N CPU processes with gloo):
+    python train_simple_ddp.py --data_dir data_cache/mymusic
+Several nodes: start this same script with torchrun on each node; it then runs the worker directly:
+    torchrun --nnodes 2 --nproc_per_node 8 --node_rank 0 --rdzv_backend c10d \
+        --rdzv_endpoint HOST:29500 train_simple_ddp.py --data_dir ...
+
+This file is the one place where settings are defined (argparse) and checked. Everything is validated
+before any process is spawned, so a bad flag costs a one-line error, not a crashed job. The training
+loop itself is in train_simple_worker.py.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import math
+import os
+import socket
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from codec import HOP_LENGTH, WEIGHT_CHOICES_HELP, CodecLoadError, codec_fingerprint, load_codec
+
+MLFLOW_PROBE_TIMEOUT = 5.0          # seconds; the launcher refuses to start if the server does not answer
+
+
+def parse_bool(text: str) -> bool:
+    """'true/false', '1/0', 'yes/no', 'on/off' (any case). Plain bool('False') would be True."""
+    value = str(text).strip().lower()
+    if value in ("true", "1", "yes", "y", "on"):
+        return True
+    if value in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--data_dir", default=None,
+                      help="cache made by prepare_data.py (default: the built-in demo corpus, prepared on first use)")
+    data.add_argument("--encodec_weights", default=None,
+                      help=f"codec whose decoder turns predictions into audio: {WEIGHT_CHOICES_HELP} "
+                           f"(default: the weights recorded in the cache; other weights are refused)")
+    data.add_argument("--segment_frames", type=int, default=150,
+                      help="latent frames per example (75 per second): the model reads this many and predicts as many")
+    data.add_argument("--unity_test", type=parse_bool, nargs="?", const=True, default=False,
+                      help="sanity check: target = input, so the model only has to learn the identity")
+    data.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes per rank")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=200)
+    optim.add_argument("--batch_size", type=int, default=8, help="examples per step per process")
+    optim.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of AdamW")
+    optim.add_argument("--weight_decay", type=float, default=0.01, help="AdamW decoupled weight decay")
+    optim.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
+    optim.add_argument("--warmup_steps", type=int, default=500,
+                       help="linear LR warm-up steps, then cosine decay to lr/10 at the last step")
+    optim.add_argument("--seed", type=int, default=0, help="seeds the model init, data order and dropout")
+    optim.add_argument("--compile", type=parse_bool, nargs="?", const=True, default=False,
+                       help="torch.compile the model (GPU speed-up; first steps are slow while it compiles)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--d_model", type=int, default=512)
+    model.add_argument("--num_layers", type=int, default=8)
+    model.add_argument("--num_heads", type=int, default=8)
+    model.add_argument("--dropout", type=float, default=0.1)
+
+    loss = parser.add_argument_group("loss weights (total = sum of weight x component)")
+    loss.add_argument("--loss_weight_input", type=float, default=0.0, help="RMS(output, input): reconstruction")
+    loss.add_argument("--loss_weight_target", type=float, default=1.0, help="RMS(output, target): continuation")
+    loss.add_argument("--loss_weight_spectral", type=float, default=0.0, help="multi-resolution STFT(output, target)")
+    loss.add_argument("--loss_weight_mel", type=float, default=0.0, help="log-mel L1(output, target)")
+
+    run = parser.add_argument_group("processes, checkpoints, logging")
+    run.add_argument("--nproc", type=int, default=None,
+                     help="processes on this node (default: every visible GPU, else 1 on CPU; any number on CPU)")
+    run.add_argument("--checkpoint_dir", default="checkpoints", help="latest.pt and best.pt are written here")
+    run.add_argument("--resume", default=None,
+                     help="checkpoint to continue from, or 'auto' for CHECKPOINT_DIR/latest.pt if it exists")
+    run.add_argument("--mlflow_tracking_uri", default=None,
+                     help="MLflow tracking URI (default: MLflow's own: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    run.add_argument("--experiment_name", default="music-continuation")
+    run.add_argument("--run_name", default=None)
+    run.add_argument("--log_audio_every", type=int, default=10,
+                     help="epochs between validation audio + spectrogram artifacts (0: never)")
+    return parser
+
+
+# --------------------------------------------------------------------------------------- validation
+
+def check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Checks that need nothing but the flags (cheap, so they come first)."""
+    def positive(name):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("epochs", "batch_size", "d_model", "num_layers", "num_heads"):
+        positive(name)
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be a positive number, got {args.lr}")
+    for name in ("weight_decay", "grad_clip"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+            parser.error(f"--{name} must be a number >= 0, got {getattr(args, name)}")
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.d_model % args.num_heads or args.d_model % 2:
+        parser.error(f"--d_model ({args.d_model}) must be even and divisible by --num_heads ({args.num_heads})")
+    for name in ("num_workers", "log_audio_every", "warmup_steps"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.nproc is not None and args.nproc < 1:
+        parser.error(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc is not None and torch.cuda.is_available() and args.nproc > torch.cuda.device_count():
+        parser.error(f"--nproc {args.nproc}: only {torch.cuda.device_count()} GPUs are visible")
+
+    weights = {name: getattr(args, f"loss_weight_{name}") for name in ("input", "target", "spectral", "mel")}
+    for name, weight in weights.items():
+        if not (math.isfinite(weight) and weight >= 0):
+            parser.error(f"--loss_weight_{name} must be a number >= 0, got {weight}")
+    if not any(weights.values()):
+        parser.error("all four --loss_weight_* are 0: there is nothing to train on")
+
+    from losses import CombinedLoss   # the STFT/mel losses are always measured, so their FFT sets the minimum
+    min_frames = math.ceil(CombinedLoss().min_length / HOP_LENGTH)
+    if args.segment_frames < min_frames:
+        parser.error(f"--segment_frames {args.segment_frames} is too short: the spectral losses use a "
+                     f"{CombinedLoss().min_length}-point STFT, which needs at least {min_frames} frames "
+                     f"({min_frames * HOP_LENGTH} samples)")
+    if not args.experiment_name.strip():
+        parser.error("--experiment_name must not be empty")
+
+
+def demo_cache_ready(cache_dir: Path) -> bool:
+    from data import CacheError, read_manifest, require_complete
+    try:
+        require_complete(read_manifest(cache_dir), cache_dir)
+        return True
+    except CacheError:
+        return False
+
+
+def ensure_demo_cache() -> Path:
+    """The built-in demo corpus, generated and encoded on first use (a file lock keeps torchrun ranks from racing)."""
+    import prepare_data
+    cache_dir = Path(prepare_data.DEMO_CACHE_DIR)
+    if demo_cache_ready(cache_dir):
+        return cache_dir
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir.parent / f".{cache_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not demo_cache_ready(cache_dir):
+            print(f"preparing the built-in demo corpus in {cache_dir} (first use only)", file=sys.stderr, flush=True)
+            prepare_data.prepare_demo(cache_dir)
+    return cache_dir
+
+
+def check_data_and_codec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """Resolve --data_dir / --encodec_weights, make sure the cache can feed this configuration; return the codec fingerprint."""
+    from data import CacheError, ContinuationDataset
+    if args.data_dir is None:
+        args.data_dir = str(ensure_demo_cache())
+    elif not Path(args.data_dir).is_dir():
+        parser.error(f"--data_dir {args.data_dir}: no such directory (make it with prepare_data.py)")
+    args.data_dir = str(Path(args.data_dir).resolve())
+    try:
+        train_set = ContinuationDataset(args.data_dir, "train", args.segment_frames, args.unity_test)
+        ContinuationDataset(args.data_dir, "val", args.segment_frames, args.unity_test)
+    except (CacheError, ValueError) as error:
+        parser.error(f"--data_dir: {error}")
+    world_size = resolve_nproc(args) if not under_torchrun() else int(os.environ["WORLD_SIZE"])
+    if len(train_set) < world_size * args.batch_size:
+        parser.error(f"--data_dir {args.data_dir}: the training split has {len(train_set)} examples of "
+                     f"2 x {args.segment_frames} frames, fewer than one step needs "
+                     f"({world_size} processes x --batch_size {args.batch_size})")
+
+    recorded = train_set.encodec_weights
+    weights = recorded if args.encodec_weights is None else args.encodec_weights
+    try:
+        fingerprint = codec_fingerprint(load_codec(weights, "cpu"))
+    except CodecLoadError as error:
+        parser.error(str(error))
+    if fingerprint != train_set.codec_fingerprint:
+        parser.error(f"--encodec_weights {weights}: codec {fingerprint} differs from the one that made the cache "
+                     f"{args.data_dir} ({recorded!r}, {train_set.codec_fingerprint}); the decoder must match the encoder")
+    args.encodec_weights = weights
+    return fingerprint
+
+
+def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, fingerprint: str) -> str | None:
+    """The checkpoint file to continue from (None: start fresh), checked against the flags and the cache."""
+    from checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+    if args.resume is None:
+        return None
+    if args.resume == "auto":
+        path = latest_checkpoint(args.checkpoint_dir)
+        if path is None:
+            print(f"--resume auto: no {Path(args.checkpoint_dir) / 'latest.pt'} yet, starting from scratch",
+                  file=sys.stderr)
+            return None
+    else:
+        path = Path(args.resume)
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as error:
+        parser.error(f"--resume: {error}")
+    if state["codec_fingerprint"] != fingerprint:
+        parser.error(f"--resume {path}: trained on codec {state['codec_fingerprint']}, but the cache "
+                     f"{args.data_dir} uses {fingerprint}")
+    wanted = dict(d_model=args.d_model, num_layers=args.num_layers, num_heads=args.num_heads,
+                  segment_frames=args.segment_frames)
+    saved = dict(state["model_config"], segment_frames=state.get("segment_frames"))
+    for name, value in wanted.items():
+        if saved.get(name) != value:
+            parser.error(f"--resume {path}: the checkpoint has --{name} {saved.get(name)}, "
+                         f"this command asks for {value}; pass the same flags as the original run")
+    return str(path)
+
+
+def check_mlflow_reachable(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """A remote tracking server must answer /health now, or we refuse to start (better than failing at epoch 1)."""
+    uri = args.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri or not uri.startswith(("http://", "https://")):
+        return   # a local store (sqlite, file): nothing to reach
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=MLFLOW_PROBE_TIMEOUT) as response:
+            if response.status != 200:
+                raise urllib.error.URLError(f"HTTP {response.status}")
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        parser.error(f"--mlflow_tracking_uri {uri}: the MLflow tracking server does not answer ({reason}); "
+                     f"start it (mlflow server ...) or point the flag at a running one")
+
+
+# ------------------------------------------------------------------------------------------ launch
+
+def under_torchrun() -> bool:
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def resolve_nproc(args: argparse.Namespace) -> int:
+    if args.nproc is not None:
+        return args.nproc
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+def free_port() -> int:
+    """Ask the OS for a free TCP port (bind to port 0) for the process group's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def parse_and_validate(argv=None) -> tuple[argparse.Namespace, str | None]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_flags(args, parser)
+    fingerprint = check_data_and_codec(args, parser)
+    resume_path = resolve_resume(args, parser, fingerprint)
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_mlflow_reachable(args, parser)
+    return args, resume_path
+
+
+def main(argv=None) -> int:
+    args, resume_path = parse_and_validate(argv)
+    import torch.multiprocessing as mp
+
+    import train_simple_worker
+
+    if under_torchrun():       # torchrun already started one process per GPU and set the rendezvous
+        if args.nproc is not None:
+            print("note: --nproc is ignored under torchrun (use its --nproc_per_node)", file=sys.stderr)
+        train_simple_worker.run(args, resume_path)
+        return 0
+
+    nproc = resolve_nproc(args)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
+                      LOCAL_WORLD_SIZE=str(nproc))
+    try:
+        # mp.spawn joins every process; when one raises it terminates the others, so nothing hangs.
+        mp.spawn(train_simple_worker.spawned_worker, args=(args, resume_path), nprocs=nproc, join=True)
+    except mp.ProcessRaisedException as error:
+        trace = str(error).strip()
+        last_line = trace.splitlines()[-1] if trace else "unknown error"
+        print(trace, file=sys.stderr)
+        print(f"error: training failed on rank {error.error_index}: {last_line}", file=sys.stderr)
+        return 1
+    except mp.ProcessExitedException as error:
+        print(f"error: training failed: rank {error.error_index} exited ({error})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
