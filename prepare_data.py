@@ -374,8 +374,27 @@ def prepare_demo(out_dir=DEMO_CACHE_DIR, num_tracks: int | None = None, seconds:
     demo_corpus.write_corpus(out_dir / DEMO_SOURCE_DIR_NAME, num_tracks=num_tracks, seconds=seconds, seed=seed)
     if min_seconds is None:
         min_seconds = min(DEFAULT_MIN_SECONDS, seconds)
+    _discard_if_other_codec(out_dir, random_codec_fingerprint())
     return prepare(out_dir / DEMO_SOURCE_DIR_NAME, out_dir, encodec_weights="random", val_fraction=val_fraction,
                    seed=seed, device=device, min_seconds=min_seconds, workers=workers, progress=progress)
+
+
+def random_codec_fingerprint() -> str:
+    return codec_fingerprint(load_codec("random"))
+
+
+def _discard_if_other_codec(out_dir: Path, fingerprint: str) -> None:
+    """The demo cache is generated, so one encoded by an older version of the random codec is rebuilt
+    (a user's cache made with other weights is refused instead, by prepare)."""
+    try:
+        stale = read_manifest(out_dir)["codec_fingerprint"] != fingerprint
+    except CacheError:
+        return
+    if stale:
+        _warn(f"{out_dir}: the demo cache was encoded by another random codec; re-encoding it")
+        manifest_path(out_dir).unlink()
+        for path in (out_dir / TRACKS_DIR).glob("*.npy"):
+            path.unlink()
 
 
 # ---------------------------------------------------------------------------------------------- CLI

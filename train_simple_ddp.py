@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--seed", type=int, default=0, help="seeds the model init, data order and dropout")
     optim.add_argument("--compile", type=parse_bool, nargs="?", const=True, default=False,
                        help="torch.compile the model (GPU speed-up; first steps are slow while it compiles)")
+    optim.add_argument("--decoder_checkpointing", type=parse_bool, nargs="?", const=True, default=False,
+                       help="recompute the frozen decoder's activations in the backward pass, one example at a "
+                            "time: much less memory on long segments for one extra decoder forward")
 
     model = parser.add_argument_group("model")
     model.add_argument("--d_model", type=int, default=512)
@@ -137,12 +140,15 @@ def check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
 
 
 def demo_cache_ready(cache_dir: Path) -> bool:
+    """Complete, and encoded by this version's random codec."""
     from data import CacheError, read_manifest, require_complete
+    from prepare_data import random_codec_fingerprint
     try:
-        require_complete(read_manifest(cache_dir), cache_dir)
-        return True
+        manifest = read_manifest(cache_dir)
+        require_complete(manifest, cache_dir)
     except CacheError:
         return False
+    return manifest["codec_fingerprint"] == random_codec_fingerprint()
 
 
 def ensure_demo_cache() -> Path:

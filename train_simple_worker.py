@@ -403,7 +403,7 @@ def run(args, resume_path: str | None = None) -> None:
     codec = load_codec(args.encodec_weights, device)
     fingerprint = codec_fingerprint(codec)
     check_fingerprint(ctx.train_set.codec_fingerprint, fingerprint, f"the cache {args.data_dir}")
-    ctx.decoder = FrozenDecoder(codec)
+    ctx.decoder = FrozenDecoder(codec, checkpointing=args.decoder_checkpointing)
     del codec
     ctx.normalizer = LatentNormalizer(ctx.train_set.latent_mean, ctx.train_set.latent_std).to(device)
     ctx.loss_fn = CombinedLoss(args.loss_weight_input, args.loss_weight_target, args.loss_weight_spectral,

@@ -474,3 +474,16 @@ def test_prepare_demo_makes_a_usable_cache(tmp_path):
     assert all(t["frames"] == 75 for t in manifest["tracks"])
     item = data.ContinuationDataset(tmp_path / "demo", "train", 30)[0]
     assert item["input_latent"].shape == (LATENT_DIM, 30)
+
+
+def test_demo_cache_of_another_random_codec_is_rebuilt(tmp_path):
+    out = tmp_path / "demo"
+    prepare_data.prepare_demo(out, num_tracks=2, seconds=1.0, device="cpu", progress=False)
+    manifest_file = data.manifest_path(out)
+    stale = json.loads(manifest_file.read_text())
+    stale["codec_fingerprint"] = "0" * 16                  # as if encoded by an older random codec
+    manifest_file.write_text(json.dumps(stale))
+    rebuilt = prepare_data.prepare_demo(out, num_tracks=2, seconds=1.0, device="cpu", progress=False)
+    assert rebuilt["codec_fingerprint"] == prepare_data.random_codec_fingerprint()
+    assert rebuilt["complete"] and len(rebuilt["tracks"]) == 2
+    assert rebuilt["settings"]["last_run"]["encoded_tracks"] == 2      # re-encoded, not reused

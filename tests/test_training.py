@@ -437,7 +437,9 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tiny_cache, tm
     common = ["--data_dir", tiny_cache, "--epochs", 1, "--dropout", 0.0,
               "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"] + TINY
     one = run_launcher(common + ["--nproc", 1, "--batch_size", 4, "--checkpoint_dir", tmp_path / "one"], tmp_path)
-    two = run_launcher(common + ["--nproc", 2, "--batch_size", 2, "--checkpoint_dir", tmp_path / "two"], tmp_path)
+    # activation checkpointing through the decoder must not change the gradients either
+    two = run_launcher(common + ["--nproc", 2, "--batch_size", 2, "--checkpoint_dir", tmp_path / "two",
+                                 "--decoder_checkpointing", "true"], tmp_path)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
     assert_same_weights(model_weights(tmp_path / "one"), model_weights(tmp_path / "two"), atol=2e-5)
     block_one, block_two = epoch_blocks(one.stdout)[1], epoch_blocks(two.stdout)[1]
