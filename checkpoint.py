@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from utils import atomic_path, one_line
+
 LATEST_NAME = "latest.pt"
 BEST_NAME = "best.pt"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")   # added by DistributedDataParallel and torch.compile
@@ -53,21 +55,11 @@ def unwrapped_state_dict(model: torch.nn.Module) -> dict:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
-
-    A crash at any moment leaves either the previous file or the new one, never a torn file.
-    """
+    """torch.save atomically: a crash at any moment leaves the previous file or the new one, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp_path, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+    with atomic_path(path) as tmp_path:
+        torch.save(state, tmp_path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -78,8 +70,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - truncated / foreign / corrupt files raise many types
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({one_line(error)})") from None
     required = ("model", "model_config", "epoch", "latent_mean", "latent_std", "codec_fingerprint")
     missing = [key for key in required if not isinstance(state, dict) or key not in state]
     if missing:
@@ -104,6 +95,6 @@ def load_model_for_inference(path: str | os.PathLike, device="cpu"):
         model.load_state_dict(state["model"])
     except (TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path}: model weights do not match its model_config "
-                              f"({str(error).splitlines()[0]})") from None
+                              f"({one_line(error)})") from None
     normalizer = LatentNormalizer(state["latent_mean"], state["latent_std"])
     return model.to(device).eval(), normalizer.to(device), state

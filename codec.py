@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from utils import one_line
+
 SAMPLE_RATE = 24_000              # Hz, mono
 LATENT_DIM = 128                  # channels of the continuous encoder output
 HOP_LENGTH = 320                  # audio samples per latent frame (product of the encoder strides)
@@ -87,8 +89,7 @@ def _load_state_dict(weights: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
-        reason = str(error).strip().splitlines()[0]
-        raise CodecLoadError(f"--encodec_weights {path}: not a readable torch checkpoint ({reason})") from None
+        raise CodecLoadError(f"--encodec_weights {path}: not a readable torch checkpoint ({one_line(error)})") from None
     if not isinstance(state, dict):
         raise CodecLoadError(f"--encodec_weights {path}: expected a state dict, found {type(state).__name__}")
     return state
@@ -110,8 +111,8 @@ def load_codec(weights: str = "pretrained", device: str | torch.device = "cpu") 
         try:
             model.load_state_dict(state)
         except RuntimeError as error:
-            first_line = str(error).splitlines()[0]
-            raise CodecLoadError(f"--encodec_weights {weights}: not an EnCodec 24 kHz state dict ({first_line})") from None
+            raise CodecLoadError(f"--encodec_weights {weights}: not an EnCodec 24 kHz state dict "
+                                 f"({one_line(error)})") from None
     model.requires_grad_(False)
     return model.eval().to(device)
 

@@ -23,6 +23,7 @@ import torchaudio.functional
 from torch import nn
 
 from codec import FRAME_RATE, HOP_LENGTH, LATENT_DIM, SAMPLE_RATE
+from utils import one_line
 
 MANIFEST_NAME = "manifest.json"
 TRACKS_DIR = "tracks"
@@ -50,8 +51,7 @@ def load_audio(path: str | os.PathLike) -> torch.Tensor:
     try:
         samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)   # [N, C]
     except Exception as error:  # noqa: BLE001 - libsndfile raises several types for bad files
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise AudioLoadError(f"{path}: unreadable or not audio ({reason})") from None
+        raise AudioLoadError(f"{path}: unreadable or not audio ({one_line(error)})") from None
     if samples.shape[0] == 0:
         raise AudioLoadError(f"{path}: empty (no audio samples)")
     if not np.isfinite(samples).all():

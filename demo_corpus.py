@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import soundfile
+
+from utils import atomic_path
 
 DEFAULT_NUM_TRACKS = 24
 DEFAULT_SECONDS = 12.0
@@ -282,9 +283,8 @@ def write_corpus(audio_dir, num_tracks: int = DEFAULT_NUM_TRACKS, seconds: float
     for (plan, (_, fmt, subtype, rate, channels)), path in zip(files, paths):
         audio = render_track(plan, seconds, rate, seed)
         audio = audio if channels == 2 else audio.mean(axis=1)
-        tmp_path = path.with_name(f".{path.name}.tmp")           # hidden and renamed: never half-written
-        soundfile.write(tmp_path, audio.astype(np.float32), rate, format=fmt, subtype=subtype)
-        os.replace(tmp_path, path)
+        with atomic_path(path) as tmp_path:                       # hidden, then renamed: never half-written
+            soundfile.write(tmp_path, audio.astype(np.float32), rate, format=fmt, subtype=subtype)
     record = {"settings": settings, "tracks": [{"file": p.name, **asdict(plan)} for (plan, _), p in zip(files, paths)]}
     settings_path.write_text(json.dumps(record, indent=1))
     return paths

@@ -41,12 +41,10 @@ import argparse
 import html
 import json
 import math
-import os
 import re
 import sys
 import time
 import urllib.parse
-import urllib.request
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +57,7 @@ from codec import (FRAME_RATE, HOP_LENGTH, SAMPLE_RATE, CodecLoadError, FrozenDe
                    codec_fingerprint, encode, load_codec)
 from losses import LOSS_COMPONENTS, CombinedLoss, rms_loss
 from listening_metrics import listening_metrics, log_mel
+from utils import atomic_path, check_mlflow_server, one_line
 
 METRIC_NAMES = LOSS_COMPONENTS + ("rhythm", "chroma")
 LOWER_IS_BETTER = {"rms_input": True, "rms_target": True, "spectral": True, "mel": True,
@@ -98,7 +97,7 @@ def load_model(checkpoint: str, device: str):
     try:
         model, normalizer, state = load_model_for_inference(checkpoint, device)
     except Exception as error:  # noqa: BLE001 - CheckpointError, but also torch / device errors
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = one_line(error)
         if str(checkpoint) not in message:
             message = f"--checkpoint {checkpoint}: {message}"
         raise InferenceError(message) from None
@@ -150,7 +149,7 @@ def examples_from_cache(cache_dir: str, split: str, segment_frames: int, num_sam
         dataset = ContinuationDataset(cache_dir, split, segment_frames)
         check_fingerprint(dataset.codec_fingerprint, codec_print, f"--from_cache {cache_dir}")
     except (ValueError, CodecLoadError) as error:
-        raise InferenceError(str(error).splitlines()[0]) from None
+        raise InferenceError(one_line(error)) from None
     count = min(num_samples, len(dataset))
     indices = sorted({int(i) for i in np.linspace(0, len(dataset) - 1, count).round()})
     sources = {track["id"]: track["source"] for track in dataset.manifest["tracks"]}
@@ -225,23 +224,19 @@ def mean_metrics(examples: list[Example]) -> dict:
 
 # ------------------------------------------------------------------------------------------ writing
 
-def write_json_atomic(path: Path, data) -> None:
-    tmp_path = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp_path.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp_path, path)
-
-
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp_path = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp_path.write_text(text, encoding="utf-8")
-    os.replace(tmp_path, path)
+    with atomic_path(path) as tmp_path:
+        tmp_path.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: Path, data) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_wav(path: Path, audio: torch.Tensor) -> None:
     """24 kHz mono 32-bit float WAV (lossless: the samples read back bit-identical), written atomically."""
-    tmp_path = path.with_name(f".{path.name}.tmp-{os.getpid()}.wav")
-    soundfile.write(str(tmp_path), audio.reshape(-1).numpy().astype(np.float32), SAMPLE_RATE, subtype="FLOAT")
-    os.replace(tmp_path, path)
+    with atomic_path(path) as tmp_path:
+        soundfile.write(str(tmp_path), audio.reshape(-1).numpy().astype(np.float32), SAMPLE_RATE, subtype="FLOAT")
 
 
 def plot_spectrograms(path: Path, rows: list[tuple[str, torch.Tensor]], seam_seconds: float,
@@ -271,10 +266,9 @@ def plot_spectrograms(path: Path, rows: list[tuple[str, torch.Tensor]], seam_sec
     axes[-1, 0].set_xlabel("seconds (dashed line: end of the context"
                            + ("; dotted: next autoregressive window)" if window_marks else ")"))
     fig.colorbar(image, ax=axes[:, 0].tolist(), label="log mel magnitude", pad=0.01)
-    tmp_path = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp_path, dpi=80)
+    with atomic_path(path) as tmp_path:
+        fig.savefig(tmp_path, dpi=80)
     plt.close(fig)
-    os.replace(tmp_path, path)
 
 
 def write_example(out_dir: Path, example: Example, continuation_samples: int) -> dict:
@@ -419,17 +413,13 @@ def log_to_mlflow(out_dir: Path, state: dict, tracking_uri: str | None) -> None:
     args = state.get("args") or {}
     uri = tracking_uri or args.get("mlflow_tracking_uri") or args.get("tracking_uri")
     try:
-        if uri and uri.startswith(("http://", "https://")):
-            # MLflow retries a dead server with back-off for minutes; ask /health once, quickly, first.
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=MLFLOW_PROBE_TIMEOUT) as response:
-                if response.status != 200:
-                    raise OSError(f"{uri}/health answered HTTP {response.status}")
+        check_mlflow_server(uri, MLFLOW_PROBE_TIMEOUT)
         from mlflow.tracking import MlflowClient
         MlflowClient(tracking_uri=uri).log_artifacts(run_id, str(out_dir), artifact_path=f"samples/{out_dir.name}")
         print(f"logged {out_dir} to MLflow run {run_id} ({uri or 'default tracking URI'})")
     except Exception as error:  # noqa: BLE001 - MLflow is optional: a listening test must not fail on it
         warn(f"--mlflow: could not log to run {run_id} at {uri or 'the default tracking URI'} "
-             f"({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__})")
+             f"({one_line(error)})")
 
 
 def warn(message: str) -> None:

@@ -33,6 +33,7 @@ from codec import (FRAME_RATE, HOP_LENGTH, LATENT_DIM, SAMPLE_RATE, WEIGHT_CHOIC
                    check_fingerprint, codec_fingerprint, encode, load_codec)
 from data import (CACHE_FORMAT_VERSION, TRACKS_DIR, AudioLoadError, CacheError, load_audio, manifest_path,
                   read_manifest, track_paths)
+from utils import atomic_path
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".w64", ".caf")
 DEFAULT_MIN_SECONDS = 4.0    # one training example at the default segment: 2 x 150 frames = 2 x 2 s
@@ -76,23 +77,13 @@ def source_stamp(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------- atomic I/O
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """np.save to a temporary name in the same folder, then rename: readers see the old file or the new one."""
-    tmp_path = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp_path, "wb") as handle:
-        np.save(handle, np.ascontiguousarray(array, dtype=np.float32))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp_path, path)
+    with atomic_path(path) as tmp_path:
+        np.save(tmp_path, np.ascontiguousarray(array, dtype=np.float32))
 
 
 def write_manifest_atomic(cache_dir: Path, manifest: dict) -> None:
-    path = manifest_path(cache_dir)
-    tmp_path = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp_path, "w") as handle:
-        json.dump(manifest, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp_path, path)
+    with atomic_path(manifest_path(cache_dir)) as tmp_path:
+        tmp_path.write_text(json.dumps(manifest, indent=1))
 
 
 # ------------------------------------------------------------------------------------- split & stats

@@ -18,13 +18,12 @@ import math
 import os
 import socket
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import torch
 
 from codec import HOP_LENGTH, WEIGHT_CHOICES_HELP, CodecLoadError, codec_fingerprint, load_codec
+from utils import check_mlflow_server
 
 MLFLOW_PROBE_TIMEOUT = 5.0          # seconds; the launcher refuses to start if the server does not answer
 
@@ -231,16 +230,10 @@ def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, fi
 def check_mlflow_reachable(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """A remote tracking server must answer /health now, or we refuse to start (better than failing at epoch 1)."""
     uri = args.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri or not uri.startswith(("http://", "https://")):
-        return   # a local store (sqlite, file): nothing to reach
-    url = uri.rstrip("/") + "/health"
     try:
-        with urllib.request.urlopen(url, timeout=MLFLOW_PROBE_TIMEOUT) as response:
-            if response.status != 200:
-                raise urllib.error.URLError(f"HTTP {response.status}")
-    except (urllib.error.URLError, OSError, ValueError) as error:
-        reason = getattr(error, "reason", error)
-        parser.error(f"--mlflow_tracking_uri {uri}: the MLflow tracking server does not answer ({reason}); "
+        check_mlflow_server(uri, MLFLOW_PROBE_TIMEOUT)
+    except OSError as error:
+        parser.error(f"--mlflow_tracking_uri {uri}: the MLflow tracking server does not answer ({error}); "
                      f"start it (mlflow server ...) or point the flag at a running one")
 
 

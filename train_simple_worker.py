@@ -20,7 +20,6 @@ import os
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from codec import SAMPLE_RATE, FrozenDecoder, check_fingerprint, codec_fingerpri
 from data import ContinuationDataset, LatentNormalizer
 from losses import LOSS_COMPONENTS, CombinedLoss
 from model import ContinuationTransformer
+from utils import one_line
 
 MAX_CONSECUTIVE_SKIPS = 10     # this many non-finite steps in a row end the run: training has diverged
 AUDIO_EXAMPLES = 3             # validation examples written as WAV + spectrogram every --log_audio_every epochs
@@ -91,6 +91,22 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, final_factor: floa
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return final_factor + (1.0 - final_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model, lr: float, weight_decay: float, warmup_steps: int, total_steps: int):
+    """AdamW and its per-step LR schedule (lr_factor)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, warmup_steps=warmup_steps, total_steps=total_steps))
+    return optimizer, scheduler
+
+
+def autocast_for(device: torch.device):
+    """A zero-argument callable returning the step's autocast context: bf16 on CUDA (no loss scaling
+    needed; the losses cast to fp32 themselves), nothing on CPU (plain fp32, also what makes tests exact)."""
+    if device.type == "cuda":
+        return functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 # ------------------------------------------------------------------------------------------ step
@@ -297,8 +313,7 @@ def _warn(message: str) -> None:
 
 
 def _one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
+    return one_line(error)[:300]     # an HTTP error can carry a whole HTML page on its first line
 
 
 def git_commit() -> str:
@@ -393,9 +408,7 @@ def run(args, resume_path: str | None = None) -> None:
     ctx.args, ctx.rank, ctx.world_size, ctx.device = args, rank, world_size, device
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")   # TF32 matmuls for whatever runs outside autocast
-        ctx.autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)   # bf16: no loss scaling needed
-    else:
-        ctx.autocast = contextlib.nullcontext        # CPU: plain fp32 (also what makes tests exact)
+    ctx.autocast = autocast_for(device)
 
     # Data, normalisation and the frozen decoder (never wrapped in DDP: it has nothing to train).
     ctx.train_set, ctx.val_set, ctx.train_sampler, ctx.train_loader, ctx.val_loader = build_loaders(
@@ -413,10 +426,8 @@ def run(args, resume_path: str | None = None) -> None:
     torch.manual_seed(args.seed)
     ctx.raw_model = ContinuationTransformer(d_model=args.d_model, num_layers=args.num_layers,
                                             num_heads=args.num_heads, dropout=args.dropout).to(device)
-    ctx.optimizer = torch.optim.AdamW(ctx.raw_model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    total_steps = args.epochs * len(ctx.train_loader)
-    ctx.scheduler = torch.optim.lr_scheduler.LambdaLR(
-        ctx.optimizer, functools.partial(lr_factor, warmup_steps=args.warmup_steps, total_steps=total_steps))
+    ctx.optimizer, ctx.scheduler = build_optimizer(ctx.raw_model, args.lr, args.weight_decay, args.warmup_steps,
+                                                   total_steps=args.epochs * len(ctx.train_loader))
     start_epoch, best_val_loss, run_id, skipped_total = 1, float("inf"), None, 0
     if resume_path is not None:
         state = load_checkpoint(resume_path)

@@ -17,11 +17,8 @@ peak is its own. The codec is the random one: timings do not depend on the weigh
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import itertools
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -36,7 +33,7 @@ from codec import FRAME_RATE, HOP_LENGTH, LATENT_DIM, SAMPLE_RATE, FrozenDecoder
 from data import ContinuationDataset, LatentNormalizer  # noqa: E402
 from losses import CombinedLoss  # noqa: E402
 from model import ContinuationTransformer  # noqa: E402
-from train_simple_worker import lr_factor, to_device, train_step  # noqa: E402
+from train_simple_worker import autocast_for, build_optimizer, to_device, train_step  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -106,14 +103,8 @@ def build_training_parts(args, frames: int, checkpointing: bool, device: torch.d
     torch.manual_seed(0)
     model = ContinuationTransformer(d_model=args.d_model, num_layers=args.num_layers,
                                     num_heads=args.num_heads, dropout=0.0).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(lr_factor, warmup_steps=10, total_steps=1000))
-    if device.type == "cuda":
-        autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
-    else:
-        autocast = contextlib.nullcontext
-    return model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast
+    optimizer, scheduler = build_optimizer(model, lr=1e-4, weight_decay=0.01, warmup_steps=10, total_steps=1000)
+    return model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast_for(device)
 
 
 def stage_times(parts, host_batch, device) -> dict:

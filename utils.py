@@ -1,0 +1,51 @@
+"""Small helpers the scripts share: atomic file writes, one-line error messages, the MLflow server probe."""
+from __future__ import annotations
+
+import contextlib
+import os
+import urllib.request
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a hidden temporary path beside `path` to write; then fsync it and rename it over `path`.
+
+    Readers, and a crash at any moment, see the old file or the new one, never a torn one. If the
+    writer raises, the temporary file is removed and `path` is left as it was. The temporary name
+    keeps the suffix, because soundfile and matplotlib choose the file format from it.
+    """
+    path = Path(path)
+    tmp_path = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp_path
+        descriptor = os.open(tmp_path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of an error's message (its type name if it has none), for one-line user errors."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def check_mlflow_server(uri: str | None, timeout: float) -> None:
+    """Raise OSError (with the reason) unless the MLflow server at an http(s) `uri` answers /health.
+
+    MLflow's own client retries a dead server with back-off for minutes; this asks once, quickly.
+    A local store (sqlite, file, or no URI) has nothing to reach and always passes.
+    """
+    if not uri or not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status != 200:
+                raise OSError(f"HTTP {response.status}")
+    except (OSError, ValueError) as error:     # URLError is an OSError; a malformed URI a ValueError
+        raise OSError(getattr(error, "reason", error)) from None
