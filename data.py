@@ -158,8 +158,10 @@ class ContinuationDataset(torch.utils.data.Dataset):
         self.encodec_weights = self.manifest["encodec_weights"]
         self.latent_mean = torch.tensor(self.manifest["latent_mean"], dtype=torch.float32)
         self.latent_std = torch.tensor(self.manifest["latent_std"], dtype=torch.float32)
-        self._mean = self.latent_mean.numpy().reshape(-1, 1)
-        self._std = self.latent_std.numpy().reshape(-1, 1)
+        # Own copies, never numpy views of the tensors above: pickling the dataset for DataLoader workers
+        # inside a spawned rank moves the tensors to shared memory and a view would then read freed memory.
+        self._mean = np.array(self.manifest["latent_mean"], dtype=np.float32).reshape(-1, 1)
+        self._std = np.array(self.manifest["latent_std"], dtype=np.float32).reshape(-1, 1)
 
         self.tracks = [track for track in self.manifest["tracks"] if track["split"] == split]
         span = 2 * self.segment_frames

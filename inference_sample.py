@@ -57,14 +57,13 @@ from codec import (FRAME_RATE, HOP_LENGTH, SAMPLE_RATE, CodecLoadError, FrozenDe
                    codec_fingerprint, encode, load_codec)
 from losses import LOSS_COMPONENTS, CombinedLoss, rms_loss
 from listening_metrics import listening_metrics, log_mel
-from utils import atomic_path, check_mlflow_server, one_line
+from utils import atomic_path, check_mlflow_server, one_line, warn
 
 METRIC_NAMES = LOSS_COMPONENTS + ("rhythm", "chroma")
 LOWER_IS_BETTER = {"rms_input": True, "rms_target": True, "spectral": True, "mel": True,
                    "rhythm": False, "chroma": False}
 SPECTROGRAM_RANGE = math.log(1e4)   # colour range of the log-mel image: 80 dB of magnitude below the peak
 PLAYED = ("context_plus_continuation", "context_plus_target")
-MLFLOW_PROBE_TIMEOUT = 10.0   # seconds
 
 
 class InferenceError(RuntimeError):
@@ -413,17 +412,13 @@ def log_to_mlflow(out_dir: Path, state: dict, tracking_uri: str | None) -> None:
     args = state.get("args") or {}
     uri = tracking_uri or args.get("mlflow_tracking_uri") or args.get("tracking_uri")
     try:
-        check_mlflow_server(uri, MLFLOW_PROBE_TIMEOUT)
+        check_mlflow_server(uri)
         from mlflow.tracking import MlflowClient
         MlflowClient(tracking_uri=uri).log_artifacts(run_id, str(out_dir), artifact_path=f"samples/{out_dir.name}")
         print(f"logged {out_dir} to MLflow run {run_id} ({uri or 'default tracking URI'})")
     except Exception as error:  # noqa: BLE001 - MLflow is optional: a listening test must not fail on it
         warn(f"--mlflow: could not log to run {run_id} at {uri or 'the default tracking URI'} "
              f"({one_line(error)})")
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -11,6 +11,9 @@ That is a few times fewer tensor operations than autograd through torch.stft, wh
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import torchaudio
@@ -19,7 +22,57 @@ from torch.autograd.function import once_differentiable
 
 from codec import SAMPLE_RATE
 
-LOSS_COMPONENTS = ("rms_input", "rms_target", "spectral", "mel")   # canonical order, used by logging
+
+
+@dataclass(frozen=True)
+class LossComponent:
+    """One training-loss component and every name it goes by."""
+    name: str        # metric key (train_<name>, val_<name>) and CombinedLoss keyword
+    flag: str        # launcher flag holding its weight
+    short: str       # name in the printed epoch block
+    default: float   # default weight
+    help: str
+
+
+# The one table of the loss components, in their canonical order: flags, logs, prints and tests derive from it.
+LOSSES = (
+    LossComponent("rms_input", "--loss_weight_input", "rms_in", 0.0, "RMS(output, input): reconstruction"),
+    LossComponent("rms_target", "--loss_weight_target", "rms_tgt", 1.0, "RMS(output, target): continuation"),
+    LossComponent("spectral", "--loss_weight_spectral", "spec", 0.0, "multi-resolution STFT(output, target)"),
+    LossComponent("mel", "--loss_weight_mel", "mel", 0.0, "log-mel L1(output, target)"),
+)
+LOSS_COMPONENTS = tuple(component.name for component in LOSSES)
+
+
+def check_weights(weights: dict) -> dict:
+    """The loss weights {component name: weight} as floats; ValueError naming the flag if one is bad.
+
+    Every component must be given, each a finite number >= 0, and at least one must be positive.
+    """
+    unknown = sorted(set(weights) - set(LOSS_COMPONENTS))
+    missing = [name for name in LOSS_COMPONENTS if name not in weights]
+    if unknown or missing:
+        raise ValueError(f"loss weights: unknown {unknown}, missing {missing}; the components are "
+                         f"{', '.join(LOSS_COMPONENTS)}")
+    checked = {}
+    for component in LOSSES:
+        weight = weights[component.name]
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            weight = math.nan
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"{component.flag} must be a number >= 0, got {weights[component.name]}")
+        checked[component.name] = weight
+    if not any(checked.values()):
+        raise ValueError("all four --loss_weight_* are 0: there is nothing to train on")
+    return checked
+
+
+def weights_from_flags(args) -> dict:
+    """{component name: weight} from parsed launcher flags (an argparse Namespace or a dict of flags)."""
+    flags = args if isinstance(args, dict) else vars(args)
+    return {component.name: flags[component.flag[2:]] for component in LOSSES}
 
 MAGNITUDE_FLOOR = 1e-7   # floor on the power re^2 + im^2 before the sqrt (Parallel WaveGAN)
 MEL_FLOOR = 1e-5         # floor on the mel magnitude before the log (HiFi-GAN)
@@ -382,16 +435,10 @@ class CombinedLoss(nn.Module):
     framing (1024/256) is computed once and serves both the MR-STFT and the mel loss.
     """
 
-    def __init__(self, weight_input: float = 0.0, weight_target: float = 1.0, weight_spectral: float = 0.0,
-                 weight_mel: float = 0.0, sample_rate: int = SAMPLE_RATE):
+    def __init__(self, *, rms_input: float = 0.0, rms_target: float = 1.0, spectral: float = 0.0, mel: float = 0.0,
+                 sample_rate: int = SAMPLE_RATE):
         super().__init__()
-        self.weights = {"rms_input": float(weight_input), "rms_target": float(weight_target),
-                        "spectral": float(weight_spectral), "mel": float(weight_mel)}
-        for name, weight in self.weights.items():
-            if not 0.0 <= weight < float("inf"):
-                raise ValueError(f"CombinedLoss: the weight of {name} must be a finite number >= 0, got {weight}")
-        if not any(self.weights.values()):
-            raise ValueError("CombinedLoss: all four loss weights are 0, there is nothing to train on")
+        self.weights = check_weights(dict(rms_input=rms_input, rms_target=rms_target, spectral=spectral, mel=mel))
         self.spectral = MultiResolutionSTFTLoss()
         self.mel = MelSpectrogramLoss(sample_rate=sample_rate)
         self.min_length = max(self.spectral.min_length, self.mel.min_length)

@@ -334,7 +334,7 @@ def recording_spectral_work():
 
 def check_combined() -> None:
     pred, inp, tgt = (music_like(seed=s).float()[:, None] for s in (7, 8, 9))
-    weights = dict(weight_input=0.3, weight_target=0.4, weight_spectral=0.2, weight_mel=0.1)
+    weights = dict(rms_input=0.3, rms_target=0.4, spectral=0.2, mel=0.1)
     loss = CombinedLoss(**weights)
     total, components = loss(pred, inp, tgt)
     assert set(components) == {"rms_input", "rms_target", "spectral", "mel"}, sorted(components)
@@ -357,7 +357,7 @@ def check_combined() -> None:
     # Zero-weight components are measured but never differentiated: record, per spectral term, whether
     # the forward prepared its gradient, and count the backward passes through an STFT.
     with recording_spectral_work() as work:
-        rms_only = CombinedLoss(weight_input=0.5, weight_target=0.5)
+        rms_only = CombinedLoss(rms_input=0.5, rms_target=0.5)
         total, components = rms_only(pred.clone().requires_grad_(True), inp, tgt)
         total.backward()
         assert components["spectral"] > 0 and components["mel"] > 0, "zero-weight components were not measured"
@@ -365,7 +365,7 @@ def check_combined() -> None:
         assert work["backward_ffts"] == [], f"zero-weight spectral/mel losses cost backward passes: {work}"
         assert_close(total.item(), 0.5 * expected["rms_input"] + 0.5 * expected["rms_target"], 1e-6, "RMS-only total")
     with recording_spectral_work() as work:
-        mel_only = CombinedLoss(weight_target=0.0, weight_mel=1.0)
+        mel_only = CombinedLoss(rms_target=0.0, mel=1.0)
         mel_only(pred.clone().requires_grad_(True), inp, tgt)[0].backward()
         assert work["gradient_prepared"].count(True) == 1, f"only the mel term needs a gradient: {work}"
         assert work["backward_ffts"] == [1024], f"the mel loss alone backpropagates one 1024 STFT: {work}"
@@ -373,10 +373,10 @@ def check_combined() -> None:
     _, same = CombinedLoss()(tgt, inp, tgt)
     assert same["spectral"] == 0 and same["mel"] == 0, f"identical output and target: {same}"
     zeros = torch.zeros_like(pred)
-    total, silent = CombinedLoss(1, 1, 1, 1)(zeros.clone().requires_grad_(True), zeros, zeros)
+    total, silent = CombinedLoss(rms_input=1, rms_target=1, spectral=1, mel=1)(zeros.clone().requires_grad_(True), zeros, zeros)
     assert all(torch.isfinite(v) for v in silent.values()) and torch.isfinite(total), f"silence: {silent}"
-    assert_value_error(lambda: CombinedLoss(weight_input=-1.0), "weight of rms_input")
-    assert_value_error(lambda: CombinedLoss(weight_target=0.0), "all four loss weights are 0")
+    assert_value_error(lambda: CombinedLoss(rms_input=-1.0), "--loss_weight_input must be a number >= 0")
+    assert_value_error(lambda: CombinedLoss(rms_target=0.0), "all four --loss_weight_* are 0")
     assert_value_error(lambda: loss(pred, inp[..., :-1], tgt), "differ in shape")
     assert_value_error(lambda: loss(pred[..., :2000], inp[..., :2000], tgt[..., :2000]), "2048")
 
@@ -407,7 +407,7 @@ def check_gradients() -> None:
     audio = decoder(model(latents))
     assert audio.shape == (2, 1, frames * 320), f"decoder output {list(audio.shape)}"
     input_audio, target_audio = 0.1 * torch.randn_like(audio), 0.1 * torch.randn_like(audio)
-    total, _ = CombinedLoss(0.25, 0.25, 0.25, 0.25)(audio, input_audio, target_audio)
+    total, _ = CombinedLoss(rms_input=0.25, rms_target=0.25, spectral=0.25, mel=0.25)(audio, input_audio, target_audio)
     total.backward()
     for name, parameter in model.named_parameters():
         grad = parameter.grad

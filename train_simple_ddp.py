@@ -16,16 +16,15 @@ import argparse
 import fcntl
 import math
 import os
-import socket
 import sys
 from pathlib import Path
 
 import torch
 
 from codec import HOP_LENGTH, WEIGHT_CHOICES_HELP, CodecLoadError, codec_fingerprint, load_codec
-from utils import check_mlflow_server
+from losses import LOSSES, CombinedLoss, check_weights, weights_from_flags
+from utils import check_mlflow_server, free_port
 
-MLFLOW_PROBE_TIMEOUT = 5.0          # seconds; the launcher refuses to start if the server does not answer
 
 
 def parse_bool(text: str) -> bool:
@@ -75,10 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dropout", type=float, default=0.1)
 
     loss = parser.add_argument_group("loss weights (total = sum of weight x component)")
-    loss.add_argument("--loss_weight_input", type=float, default=0.0, help="RMS(output, input): reconstruction")
-    loss.add_argument("--loss_weight_target", type=float, default=1.0, help="RMS(output, target): continuation")
-    loss.add_argument("--loss_weight_spectral", type=float, default=0.0, help="multi-resolution STFT(output, target)")
-    loss.add_argument("--loss_weight_mel", type=float, default=0.0, help="log-mel L1(output, target)")
+    for component in LOSSES:
+        loss.add_argument(component.flag, type=float, default=component.default, help=component.help)
 
     run = parser.add_argument_group("processes, checkpoints, logging")
     run.add_argument("--nproc", type=int, default=None,
@@ -121,18 +118,16 @@ def check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
     if args.nproc is not None and torch.cuda.is_available() and args.nproc > torch.cuda.device_count():
         parser.error(f"--nproc {args.nproc}: only {torch.cuda.device_count()} GPUs are visible")
 
-    weights = {name: getattr(args, f"loss_weight_{name}") for name in ("input", "target", "spectral", "mel")}
-    for name, weight in weights.items():
-        if not (math.isfinite(weight) and weight >= 0):
-            parser.error(f"--loss_weight_{name} must be a number >= 0, got {weight}")
-    if not any(weights.values()):
-        parser.error("all four --loss_weight_* are 0: there is nothing to train on")
+    try:
+        check_weights(weights_from_flags(args))
+    except ValueError as error:
+        parser.error(str(error))
 
-    from losses import CombinedLoss   # the STFT/mel losses are always measured, so their FFT sets the minimum
-    min_frames = math.ceil(CombinedLoss().min_length / HOP_LENGTH)
+    min_length = CombinedLoss().min_length   # the STFT/mel losses are always measured: their FFT sets the minimum
+    min_frames = math.ceil(min_length / HOP_LENGTH)
     if args.segment_frames < min_frames:
         parser.error(f"--segment_frames {args.segment_frames} is too short: the spectral losses use a "
-                     f"{CombinedLoss().min_length}-point STFT, which needs at least {min_frames} frames "
+                     f"{min_length}-point STFT, which needs at least {min_frames} frames "
                      f"({min_frames * HOP_LENGTH} samples)")
     if not args.experiment_name.strip():
         parser.error("--experiment_name must not be empty")
@@ -231,7 +226,7 @@ def check_mlflow_reachable(args: argparse.Namespace, parser: argparse.ArgumentPa
     """A remote tracking server must answer /health now, or we refuse to start (better than failing at epoch 1)."""
     uri = args.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     try:
-        check_mlflow_server(uri, MLFLOW_PROBE_TIMEOUT)
+        check_mlflow_server(uri)
     except OSError as error:
         parser.error(f"--mlflow_tracking_uri {uri}: the MLflow tracking server does not answer ({error}); "
                      f"start it (mlflow server ...) or point the flag at a running one")
@@ -247,13 +242,6 @@ def resolve_nproc(args: argparse.Namespace) -> int:
     if args.nproc is not None:
         return args.nproc
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
-
-
-def free_port() -> int:
-    """Ask the OS for a free TCP port (bind to port 0) for the process group's rendezvous."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def parse_and_validate(argv=None) -> tuple[argparse.Namespace, str | None]:

@@ -32,14 +32,13 @@ from tqdm import tqdm
 from checkpoint import BEST_NAME, LATEST_NAME, load_checkpoint, save_checkpoint, unwrapped_state_dict
 from codec import SAMPLE_RATE, FrozenDecoder, check_fingerprint, codec_fingerprint, load_codec
 from data import ContinuationDataset, LatentNormalizer
-from losses import LOSS_COMPONENTS, CombinedLoss
+from losses import LOSS_COMPONENTS, LOSSES, CombinedLoss, weights_from_flags
 from model import ContinuationTransformer
-from utils import one_line
+from utils import one_line, warn
 
 MAX_CONSECUTIVE_SKIPS = 10     # this many non-finite steps in a row end the run: training has diverged
 AUDIO_EXAMPLES = 3             # validation examples written as WAV + spectrogram every --log_audio_every epochs
 METRIC_NAMES = ("loss",) + LOSS_COMPONENTS     # order of the accumulated sums
-SHORT_NAMES = {"rms_input": "rms_in", "rms_target": "rms_tgt", "spectral": "spec", "mel": "mel"}
 
 
 class TrainingError(RuntimeError):
@@ -234,7 +233,7 @@ def reduce_means(sums: torch.Tensor) -> dict:
 
 def format_epoch_block(epoch: int, epochs: int, train: dict, val: dict, lr: float) -> str:
     def line(label, means):
-        parts = ", ".join(f"{SHORT_NAMES[name]}: {means[name]:.4f}" for name in LOSS_COMPONENTS)
+        parts = ", ".join(f"{component.short}: {means[component.name]:.4f}" for component in LOSSES)
         return f"  {label:<11} {means['loss']:.4f} ({parts})"
     return "\n".join([f"Epoch {epoch}/{epochs}:", line("Train Loss:", train), line("Val Loss:", val),
                       f"  LR: {lr:.2e}"])
@@ -266,7 +265,7 @@ class MlflowLogger:
             except MlflowException as error:
                 if error.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise
-                _warn(f"MLflow run {run_id} of the checkpoint is not on {self.tracking_uri}; starting a new run")
+                warn(f"MLflow run {run_id} of the checkpoint is not on {self.tracking_uri}; starting a new run")
         experiment = self.client.get_experiment_by_name(experiment_name)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(experiment_name)
         self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
@@ -290,7 +289,7 @@ class MlflowLogger:
                 self.pending = self.pending[1000:]
             return True
         except Exception as error:  # noqa: BLE001 - never let logging kill a long training run
-            _warn(f"MLflow logging failed ({_one_line(error)}); {len(self.pending)} metric values queued "
+            warn(f"MLflow logging failed ({_one_line(error)}); {len(self.pending)} metric values queued "
                   f"for the next epoch, training continues")
             return False
 
@@ -298,18 +297,14 @@ class MlflowLogger:
         try:
             self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
         except Exception as error:  # noqa: BLE001
-            _warn(f"MLflow artifact upload failed ({_one_line(error)}); the files stay in {local_dir}")
+            warn(f"MLflow artifact upload failed ({_one_line(error)}); the files stay in {local_dir}")
 
     def finish(self, status: str = "FINISHED") -> None:
         self.flush()
         try:
             self.client.set_terminated(self.run_id, status=status)
         except Exception as error:  # noqa: BLE001
-            _warn(f"could not mark MLflow run {self.run_id} {status} ({_one_line(error)})")
-
-
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+            warn(f"could not mark MLflow run {self.run_id} {status} ({_one_line(error)})")
 
 
 def _one_line(error: BaseException) -> str:
@@ -419,8 +414,7 @@ def run(args, resume_path: str | None = None) -> None:
     ctx.decoder = FrozenDecoder(codec, checkpointing=args.decoder_checkpointing)
     del codec
     ctx.normalizer = LatentNormalizer(ctx.train_set.latent_mean, ctx.train_set.latent_std).to(device)
-    ctx.loss_fn = CombinedLoss(args.loss_weight_input, args.loss_weight_target, args.loss_weight_spectral,
-                               args.loss_weight_mel).to(device)
+    ctx.loss_fn = CombinedLoss(**weights_from_flags(args)).to(device)
 
     # Model (same init on every rank; DDP also broadcasts rank 0's), optimiser, schedule.
     torch.manual_seed(args.seed)

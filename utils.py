@@ -1,10 +1,14 @@
-"""Small helpers the scripts share: atomic file writes, one-line error messages, the MLflow server probe."""
+"""Small helpers the scripts share: atomic file writes, one-line messages, the MLflow server probe, a free port."""
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import sys
 import urllib.request
 from pathlib import Path
+
+MLFLOW_PROBE_TIMEOUT = 5.0   # seconds: a tracking server that does not answer /health by then is taken as down
 
 
 @contextlib.contextmanager
@@ -35,7 +39,19 @@ def one_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def check_mlflow_server(uri: str | None, timeout: float) -> None:
+def warn(message: str) -> None:
+    """One 'warning: ...' line on stderr, flushed at once (progress bars and other ranks write there too)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (the OS picks it: bind to port 0), for a rendezvous or a test server."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_mlflow_server(uri: str | None, timeout: float = MLFLOW_PROBE_TIMEOUT) -> None:
     """Raise OSError (with the reason) unless the MLflow server at an http(s) `uri` answers /health.
 
     MLflow's own client retries a dead server with back-off for minutes; this asks once, quickly.

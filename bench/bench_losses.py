@@ -26,7 +26,7 @@ FFT_SIZES, HOP_SIZES = (512, 1024, 2048), (128, 256, 512)
 
 
 def ours():
-    loss = CombinedLoss(weight_input=0.0, weight_target=0.0, weight_spectral=1.0, weight_mel=1.0)
+    loss = CombinedLoss(rms_input=0.0, rms_target=0.0, spectral=1.0, mel=1.0)
 
     def step(pred, ref):
         total, _ = loss(pred, ref, ref)

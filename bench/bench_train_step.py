@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from codec import FRAME_RATE, HOP_LENGTH, LATENT_DIM, SAMPLE_RATE, FrozenDecoder, load_codec  # noqa: E402
 from data import ContinuationDataset, LatentNormalizer  # noqa: E402
-from losses import CombinedLoss  # noqa: E402
+from losses import LOSS_COMPONENTS, CombinedLoss  # noqa: E402
 from model import ContinuationTransformer  # noqa: E402
 from train_simple_worker import autocast_for, build_optimizer, to_device, train_step  # noqa: E402
 
@@ -99,7 +99,7 @@ def build_training_parts(args, frames: int, checkpointing: bool, device: torch.d
     """The objects a rank trains with, as train_simple_worker.run builds them (minus DDP: one process)."""
     decoder = FrozenDecoder(load_codec("random", device), checkpointing=checkpointing)
     normalizer = LatentNormalizer(torch.zeros(LATENT_DIM), torch.ones(LATENT_DIM)).to(device)
-    loss_fn = CombinedLoss(*args.loss_weights).to(device)
+    loss_fn = CombinedLoss(**dict(zip(LOSS_COMPONENTS, args.loss_weights))).to(device)
     torch.manual_seed(0)
     model = ContinuationTransformer(d_model=args.d_model, num_layers=args.num_layers,
                                     num_heads=args.num_heads, dropout=0.0).to(device)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,12 +24,6 @@ if str(ROOT) not in sys.path:
 MLFLOW_START_TIMEOUT = 240.0     # seconds; a cold `mlflow server` takes ~10-50 s on a busy 2-core machine
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> Path:
     import prepare_data
@@ -42,6 +35,7 @@ def tiny_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("mlflow_server")
+    from utils import free_port
     port = free_port()
     command = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
                "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",

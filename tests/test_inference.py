@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -25,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import inference_sample  # noqa: E402
 import listening_metrics  # noqa: E402
+from utils import free_port  # noqa: E402
 from codec import FRAME_RATE, HOP_LENGTH, SAMPLE_RATE, FrozenDecoder, encode, load_codec  # noqa: E402
 
 SEGMENT_FRAMES = 16                       # 0.21 s: the smallest window the 2048-point STFT losses accept
@@ -100,12 +100,6 @@ def file_run(setup, tmp_path_factory):
         code = inference_sample.main([str(arg) for arg in argv])
     return {"code": code, "out": out, "sources": sources, "stderr": err.getvalue(), "short": short,
             "corrupt": corrupt, "start": 0.1, "continue_seconds": 0.5}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def example_dirs(out: Path) -> list[Path]:

@@ -26,6 +26,7 @@ import train_simple_worker  # noqa: E402
 from checkpoint import (CheckpointError, load_checkpoint, load_model_for_inference, save_checkpoint,  # noqa: E402
                         unwrapped_state_dict)
 from model import ContinuationTransformer  # noqa: E402
+from utils import free_port  # noqa: E402
 
 TINY = ["--segment_frames", 8, "--d_model", 32, "--num_layers", 1, "--num_heads", 2, "--num_workers", 0,
         "--warmup_steps", 2, "--lr", 1e-3, "--log_audio_every", 0]
@@ -145,10 +146,10 @@ def step_parts():
                 "target_audio": torch.randn(4, 1, 2560, generator=generator) * 0.1} for _ in range(4)]
     return {"decoder": FrozenDecoder(load_codec("random")), "batches": batches,
             "normalizer": LatentNormalizer(torch.zeros(128), torch.ones(128)),
-            "loss_fn": CombinedLoss(0.2, 0.5, 0.3, 0.0),
+            "loss_fn": CombinedLoss(rms_input=0.2, rms_target=0.5, spectral=0.3, mel=0.0),
             # Spectral convergence is a ratio of norms over the whole batch, so it does not split into
             # a mean over shards: comparisons of DDP with one process train on the per-example RMS terms.
-            "shardable_loss_fn": CombinedLoss(0.2, 0.8, 0.0, 0.0)}
+            "shardable_loss_fn": CombinedLoss(rms_input=0.2, rms_target=0.8, spectral=0.0, mel=0.0)}
 
 
 def make_trainable(seed: int = 0):
@@ -207,7 +208,7 @@ def _nan_collective_worker(rank: int, world_size: int, port: int, out_dir: str, 
 
 def test_nan_on_one_rank_skips_the_step_on_every_rank(step_parts, tmp_path):
     """2 ranks, NaN on rank 1 at step 1: both skip it, stay identical, and match one process that skips it."""
-    torch.multiprocessing.spawn(_nan_collective_worker, args=(2, train_simple_ddp.free_port(), str(tmp_path),
+    torch.multiprocessing.spawn(_nan_collective_worker, args=(2, free_port(), str(tmp_path),
                                                               step_parts), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert ranks[0]["applied"] == ranks[1]["applied"] == [True, False, True, True]
@@ -231,7 +232,7 @@ def test_mlflow_failure_mid_run_warns_queues_and_retries(mlflow_server, capsys):
     from mlflow.tracking import MlflowClient
     logger = train_simple_worker.MlflowLogger(mlflow_server, "mid-run-failure", "flaky")
     live_client = logger.client
-    logger.client = MlflowClient(f"http://127.0.0.1:{train_simple_ddp.free_port()}")    # the server "goes down"
+    logger.client = MlflowClient(f"http://127.0.0.1:{free_port()}")    # the server "goes down"
     assert logger.log_metrics({"train_loss": 1.0}, step=1) is False
     assert "MLflow logging failed" in capsys.readouterr().err and len(logger.pending) == 1
     logger.client = live_client                                                       # ... and comes back
@@ -322,7 +323,7 @@ def test_cli_exits_non_zero_with_one_line_error(tiny_cache, tmp_path):
 
 
 def test_unreachable_mlflow_server_stops_before_training(tiny_cache, tmp_path):
-    dead = f"http://127.0.0.1:{train_simple_ddp.free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     result = run_launcher(["--data_dir", tiny_cache, "--mlflow_tracking_uri", dead, "--checkpoint_dir",
                            tmp_path / "ck", "--nproc", 2] + TINY, cwd=tmp_path)
     assert result.returncode != 0
