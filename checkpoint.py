@@ -5,14 +5,17 @@ A checkpoint is one torch file holding a dict:
     model             unwrapped state dict (no "module." / "_orig_mod." prefixes)
     model_config      ContinuationTransformer keyword arguments
     optimizer         AdamW state dict
-    scheduler         LR scheduler state dict (its step count is the global step)
+    scheduler         LR scheduler state dict (its step count is the global step, in optimiser steps)
+    schedule_steps    the LR schedule's length in optimiser steps (kept when --epochs changes on resume)
     epoch             the last finished epoch (1-based); resuming starts at epoch + 1
-    args              every launcher flag (dict)
+    args              every launcher flag (dict), as of the latest (re)start
+    resume_history    [{"epoch": E, "changed": {flag: [before, after]}}] flags changed at each resume
     latent_mean, latent_std   [128] float tensors: the cache's normalisation statistics
     codec_fingerprint, encodec_weights   the codec whose latents the model was trained on
     mlflow_run_id     the MLflow run to continue when resuming (None if MLflow was not reachable)
     best_val_loss     the lowest validation loss so far (decides best.pt)
-    val_loss          this epoch's validation loss
+    best              {"epoch": E, "val": {figure: value}}: the best epoch's validation figures
+    val_loss          this epoch's validation loss (NaN if some example was non-finite)
     segment_frames    latent frames per input window
     skipped_steps     non-finite steps skipped so far
     world_size        processes that produced it
@@ -23,6 +26,7 @@ all that a bit-exact resume needs.
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -54,12 +58,38 @@ def unwrapped_state_dict(model: torch.nn.Module) -> dict:
     return cleaned
 
 
+def build_checkpoint(*, model, optimizer, scheduler, schedule_steps: int, epoch: int, args: dict,
+                     resume_history: list, normalizer_stats: tuple, codec_fingerprint: str, encodec_weights: str,
+                     mlflow_run_id, best_val_loss: float, best: dict, val_loss: float, segment_frames: int,
+                     skipped_steps: int, world_size: int) -> dict:
+    """The checkpoint dict of the module docstring (the one place its contents are assembled)."""
+    latent_mean, latent_std = normalizer_stats
+    return {"model": unwrapped_state_dict(model), "model_config": model.config,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "schedule_steps": schedule_steps, "epoch": epoch, "args": args, "resume_history": resume_history,
+            "latent_mean": latent_mean, "latent_std": latent_std, "codec_fingerprint": codec_fingerprint,
+            "encodec_weights": encodec_weights, "mlflow_run_id": mlflow_run_id, "best_val_loss": best_val_loss,
+            "best": best, "val_loss": val_loss, "segment_frames": segment_frames,
+            "skipped_steps": skipped_steps, "world_size": world_size}
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """torch.save atomically: a crash at any moment leaves the previous file or the new one, never a torn one."""
+    """torch.save atomically: a crash at any moment leaves the previous file or the new one, never a torn one.
+
+    The state is serialised in memory first and written with plain file I/O, so a full disk is an OSError
+    with its errno (torch's own writer reports only 'unexpected pos'): CheckpointError('cannot write PATH:
+    No space left on device'), and the previous file stays as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp_path:
-        torch.save(state, tmp_path)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp_path:
+            with open(tmp_path, "wb") as file:
+                file.write(buffer.getbuffer())
+    except OSError as error:
+        raise CheckpointError(f"cannot write {path}: {error.strerror or one_line(error)}") from None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -82,6 +112,18 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
     """checkpoint_dir/latest.pt if it exists (what `--resume auto` continues from)."""
     path = Path(checkpoint_dir) / LATEST_NAME
     return path if path.is_file() else None
+
+
+def describe_latest(checkpoint_dir: str | os.PathLike) -> str:
+    """'latest checkpoint is epoch N; resume with --resume auto', for the line that ends an interrupted run."""
+    path = latest_checkpoint(checkpoint_dir)
+    try:
+        epoch = load_checkpoint(path)["epoch"] if path else None
+    except CheckpointError:
+        epoch = None
+    if epoch is None:
+        return f"no checkpoint in {checkpoint_dir} yet (the first epoch did not finish)"
+    return f"latest checkpoint is epoch {epoch}; resume with --resume auto"
 
 
 def load_model_for_inference(path: str | os.PathLike, device="cpu"):

@@ -3,17 +3,26 @@
 The cache (written by prepare_data.py) is a folder:
 
     CACHE/manifest.json                 codec fingerprint, statistics, tracks, split, skipped files
-    CACHE/tracks/<id>.latents.npy       float32 [LATENT_DIM, F]   continuous EnCodec latents of one track
-    CACHE/tracks/<id>.audio.npy         float32 [F * HOP_LENGTH]  the matching 24 kHz mono audio
+    CACHE/tracks/<id>.latents.npy       [LATENT_DIM, F]   continuous EnCodec latents of one track
+    CACHE/tracks/<id>.audio.npy         [F * HOP_LENGTH]  the matching 24 kHz mono audio
+    CACHE/tracks/<id>.stats.npy         float64 [2, LATENT_DIM]  per-channel mean and sum of squared
+                                        deviations of the track's unrounded latents (for the statistics)
+
+The arrays' types are the manifest's "cache_dtype" (format_version 2): "compact" stores latents as float16
+and audio as int16 PCM (sample / AUDIO_INT16_SCALE), half the bytes of "float32". Format version 1 (no
+cache_dtype) is float32. Either way the dataset hands out float32.
 
 Training opens the .npy files memory-mapped, one track at a time, so a corpus far larger than RAM works
 and nothing holds the whole corpus in any process.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +36,13 @@ from utils import one_line
 
 MANIFEST_NAME = "manifest.json"
 TRACKS_DIR = "tracks"
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)   # 1: float32 arrays and no cache_dtype field
+# cache_dtype -> (latents dtype, audio dtype) as stored on disk
+CACHE_DTYPES = {"compact": (np.dtype(np.float16), np.dtype(np.int16)),
+                "float32": (np.dtype(np.float32), np.dtype(np.float32))}
+DEFAULT_CACHE_DTYPE = "compact"
+AUDIO_INT16_SCALE = 32767   # int16 sample = round(clip(x, -1, 1) * 32767): symmetric, so -1 and 1 both fit
 SPLITS = ("train", "val")
 MAX_OPEN_TRACKS = 64      # memory maps kept open per process; each one holds a file descriptor
 
@@ -54,12 +69,109 @@ def load_audio(path: str | os.PathLike) -> torch.Tensor:
         raise AudioLoadError(f"{path}: unreadable or not audio ({one_line(error)})") from None
     if samples.shape[0] == 0:
         raise AudioLoadError(f"{path}: empty (no audio samples)")
-    if not np.isfinite(samples).all():
-        raise AudioLoadError(f"{path}: corrupt (contains NaN or infinite samples)")
-    mono = torch.from_numpy(samples.mean(axis=1, dtype=np.float32)).unsqueeze(0)   # [1, N]
+    check_finite_samples(samples, path)
+    mono = torch.from_numpy(mix_to_mono(samples, path)).unsqueeze(0)   # [1, N]
     if rate != SAMPLE_RATE:
         mono = torchaudio.functional.resample(mono, int(rate), SAMPLE_RATE)
+        check_finite_samples(mono, path, RESAMPLED)
     return mono.contiguous()
+
+
+@contextlib.contextmanager
+def open_audio(path: str | os.PathLike) -> Iterator[soundfile.SoundFile]:
+    """The file opened for block-wise reading; AudioLoadError('PATH: ...') if libsndfile cannot read it,
+    when opening or later while reading (a file can be corrupt past its header)."""
+    try:
+        handle = soundfile.SoundFile(str(path))
+    except Exception as error:  # noqa: BLE001 - libsndfile raises several types for bad files
+        raise AudioLoadError(f"{path}: unreadable or not audio ({one_line(error)})") from None
+    try:
+        with handle:
+            yield handle
+    except soundfile.SoundFileError as error:
+        raise AudioLoadError(f"{path}: unreadable or not audio ({one_line(error)})") from None
+
+
+def resampled_length(samples: int, rate: int) -> int:
+    """Samples that torchaudio.functional.resample makes of `samples` at `rate`: ceil(samples * 24000 / rate)."""
+    return samples if rate == SAMPLE_RATE else -(-samples * SAMPLE_RATE // rate)
+
+
+def _resample_context(rate: int) -> tuple[int, int]:
+    """(period, context) in input samples for resampling a long file in blocks.
+
+    torchaudio's resampler is a polyphase filter: output samples come in groups of new/g per
+    period of orig/g input samples (g = gcd), and each group reads input within `width` samples of
+    its period, width = ceil(6 * orig / (0.99 * min(orig, new))) (lowpass_filter_width 6, rolloff
+    0.99, its defaults). A block that starts on a period boundary and has `context` >= width extra
+    input samples each side therefore yields the whole-file result; context is twice width, whole periods.
+    """
+    gcd = math.gcd(rate, SAMPLE_RATE)
+    orig, new = rate // gcd, SAMPLE_RATE // gcd
+    width = math.ceil(6 * orig / (0.99 * min(orig, new)))
+    return orig, orig * math.ceil(2 * width / orig)
+
+
+def iter_mono_blocks(handle: soundfile.SoundFile, block_seconds: float) -> Iterator[np.ndarray]:
+    """The open file as mono float32 at SAMPLE_RATE, in blocks of about block_seconds; their concatenation
+    is load_audio's result (within float32 rounding), and memory stays at a few blocks for any length.
+
+    A file of at most one block is read and resampled whole, exactly as load_audio does.
+    """
+    path, rate = handle.name, handle.samplerate
+    period, context = _resample_context(rate) if rate != SAMPLE_RATE else (1, 0)
+    block = period * max(1, round(block_seconds * rate / period))
+    pending, pending_start, next_start = np.zeros(0, np.float32), 0, 0   # pending: input from pending_start on
+    while True:
+        samples = handle.read(block, dtype="float32", always_2d=True)
+        check_finite_samples(samples, path)
+        end_of_file = len(samples) < block
+        pending = np.concatenate([pending, mix_to_mono(samples, path)])
+        available = pending_start + len(pending)
+        # a block is resampled once it has `context` input beyond its end, or the file has ended
+        while next_start < available and (end_of_file or available >= next_start + block + context):
+            left, stop = max(0, next_start - context), min(available, next_start + block + context)
+            last = end_of_file and next_start + block >= available
+            yield _resample_block(pending[left - pending_start: stop - pending_start], rate,
+                                  (next_start - left) // period, None if last else block // period, path)
+            next_start += block
+            drop = max(0, next_start - context - pending_start)
+            pending, pending_start = pending[drop:], pending_start + drop
+        if end_of_file:
+            return
+
+
+def _resample_block(samples: np.ndarray, rate: int, skip_periods: int, periods: int | None, path) -> np.ndarray:
+    """Resample input samples (starting on a period boundary) and keep `periods` periods of output after
+    the first `skip_periods` (the left context); periods None keeps everything to the end."""
+    if rate == SAMPLE_RATE:
+        return samples
+    new = SAMPLE_RATE // math.gcd(rate, SAMPLE_RATE)
+    resampled = torchaudio.functional.resample(torch.from_numpy(samples).unsqueeze(0), rate, SAMPLE_RATE)[0]
+    check_finite_samples(resampled, path, RESAMPLED)
+    stop = None if periods is None else (skip_periods + periods) * new
+    return resampled[skip_periods * new: stop].numpy()
+
+
+def mix_to_mono(samples: np.ndarray, path) -> np.ndarray:
+    """[N, C] -> [N] float32: the mean over channels (the one definition the loaders share), checked finite."""
+    with np.errstate(over="ignore"):      # an overflow is reported just below, naming the file
+        mono = samples.mean(axis=1, dtype=np.float32)
+    check_finite_samples(mono, path, "after mixing the channels to mono")
+    return mono
+
+
+RESAMPLED = f"after resampling to {SAMPLE_RATE} Hz"
+
+
+def check_finite_samples(samples, path, stage: str = "") -> None:
+    """AudioLoadError unless every sample is finite. Finite input can still overflow float32 when channels
+    are summed or the resampling filter adds neighbours (a float file holding 3e38), hence `stage`."""
+    finite = torch.isfinite(samples).all() if isinstance(samples, torch.Tensor) else np.isfinite(samples).all()
+    if not finite:
+        where = f" {stage}" if stage else ""
+        raise AudioLoadError(f"{path}: corrupt (NaN or infinite samples{where}; "
+                             f"float files must hold finite values of about +-1)")
 
 
 # ----------------------------------------------------------------------------------------- normaliser
@@ -69,8 +181,11 @@ class LatentNormalizer(nn.Module):
 
     def __init__(self, mean, std):
         super().__init__()
-        mean = torch.as_tensor(np.asarray(mean, dtype=np.float32)).reshape(1, -1, 1)
-        std = torch.as_tensor(np.asarray(std, dtype=np.float32)).reshape(1, -1, 1)
+        # Copies, never views: the dataset's statistics tensors move to shared memory when it is pickled
+        # for DataLoader workers of a spawned rank, and a view of them would then read freed memory.
+        # (as_tensor + clone also takes tensors without numpy's __array__ copy-keyword deprecation warning)
+        mean = torch.as_tensor(mean, dtype=torch.float32).clone().reshape(1, -1, 1)
+        std = torch.as_tensor(std, dtype=torch.float32).clone().reshape(1, -1, 1)
         if mean.shape[1] != LATENT_DIM or std.shape[1] != LATENT_DIM:
             raise ValueError(f"latent statistics must have {LATENT_DIM} channels, got {mean.shape[1]} and {std.shape[1]}")
         if not bool((std > 0).all()):
@@ -97,6 +212,23 @@ def track_paths(cache_dir: str | os.PathLike, track_id: str) -> tuple[Path, Path
     return folder / f"{track_id}.latents.npy", folder / f"{track_id}.audio.npy"
 
 
+def track_stats_path(cache_dir: str | os.PathLike, track_id: str) -> Path:
+    """float64 [2, LATENT_DIM]: the track's per-channel latent mean and sum of squared deviations from it."""
+    return Path(cache_dir) / TRACKS_DIR / f"{track_id}.stats.npy"
+
+
+def cache_dtype(manifest: dict, cache_dir: str | os.PathLike) -> str:
+    """"compact" or "float32": how the manifest's arrays are stored (format version 1 is float32)."""
+    version = manifest.get("format_version", 1)
+    if version == 1:
+        return "float32"
+    dtype = manifest.get("cache_dtype")
+    if dtype not in CACHE_DTYPES:
+        raise CacheError(f"{manifest_path(cache_dir)}: unknown cache_dtype {dtype!r} "
+                         f"(known: {', '.join(CACHE_DTYPES)}); re-run prepare_data.py")
+    return dtype
+
+
 def read_manifest(cache_dir: str | os.PathLike) -> dict:
     """The cache's manifest; raises CacheError('CACHE/manifest.json: ...') if it is missing or unreadable."""
     path = manifest_path(cache_dir)
@@ -114,6 +246,12 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict:
     if (manifest["sample_rate"], manifest["hop_length"], manifest["latent_dim"]) != (SAMPLE_RATE, HOP_LENGTH, LATENT_DIM):
         raise CacheError(f"{path}: made for sample rate {manifest['sample_rate']}, hop {manifest['hop_length']}, "
                          f"latent dim {manifest['latent_dim']}; this code uses {SAMPLE_RATE}, {HOP_LENGTH}, {LATENT_DIM}")
+    version = manifest.get("format_version", 1)
+    if version not in READABLE_FORMAT_VERSIONS:
+        raise CacheError(f"{path}: cache format_version {version!r}; this code reads versions "
+                         f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}; re-run prepare_data.py into a new "
+                         f"--out_dir or update the code")
+    cache_dtype(manifest, cache_dir)     # an unknown cache_dtype is refused here, once
     return manifest
 
 
@@ -122,6 +260,10 @@ def require_complete(manifest: dict, cache_dir: str | os.PathLike) -> None:
     if not manifest.get("complete") or manifest.get("latent_mean") is None:
         raise CacheError(f"{manifest_path(cache_dir)}: preparation did not finish; re-run prepare_data.py "
                          f"with the same --audio_dir and --out_dir to resume it")
+    statistics = np.asarray([manifest["latent_mean"], manifest["latent_std"]], dtype=np.float64)
+    if not np.isfinite(statistics).all():   # older versions could write NaN from a track of huge samples
+        raise CacheError(f"{manifest_path(cache_dir)}: the latent statistics are not finite; re-run "
+                         f"prepare_data.py into a new --out_dir")
 
 
 # -------------------------------------------------------------------------------------------- dataset
@@ -154,6 +296,7 @@ class ContinuationDataset(torch.utils.data.Dataset):
         self.segment_frames = int(segment_frames)
         self.stride_frames = stride_frames
         self.unity_test = bool(unity_test)
+        self.cache_dtype = cache_dtype(self.manifest, cache_dir)
         self.codec_fingerprint = self.manifest["codec_fingerprint"]
         self.encodec_weights = self.manifest["encodec_weights"]
         self.latent_mean = torch.tensor(self.manifest["latent_mean"], dtype=torch.float32)
@@ -207,7 +350,9 @@ class ContinuationDataset(torch.utils.data.Dataset):
         track = self.tracks[track_index]
         latent_path, audio_path = track_paths(self.cache_dir, track["id"])
         frames = track["frames"]
-        arrays = (_open_npy(latent_path, (LATENT_DIM, frames)), _open_npy(audio_path, (frames * HOP_LENGTH,)))
+        latent_dtype, audio_dtype = CACHE_DTYPES[self.cache_dtype]
+        arrays = (_open_npy(latent_path, (LATENT_DIM, frames), latent_dtype),
+                  _open_npy(audio_path, (frames * HOP_LENGTH,), audio_dtype))
         self._open_tracks[track_index] = arrays
         if len(self._open_tracks) > MAX_OPEN_TRACKS:
             self._open_tracks.popitem(last=False)
@@ -217,20 +362,29 @@ class ContinuationDataset(torch.utils.data.Dataset):
         track_index, start = self._locate(index)
         latents, audio = self._track_arrays(track_index)
         length = self.segment_frames
-        target_start = start if self.unity_test else start + length
-        input_latent = self._normalized(latents[:, start: start + length])
-        input_audio = _audio_window(audio, start, length)
+        # Input and target are adjacent: both latent windows are stacked into one [2, C, T] copy and the
+        # audio of both is one slice, so each is converted in one call and the halves need no further copy.
+        span = length if self.unity_test else 2 * length
+        windows = self._normalized(np.stack([latents[:, first: first + length]
+                                             for first in range(start, start + span, length)]))
+        sound = audio_to_float(audio[start * HOP_LENGTH: (start + span) * HOP_LENGTH])[None]
+        input_latent, input_audio = torch.from_numpy(windows[0]), torch.from_numpy(sound[:, : length * HOP_LENGTH])
         if self.unity_test:
             target_latent, target_audio = input_latent.clone(), input_audio.clone()
         else:
-            target_latent = self._normalized(latents[:, target_start: target_start + length])
-            target_audio = _audio_window(audio, target_start, length)
+            target_latent = torch.from_numpy(windows[1])
+            target_audio = torch.from_numpy(sound[:, length * HOP_LENGTH:])
         return {"input_latent": input_latent, "target_latent": target_latent,
                 "input_audio": input_audio, "target_audio": target_audio}
 
-    def _normalized(self, latents: np.ndarray) -> torch.Tensor:
-        # the subtraction reads the memory-mapped slice into a fresh writable array
-        return torch.from_numpy(((latents - self._mean) / self._std).astype(np.float32, copy=False))
+    def _normalized(self, latents: np.ndarray) -> np.ndarray:
+        """(latents - mean) / std in float32, in place on `latents`, a fresh copy (np.stack copied the map)."""
+        if latents.dtype == np.float16:
+            # torch widens float16 with F16C; numpy's conversion is scalar code, several times slower
+            latents = torch.from_numpy(latents).float().numpy()
+        latents -= self._mean
+        latents /= self._std
+        return latents
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -238,17 +392,26 @@ class ContinuationDataset(torch.utils.data.Dataset):
         return state
 
 
-def _audio_window(audio: np.ndarray, start_frame: int, frames: int) -> torch.Tensor:
-    chunk = np.array(audio[start_frame * HOP_LENGTH: (start_frame + frames) * HOP_LENGTH], dtype=np.float32)
-    return torch.from_numpy(chunk).unsqueeze(0)
+def audio_to_float(stored: np.ndarray) -> np.ndarray:
+    """Cached audio (float32, or int16 PCM of the compact cache) as a fresh float32 array."""
+    if stored.dtype != np.int16:
+        return np.array(stored, dtype=np.float32)
+    # one pass from int16 to float32; a multiply by the float32 reciprocal is within 1 ulp of the division
+    # (6e-8 relative) and much cheaper, far below the int16 step of 3e-5
+    return np.multiply(stored, np.float32(1 / AUDIO_INT16_SCALE), dtype=np.float32)
 
 
-def _open_npy(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+def audio_to_int16(samples: np.ndarray) -> np.ndarray:
+    """float audio -> the compact cache's int16: round(clip(x, -1, 1) * AUDIO_INT16_SCALE)."""
+    return np.rint(np.clip(samples, -1.0, 1.0) * AUDIO_INT16_SCALE).astype(np.int16)
+
+
+def _open_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     try:
         array = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as error:
         raise CacheError(f"{path}: cannot open the cached array ({error}); re-run prepare_data.py") from None
-    if array.shape != shape or array.dtype != np.float32:
-        raise CacheError(f"{path}: holds {array.dtype} {array.shape}, the manifest says float32 {shape}; "
+    if array.shape != shape or array.dtype != dtype:
+        raise CacheError(f"{path}: holds {array.dtype} {array.shape}, the manifest says {dtype} {shape}; "
                          f"re-run prepare_data.py")
     return array

@@ -18,17 +18,31 @@ rhythm_similarity(a, b)
     a continuation whose beats land a few milliseconds early or late.
 
 chroma_similarity(a, b)
-    Cosine similarity of the mean chroma vectors (energy per pitch class C, C#, ..., B):
+    Lin's concordance correlation coefficient of the two pitch-class profiles. A profile is the mean
+    power chroma, divided by the chroma of a flat (white) spectrum and normalised to sum to 1:
 
         P[k, t]   = |STFT(x)|^2                                   (n_fft 4096, hop 1024: 5.9 Hz bins)
         chroma[c] = mean_t sum_k W[c, k] P[k, t]                  (W: chroma_filterbank, 27.5 Hz - 4.2 kHz)
-        chroma    = <chroma_a, chroma_b> / (|chroma_a| |chroma_b|)
+        p[c]      = (chroma[c] / w[c]) / sum_c' (chroma[c'] / w[c']),  w[c] = sum_k W[c, k]
+        d         = p - 1/12                                      (the profile's departure from flat)
+        chroma    = 2 <d_a, d_b> / (|d_a|^2 + |d_b|^2)
 
-    Chroma vectors are non-negative, so the figure is in [0, 1]; 1.0 for identical audio (and for any
-    two pieces with the same pitch-class distribution: it measures key/harmony, not melody order).
+    In [-1, 1]; 1.0 only for identical profiles (same key and the same share of pitched energy).
+    Why not the cosine of the raw chroma vectors (this figure until Issue 10): chroma vectors are
+    non-negative, so any two sounds score well above 0 (noise against music gave 0.92). Dividing by
+    w makes white noise's expected profile exactly flat (without it the filterbank alone favours the
+    pitch classes whose semitones span more STFT bins: B 1.75x C#); the profiles sum to 1, so their
+    means are equal and the concordance coefficient is 2 cov / (var_a + var_b). Unlike a Pearson
+    correlation it is not scale-invariant: by Cauchy-Schwarz |chroma| <= 2r / (1 + r^2) with
+    r = |d_noise| / |d_music|, so a nearly flat profile (noise: r ~ 0.03) scores near 0 against any
+    key, where Pearson would amplify its sampling ripple into an arbitrary correlation. Two chords
+    with no common pitch class have sum_c p_a p_b ~ 0 and score 2 (0 - 1/12) / (|d_a|^2 + |d_b|^2) < 0
+    (two triads: -1/3). Two atonal signals (noise against noise) score near 0: they share no key.
+    It measures key/harmony, not melody order.
 
 Silence: if neither signal has an onset (constant envelope) or any pitched energy, the two agree and
-the figure is 1.0; if only one of them is silent it is 0.0.
+the figure is 1.0; if only one of them is silent it is 0.0. (Likewise, two profiles that are both
+exactly flat agree, 1.0.)
 
 Runtime uses torch only (the STFT and mel filterbank come from losses.py, so the spectrograms are
 the ones the losses see); librosa is a test-time reference only.
@@ -41,7 +55,7 @@ import numpy as np
 import torch
 
 from codec import SAMPLE_RATE
-from losses import MEL_FLOOR, MelSpectrogramLoss, STFTMagnitude
+from losses import MAGNITUDE_FLOOR, MEL_FLOOR, MelSpectrogramLoss, STFTMagnitude
 
 PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 RHYTHM_MAX_LAG_SECONDS = 0.05
@@ -52,7 +66,7 @@ CHROMA_F_MAX = 4200.0      # just above C8, the highest piano key
 FLAT_EPS = 1e-8            # below this a standard deviation / norm counts as "no signal"
 
 _mel_spectrogram = None    # built on first use: one MelSpectrogramLoss shared by every call
-_chroma_stft = None
+_chroma_stft = None        # (STFTMagnitude, filterbank), built on first use
 
 
 def _mono(audio) -> torch.Tensor:
@@ -142,31 +156,58 @@ def chroma_filterbank(n_fft: int = CHROMA_N_FFT, sample_rate: int = SAMPLE_RATE,
     return weights.float()
 
 
-def mean_chroma(audio) -> torch.Tensor:
-    """Mean over frames of the power chroma (module docstring) -> [12]; not normalised."""
+def _chroma_tools() -> tuple[STFTMagnitude, torch.Tensor]:
+    """(the chroma STFT, the filterbank W), built on first use and shared by every call."""
     global _chroma_stft
     if _chroma_stft is None:
         _chroma_stft = (STFTMagnitude(CHROMA_N_FFT, CHROMA_HOP), chroma_filterbank())
-    stft, weights = _chroma_stft
+    return _chroma_stft
+
+
+def mean_chroma(audio) -> torch.Tensor:
+    """Mean over frames of the power chroma (module docstring) -> [12]; not normalised."""
+    stft, weights = _chroma_tools()
     x = _pad_to(_mono(audio), CHROMA_N_FFT)
     with torch.no_grad():
-        power = stft(x[None])[0].square()          # [bins, frames]; floored at 1e-7 by STFTMagnitude
+        power = stft(x[None])[0].square()          # [bins, frames]; floored at MAGNITUDE_FLOOR by STFTMagnitude
     return (weights @ power).mean(dim=1)
 
 
+def _profile(chroma: torch.Tensor) -> torch.Tensor:
+    """Mean chroma -> the whitened, sum-1 pitch-class profile p (module docstring), float64 [12]."""
+    whitened = chroma.double() / _chroma_tools()[1].sum(dim=1).double()   # a flat spectrum -> a flat profile
+    return whitened / whitened.sum()
+
+
+def pitch_profile(audio) -> torch.Tensor:
+    """The pitch-class profile p of the module docstring -> float64 [12], summing to 1."""
+    return _profile(mean_chroma(audio))
+
+
+def _is_silent(chroma: torch.Tensor) -> bool:
+    """No pitched energy. Digital silence has the chroma W @ MAGNITUDE_FLOOR (the STFT's power floor);
+    anything within 10x of that norm counts as silence too."""
+    return float(chroma.norm()) < 10.0 * MAGNITUDE_FLOOR * float(_chroma_tools()[1].sum(dim=1).norm())
+
+
+def concordance(p_a: torch.Tensor, p_b: torch.Tensor) -> float:
+    """Lin's concordance 2 <d_a, d_b> / (|d_a|^2 + |d_b|^2) of two sum-1 profiles, d = p - mean(p)."""
+    d_a, d_b = p_a - p_a.mean(), p_b - p_b.mean()
+    spread = d_a @ d_a + d_b @ d_b
+    if spread < FLAT_EPS ** 2:
+        return 1.0          # both exactly flat: the same (absent) key
+    return float((2.0 * (d_a @ d_b) / spread).clamp(-1.0, 1.0))   # clamp the rounding of identical profiles
+
+
 def chroma_similarity(a, b) -> float:
-    """Cosine similarity of the mean chroma vectors of a and b (module docstring), in [0, 1]."""
-    chroma_a, chroma_b = mean_chroma(a).double(), mean_chroma(b).double()
-    # The magnitude floor (1e-7 per bin) gives digital silence a tiny flat chroma: treat it as silence.
-    # Digital silence has chroma W @ 1e-7 (norm ~1e-5); anything within 10x of that is silence too.
-    silence = 10.0 * 1e-7 * float(_chroma_stft[1].sum(dim=1).norm())
-    norm_a, norm_b = chroma_a.norm(), chroma_b.norm()
-    quiet_a, quiet_b = norm_a < silence, norm_b < silence
+    """Concordance of the pitch-class profiles of a and b (module docstring), in [-1, 1]."""
+    chroma_a, chroma_b = mean_chroma(a), mean_chroma(b)
+    quiet_a, quiet_b = _is_silent(chroma_a), _is_silent(chroma_b)
     if quiet_a and quiet_b:
         return 1.0
     if quiet_a or quiet_b:
         return 0.0
-    return float(min(1.0, (chroma_a @ chroma_b) / (norm_a * norm_b)))
+    return concordance(_profile(chroma_a), _profile(chroma_b))
 
 
 def listening_metrics(continuation, target) -> dict:
@@ -174,8 +215,8 @@ def listening_metrics(continuation, target) -> dict:
     return {"rhythm": rhythm_similarity(continuation, target), "chroma": chroma_similarity(continuation, target)}
 
 
-__all__ = ["PITCH_CLASSES", "chroma_filterbank", "chroma_similarity", "listening_metrics", "log_mel",
-           "mean_chroma", "onset_strength", "rhythm_similarity"]
+__all__ = ["PITCH_CLASSES", "chroma_filterbank", "chroma_similarity", "concordance", "listening_metrics", "log_mel",
+           "mean_chroma", "onset_strength", "pitch_profile", "rhythm_similarity"]
 
 if __name__ == "__main__":  # pragma: no cover - a quick self-check: python listening_metrics.py
     t = torch.arange(SAMPLE_RATE * 2) / SAMPLE_RATE

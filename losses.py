@@ -1,13 +1,23 @@
 """Waveform and spectral losses: RMS, multi-resolution STFT (Parallel WaveGAN) and log-mel (HiFi-GAN).
 
-Every loss takes audio shaped [B, 1, N] or [B, N] in any float dtype and computes in float32 with
-autocast disabled (half-precision FFTs and logs of tiny magnitudes are not accurate enough).
-The reference side is a constant: it never gets a gradient and is computed without autograd.
+Every loss takes the prediction and the reference shaped [B, 1, N] or [B, N] in any float dtype and
+computes in float32 with autocast disabled (half-precision FFTs and logs of tiny magnitudes are not
+accurate enough). The reference is a constant: it never gets a gradient.
 
-The spectral losses differentiate by hand (see `_SpectralLossFunction`): per resolution one STFT of
-prediction and reference stacked together, the loss terms and their gradient with respect to the
-magnitude in the forward pass, and in the backward pass one inverse real FFT and an overlap-add.
-That is a few times fewer tensor operations than autograd through torch.stft, which matters on CPU.
+Each loss is a small module stating its formula (X, Y: floored STFT magnitudes of prediction and reference):
+
+    rms_loss                 mean_b rms(pred_b - ref_b), exactly 0 for a perfect prediction
+    STFTMagnitude            x -> X = sqrt(clamp(|stft(x)|^2, 1e-7))
+    SpectralConvergenceLoss  ||X - Y||_F / ||Y||_F
+    LogSTFTMagnitudeLoss     mean |log X - log Y|
+    LogMelLoss               mean |log clamp(fb X, 1e-5) - log clamp(fb Y, 1e-5)|
+    MultiResolutionSTFTLoss  SC + LogMag, each averaged over FFT 512/1024/2048, hop 128/256/512
+    MelSpectrogramLoss       LogMelLoss on the 1024/256 magnitudes
+    CombinedLoss             the weighted sum of the four training components (LOSSES)
+
+STFTMagnitude is the one module differentiated by hand (`STFTMagnitude.magnitude_backward`: an inverse
+real FFT and an overlap-add, a few times fewer tensor operations than autograd through torch.stft, which
+matters on CPU: bench/bench_losses.py); everything after the magnitude is ordinary autograd.
 """
 from __future__ import annotations
 
@@ -21,7 +31,6 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from codec import SAMPLE_RATE
-
 
 
 @dataclass(frozen=True)
@@ -74,10 +83,10 @@ def weights_from_flags(args) -> dict:
     flags = args if isinstance(args, dict) else vars(args)
     return {component.name: flags[component.flag[2:]] for component in LOSSES}
 
+
 MAGNITUDE_FLOOR = 1e-7   # floor on the power re^2 + im^2 before the sqrt (Parallel WaveGAN)
 MEL_FLOOR = 1e-5         # floor on the mel magnitude before the log (HiFi-GAN)
-NORM_FLOOR = 1e-12       # keeps a Frobenius norm that is 0 from dividing by zero (SC of identical signals)
-RMS_EPS = 1e-8
+RMS_EPS = 1e-8           # mean squared error below which the RMS turns linear (rms_loss): an RMS of 1e-4, -80 dBFS
 
 # The value of a floored bin, sqrt(float32(1e-7)), computed the way the forward computes it.
 _FLOORED_MAGNITUDE = torch.tensor(MAGNITUDE_FLOOR, dtype=torch.float32).sqrt().item()
@@ -108,20 +117,21 @@ def _no_autocast(tensor: torch.Tensor):
     return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
-def _rms(pred: torch.Tensor, ref: torch.Tensor, eps: float) -> torch.Tensor:
-    return torch.sqrt((pred - ref).square().mean(dim=-1) + eps).mean()
-
-
 def rms_loss(pred: torch.Tensor, ref: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
-    """Root-mean-square error, averaged over the batch.
+    """Root-mean-square error of each example, averaged over the batch.
 
-        rms = mean_b sqrt( mean_t (pred[b, t] - ref[b, t])^2 + eps )
+        mse_b = mean_t (pred[b, t] - ref[b, t])^2
+        rms_b = mse_b / sqrt(max(mse_b, eps))        (= sqrt(mse_b) where mse_b >= eps, mse_b / sqrt(eps) below)
+        rms   = mean_b rms_b
 
-    `eps` keeps the gradient of the sqrt finite when pred == ref (there it is 0 / (2 sqrt(eps)) = 0).
+    sqrt has an infinite slope at 0; below eps it is replaced by the line from 0 that meets it at eps. So the
+    loss is continuous, equals the RMS wherever mse >= eps, is exactly 0 for a perfect prediction, and
+    d rms_b / d mse_b <= 1 / sqrt(eps) everywhere (its gradient with respect to pred is 0 at a perfect prediction).
     """
     pred, ref = _as_float_batch(pred, ref, "rms_loss")
     with _no_autocast(pred):
-        return _rms(pred, ref, eps)
+        mse = (pred - ref).square().mean(dim=-1)
+        return (mse / mse.clamp(min=eps).sqrt()).mean()
 
 
 def _floored_magnitude(spec: torch.Tensor) -> torch.Tensor:
@@ -131,6 +141,33 @@ def _floored_magnitude(spec: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(real * real, imag, imag).clamp_(min=MAGNITUDE_FLOOR).sqrt_()
 
 
+def _overlap_add(frames: torch.Tensor, hop: int, length: int) -> torch.Tensor:
+    """Sum frames [B, T, n_fft] placed every `hop` samples into a signal [B, length] (the adjoint of framing)."""
+    batch, count, n_fft = frames.shape
+    if n_fft % hop == 0:   # the usual case: n_fft / hop shifted block additions, faster than fold
+        ratio = n_fft // hop
+        blocks = frames.view(batch, count, ratio, hop)
+        out = frames.new_zeros(batch, max(count + ratio - 1, -(-length // hop)), hop)
+        for j in range(ratio):
+            out[:, j:j + count] += blocks[:, :, j]
+        return out.view(batch, -1)[:, :length]
+    out = F.fold(frames.transpose(1, 2), (1, (count - 1) * hop + n_fft), (1, n_fft), stride=(1, hop)).view(batch, -1)
+    return F.pad(out, (0, length - out.shape[-1]))
+
+
+def _reflect_pad_adjoint(grad_padded: torch.Tensor, pad: int) -> torch.Tensor:
+    """The adjoint of F.pad(x, (pad, pad), mode="reflect") on the last dimension: [B, N + 2 pad] -> [B, N].
+
+    Reflect padding copies x[i] to padded[pad - i] and x[N - 1 - i] to padded[pad + N - 1 + i] (1 <= i <= pad),
+    so each copy's gradient is added back to the sample it came from (pad < N, as torch.stft requires).
+    """
+    length = grad_padded.shape[-1] - 2 * pad
+    grad = grad_padded[..., pad:pad + length]        # a view; flip() copies, so the sums below do not alias
+    grad[..., 1:pad + 1] += grad_padded[..., :pad].flip(-1)
+    grad[..., length - 1 - pad:length - 1] += grad_padded[..., pad + length:].flip(-1)
+    return grad
+
+
 class STFTMagnitude(nn.Module):
     """Floored STFT magnitude of one resolution, as in Parallel WaveGAN.
 
@@ -138,7 +175,7 @@ class STFTMagnitude(nn.Module):
         X = sqrt( clamp(re(S)^2 + im(S)^2, min=1e-7) )
 
     A window shorter than the FFT is centred in it with zeros (what torch.stft does with win_length).
-    `forward` is differentiable (by `magnitude_backward`, not autograd through the FFT).
+    `forward` is differentiable by `magnitude_backward`, not by autograd through the FFT.
     """
 
     def __init__(self, fft_size: int, hop_size: int, win_length: int | None = None):
@@ -159,6 +196,11 @@ class STFTMagnitude(nn.Module):
             bin_weight[-1] = 1.0
         self.register_buffer("bin_weight", bin_weight, persistent=False)
 
+    @property
+    def framing(self) -> tuple[int, int, int]:
+        """(fft_size, hop_size, win_length): two STFTMagnitudes with equal framings give equal magnitudes."""
+        return self.fft_size, self.hop_size, self.win_length
+
     def spectrum(self, x: torch.Tensor) -> torch.Tensor:
         """Complex STFT S of x [B, N] -> [B, n_fft // 2 + 1, frames]."""
         return torch.stft(x, self.fft_size, self.hop_size, window=self.window.to(x.dtype), center=True,
@@ -166,43 +208,36 @@ class STFTMagnitude(nn.Module):
 
     def magnitude_backward(self, grad_magnitude: torch.Tensor, spec: torch.Tensor, magnitude: torch.Tensor,
                            length: int) -> torch.Tensor:
-        """dL/dx [B, N] from dL/dX (overwritten), the spectrum S and the magnitude X of x.
+        """dL/dx [B, N] from dL/dX, the spectrum S and the magnitude X of x (N = length samples).
 
-            dL/dS_k  = dL/dX_k * S_k / X_k   where re^2 + im^2 > 1e-7 (else 0: the clamp is flat there)
-            dL/dframe = Re( sum_k dL/dS_k e^{2 pi i k n / N} ) * window = N * irfft(c_k dL/dS_k) * window
+            dL/dS_k   = dL/dX_k * S_k / X_k   where re^2 + im^2 > 1e-7 (else 0: the clamp is flat there)
+            dL/dframe = Re( sum_k dL/dS_k e^{2 pi i k n / n_fft} ) * window = n_fft * irfft(c_k dL/dS_k) * window
             dL/dx     = adjoint of the reflect padding of the overlap-add of dL/dframe
-        (c_k = 1 at DC and Nyquist, 1/2 elsewhere.) This is exactly autograd's gradient, computed with a
-        half-size inverse FFT and no scatter, instead of a full complex FFT and an index_add.
+        (c_k = 1 at DC and Nyquist, 1/2 elsewhere.) This is autograd's gradient through torch.stft, computed
+        with a half-size inverse FFT and no scatter instead of a full complex FFT and an index_add.
         """
-        scale = grad_magnitude.mul_(self.bin_weight.to(magnitude.dtype)).div_(magnitude)
+        scale = grad_magnitude.mul(self.bin_weight.to(magnitude.dtype)).div_(magnitude)
+        # A bin is floored where its magnitude is sqrt(1e-7) (bins within one float32 ulp above it count too).
         scale.masked_fill_(magnitude <= _FLOORED_MAGNITUDE, 0.0)
         grad_spec = (spec * scale).transpose(1, 2)               # [B, frames, bins]
-        grad_frames = torch.fft.irfft(grad_spec, n=self.fft_size, dim=-1, norm="forward").mul_(self.window.to(grad_spec.real.dtype))
+        grad_frames = torch.fft.irfft(grad_spec, n=self.fft_size, dim=-1, norm="forward")
+        grad_frames.mul_(self.window.to(grad_frames.dtype))
         pad = self.fft_size // 2
-        grad_padded = _overlap_add(grad_frames, self.hop_size, length + 2 * pad)
-        return torch.ops.aten.reflection_pad1d_backward(grad_padded.unsqueeze(1), grad_padded.new_empty(
-            grad_padded.shape[0], 1, length), [pad, pad]).squeeze(1)
+        return _reflect_pad_adjoint(_overlap_add(grad_frames, self.hop_size, length + 2 * pad), pad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """X of x [B, N] -> [B, n_fft // 2 + 1, frames]."""
         return _STFTMagnitudeFunction.apply(x, self)
 
-
-def _overlap_add(frames: torch.Tensor, hop: int, length: int) -> torch.Tensor:
-    """Sum frames [B, T, n_fft] placed every `hop` samples into a signal [B, length] (adjoint of framing)."""
-    batch, count, n_fft = frames.shape
-    if n_fft % hop == 0:   # the usual case: n_fft / hop shifted block additions
-        ratio = n_fft // hop
-        blocks = frames.view(batch, count, ratio, hop)
-        out = frames.new_zeros(batch, max(count + ratio - 1, -(-length // hop)), hop)
-        for j in range(ratio):
-            out[:, j:j + count] += blocks[:, :, j]
-        return out.view(batch, -1)[:, :length]
-    out = F.fold(frames.transpose(1, 2), (1, (count - 1) * hop + n_fft), (1, n_fft), stride=(1, hop)).view(batch, -1)
-    return F.pad(out, (0, length - out.shape[-1]))
+    def magnitudes(self, pred: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(X, Y) of a prediction and a reference [B, N]; Y is a constant, computed without autograd."""
+        with torch.no_grad():
+            ref_mag = self(ref)
+        return self(pred), ref_mag
 
 
 class _STFTMagnitudeFunction(torch.autograd.Function):
-    """X = STFTMagnitude(x) with the hand-written backward of STFTMagnitude.magnitude_backward."""
+    """X = STFTMagnitude(x), differentiated by STFTMagnitude.magnitude_backward."""
 
     @staticmethod
     def forward(ctx, x, stft):
@@ -217,57 +252,40 @@ class _STFTMagnitudeFunction(torch.autograd.Function):
     def backward(ctx, grad_magnitude):
         spec, magnitude = ctx.saved_tensors
         with _no_autocast(magnitude):
-            grad_x = ctx.stft.magnitude_backward(grad_magnitude.float().clone(), spec, magnitude, ctx.length)
+            grad_x = ctx.stft.magnitude_backward(grad_magnitude.float(), spec, magnitude, ctx.length)
         return grad_x, None
 
 
 class SpectralConvergenceLoss(nn.Module):
-    """Spectral convergence over the whole batch (Y reference, X prediction magnitudes).
+    """Spectral convergence over the whole batch, X the prediction's and Y the reference's magnitudes.
 
-        SC = ||Y - X||_F / ||Y||_F                 dSC/dX = (X - Y) / (||Y - X||_F ||Y||_F)
+        SC = ||X - Y||_F / ||Y||_F            (Parallel WaveGAN's ||Y - X||_F / ||Y||_F)
 
-    Both norms are clamped at 1e-12 where they divide: identical inputs give SC = 0 and a zero gradient.
+    Y is floored (every bin >= sqrt(1e-7)), so ||Y||_F > 0 even for silence. Identical inputs give 0 and a
+    zero gradient (autograd takes the subgradient 0 of the norm at 0).
     """
 
-    @staticmethod
-    def value_and_grad(pred_mag, ref_mag, need_grad: bool = False):
-        diff = pred_mag - ref_mag
-        diff_norm = torch.linalg.vector_norm(diff)
-        ref_norm = torch.linalg.vector_norm(ref_mag).clamp(min=NORM_FLOOR)
-        value = diff_norm / ref_norm
-        if not need_grad:
-            return value, None
-        return value, diff.div_(diff_norm.clamp(min=NORM_FLOOR) * ref_norm)
-
     def forward(self, pred_mag: torch.Tensor, ref_mag: torch.Tensor) -> torch.Tensor:
-        return self.value_and_grad(pred_mag, ref_mag)[0]
+        return torch.linalg.vector_norm(pred_mag - ref_mag) / torch.linalg.vector_norm(ref_mag)
 
 
 class LogSTFTMagnitudeLoss(nn.Module):
-    """Log STFT magnitude distance (magnitudes are floored, so the logs are finite).
+    """Log STFT magnitude distance (the magnitudes are floored, so the logs are finite).
 
-        LogMag = mean |log Y - log X|              dLogMag/dX = sign(log X - log Y) / (n X)
+        LogMag = mean |log X - log Y|
     """
 
-    @staticmethod
-    def value_and_grad(pred_log_mag, ref_log_mag, pred_mag=None, need_grad: bool = False):
-        log_diff = pred_log_mag - ref_log_mag
-        value = log_diff.abs().mean()
-        if not need_grad:
-            return value, None
-        return value, log_diff.sign_().div_(pred_mag).mul_(1.0 / log_diff.numel())
-
     def forward(self, pred_mag: torch.Tensor, ref_mag: torch.Tensor) -> torch.Tensor:
-        return self.value_and_grad(pred_mag.log(), ref_mag.log())[0]
+        return (pred_mag.log() - ref_mag.log()).abs().mean()
 
 
 class LogMelLoss(nn.Module):
     """HiFi-GAN log-mel L1 distance of two STFT magnitudes X (prediction) and Y (reference).
 
-        M = fb @ X (magnitude, not power),   Mel = mean | log(clamp(M_X, 1e-5)) - log(clamp(M_Y, 1e-5)) |
-        dMel/dX = fb^T @ ( sign(log M_X - log M_Y) [M_X >= 1e-5] / (n M_X) )
+        M(X) = log( clamp(fb @ X, min=1e-5) )       (fb applied to the magnitude, not the power)
+        Mel  = mean | M(X) - M(Y) |
 
-    fb is the Slaney-scale mel filterbank with Slaney area normalisation (librosa's default).
+    fb is the Slaney-scale mel filterbank with Slaney area normalisation (librosa's default), [n_mels, bins].
     """
 
     def __init__(self, sample_rate: int, fft_size: int, n_mels: int, f_min: float, f_max: float):
@@ -280,92 +298,20 @@ class LogMelLoss(nn.Module):
         self.register_buffer("mel_basis", fb.T.contiguous(), persistent=False)          # [n_mels, n_freqs]
 
     def log_mel(self, magnitude: torch.Tensor) -> torch.Tensor:
-        """log(clamp(fb @ X, 1e-5)) -> [B, n_mels, frames]."""
-        return torch.matmul(self.mel_basis.to(magnitude.dtype), magnitude).clamp_(min=MEL_FLOOR).log_()
-
-    def value_and_grad(self, magnitudes, batch: int, need_grad: bool = False):
-        """`magnitudes` is X stacked on Y ([2B, bins, frames]): one matmul for both."""
-        mel = torch.matmul(self.mel_basis.to(magnitudes.dtype), magnitudes)
-        log_mel = mel.clamp(min=MEL_FLOOR).log_()
-        log_diff = log_mel[:batch] - log_mel[batch:]
-        value = log_diff.abs().mean()
-        if not need_grad:
-            return value, None
-        pred_mel = mel[:batch]
-        grad_mel = log_diff.sign_().div_(pred_mel.clamp(min=MEL_FLOOR)).mul_(1.0 / log_diff.numel())
-        grad_mel.masked_fill_(pred_mel < MEL_FLOOR, 0.0)
-        return value, torch.matmul(self.mel_basis.to(grad_mel.dtype).T, grad_mel)
+        """M(X) = log(clamp(fb @ X, 1e-5)) -> [B, n_mels, frames]."""
+        return torch.matmul(self.mel_basis.to(magnitude.dtype), magnitude).clamp(min=MEL_FLOOR).log()
 
     def forward(self, pred_mag: torch.Tensor, ref_mag: torch.Tensor) -> torch.Tensor:
-        return self.value_and_grad(torch.cat([pred_mag, ref_mag]), pred_mag.shape[0])[0]
-
-
-class _SpectralLossFunction(torch.autograd.Function):
-    """(SC, LogMag, Mel) of one STFT resolution, differentiated by hand.
-
-    Forward: one STFT of [pred; ref], the floored magnitudes, the loss terms and, for the terms
-    that need it, their gradients dTerm/dX (saved). Backward: dL/dX = sum_term g_term dTerm/dX,
-    then STFTMagnitude.magnitude_backward. Terms not asked for come out as non-differentiable zeros
-    (`stft_terms` False: SC and LogMag; `log_mel` None: Mel); `grads` says which terms need gradients.
-    """
-
-    @staticmethod
-    def forward(ctx, pred, ref, stft, log_mel, stft_terms, grads):
-        batch = pred.shape[0]
-        spec = stft.spectrum(torch.cat([pred, ref]))
-        magnitudes = _floored_magnitude(spec)
-        pred_mag, ref_mag = magnitudes[:batch], magnitudes[batch:]
-        grad_sc = grad_log = grad_mel = None
-        sc, log_mag, mel = (torch.zeros((), device=pred.device) for _ in range(3))
-        if stft_terms:
-            sc, grad_sc = SpectralConvergenceLoss.value_and_grad(pred_mag, ref_mag, grads[0])
-            log_magnitudes = magnitudes.log()
-            log_mag, grad_log = LogSTFTMagnitudeLoss.value_and_grad(
-                log_magnitudes[:batch], log_magnitudes[batch:], pred_mag, grads[1])
-        if log_mel is not None:
-            mel, grad_mel = log_mel.value_and_grad(magnitudes, batch, grads[2])
-        ctx.mark_non_differentiable(*(term for term, grad in zip((sc, log_mag, mel), grads) if not grad))
-        if any(grads):
-            ctx.stft, ctx.length = stft, pred.shape[-1]
-            ctx.save_for_backward(spec[:batch], pred_mag, grad_sc, grad_log, grad_mel)
-        return sc, log_mag, mel
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grad_terms):
-        spec, pred_mag, *term_grads = ctx.saved_tensors
-        grad_mag = None
-        with _no_autocast(pred_mag):
-            for grad_term, term_grad in zip(grad_terms, term_grads):
-                if term_grad is None:
-                    continue
-                if grad_mag is None:
-                    grad_mag = term_grad * grad_term
-                else:
-                    grad_mag.addcmul_(term_grad, grad_term)
-            grad_x = ctx.stft.magnitude_backward(grad_mag, spec, pred_mag, ctx.length)
-        return grad_x, None, None, None, None, None
-
-
-def _spectral_terms(pred, ref, stft, log_mel=None, stft_terms=True, train_stft=True, train_mel=True):
-    """(SC, LogMag, Mel) of one resolution. Only trained terms get gradients, and only if autograd is on:
-    when none does, no autograd graph is built at all."""
-    need = torch.is_grad_enabled() and pred.requires_grad
-    train_stft, train_mel = need and stft_terms and train_stft, need and log_mel is not None and train_mel
-    with torch.set_grad_enabled(train_stft or train_mel):
-        return _SpectralLossFunction.apply(pred, ref, stft, log_mel, stft_terms,
-                                           (train_stft, train_stft, train_mel))
+        return (self.log_mel(pred_mag) - self.log_mel(ref_mag)).abs().mean()
 
 
 class MultiResolutionSTFTLoss(nn.Module):
     """Parallel WaveGAN multi-resolution STFT loss.
 
-        loss = (1 / R) sum_r [ SC_r + LogMag_r ]
-        SC_r = ||Y_r - X_r||_F / ||Y_r||_F,   LogMag_r = mean |log Y_r - log X_r|
+        loss = (1 / R) sum_r SC(X_r, Y_r) + (1 / R) sum_r LogMag(X_r, Y_r)
 
-    with X_r, Y_r the floored STFT magnitudes (STFTMagnitude) of prediction and reference at
-    resolution r (win_lengths None: window = FFT size). `terms(pred, ref)` returns the two
-    averages (SC, LogMag) separately, for logging.
+    with X_r, Y_r the STFTMagnitude of prediction and reference at resolution r (win_lengths None: the
+    window is the FFT size). `terms(pred, ref)` returns the two averages (SC, LogMag) separately.
     """
 
     def __init__(self, fft_sizes=(512, 1024, 2048), hop_sizes=(128, 256, 512), win_lengths=None):
@@ -380,13 +326,21 @@ class MultiResolutionSTFTLoss(nn.Module):
         self.log_magnitude = LogSTFTMagnitudeLoss()
         self.min_length = max(fft_sizes)
 
-    def terms(self, pred: torch.Tensor, ref: torch.Tensor):
-        """(spectral convergence, log-magnitude), each averaged over the resolutions."""
+    def magnitudes(self, pred: torch.Tensor, ref: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(X_r, Y_r) for each resolution r] of float32 [B, N] audio (validated by the caller)."""
+        return [stft.magnitudes(pred, ref) for stft in self.stfts]
+
+    def terms_of(self, magnitudes: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(SC, LogMag), each averaged over the resolutions, from `magnitudes`."""
+        sc = torch.stack([self.spectral_convergence(x, y) for x, y in magnitudes]).mean()
+        log_mag = torch.stack([self.log_magnitude(x, y) for x, y in magnitudes]).mean()
+        return sc, log_mag
+
+    def terms(self, pred: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(SC, LogMag), each averaged over the resolutions."""
         pred, ref = _as_float_batch(pred, ref, "MultiResolutionSTFTLoss", self.min_length)
         with _no_autocast(pred):
-            per_resolution = [_spectral_terms(pred, ref, stft)[:2] for stft in self.stfts]
-            sc, log_mag = (torch.stack(values).mean() for values in zip(*per_resolution))
-        return sc, log_mag
+            return self.terms_of(self.magnitudes(pred, ref))
 
     def forward(self, pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         sc, log_mag = self.terms(pred, ref)
@@ -394,13 +348,9 @@ class MultiResolutionSTFTLoss(nn.Module):
 
 
 class MelSpectrogramLoss(nn.Module):
-    """HiFi-GAN log-mel L1 loss.
+    """HiFi-GAN log-mel L1 loss: LogMelLoss of the STFTMagnitude (1024/256 by default) of prediction and reference.
 
         loss = mean | log(clamp(fb @ X, 1e-5)) - log(clamp(fb @ Y, 1e-5)) |
-
-    X, Y the floored STFT magnitudes (STFTMagnitude: periodic Hann, centred, reflect padding) of
-    prediction and reference, fb the Slaney mel filterbank (LogMelLoss). As in HiFi-GAN the
-    filterbank is applied to the magnitude, not the power.
     """
 
     def __init__(self, sample_rate: int = SAMPLE_RATE, n_fft: int = 1024, hop_length: int = 256,
@@ -412,27 +362,25 @@ class MelSpectrogramLoss(nn.Module):
 
     @property
     def mel_basis(self) -> torch.Tensor:
+        """The filterbank fb [n_mels, n_fft // 2 + 1]."""
         return self.log_mel.mel_basis
 
     def forward(self, pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         pred, ref = _as_float_batch(pred, ref, "MelSpectrogramLoss", self.min_length)
         with _no_autocast(pred):
-            return _spectral_terms(pred, ref, self.stft, self.log_mel, stft_terms=False)[2]
-
-
-def _same_framing(a: STFTMagnitude, b: STFTMagnitude) -> bool:
-    return (a.fft_size, a.hop_size, a.win_length) == (b.fft_size, b.hop_size, b.win_length)
+            return self.log_mel(*self.stft.magnitudes(pred, ref))
 
 
 class CombinedLoss(nn.Module):
-    """Weighted sum of the four training losses.
+    """Weighted sum of the four training losses (LOSSES).
 
         total = w_in rms(out, in) + w_tgt rms(out, tgt) + w_spec MRSTFT(out, tgt) + w_mel Mel(out, tgt)
 
-    Returns (total, components), components = {"rms_input", "rms_target", "spectral", "mel"} as
-    detached scalar tensors (no host sync). Every component is computed for monitoring, but those
-    with weight 0 are computed without autograd and cost no backward pass. The STFT of the mel
-    framing (1024/256) is computed once and serves both the MR-STFT and the mel loss.
+    Returns (total, components), components = {"rms_input", "rms_target", "spectral", "mel"} as detached
+    scalar tensors (no host sync). Every component is measured, but those with weight 0 are computed under
+    torch.no_grad(): measured-only terms that cost no backward pass (AudioCraft's trained/info split).
+    The mel loss reuses the magnitudes of the MR-STFT resolution framed like it (1024/256), so that STFT
+    and its backward run once for both.
     """
 
     def __init__(self, *, rms_input: float = 0.0, rms_target: float = 1.0, spectral: float = 0.0, mel: float = 0.0,
@@ -442,32 +390,33 @@ class CombinedLoss(nn.Module):
         self.spectral = MultiResolutionSTFTLoss()
         self.mel = MelSpectrogramLoss(sample_rate=sample_rate)
         self.min_length = max(self.spectral.min_length, self.mel.min_length)
+        # Index of the MR-STFT resolution whose magnitudes the mel loss reuses (None: it computes its own).
+        self.shared_resolution = next((r for r, stft in enumerate(self.spectral.stfts)
+                                       if stft.framing == self.mel.stft.framing), None)
 
     def forward(self, output_audio: torch.Tensor, input_audio: torch.Tensor, target_audio: torch.Tensor):
         out, inp = _as_float_batch(output_audio, input_audio, "CombinedLoss (output vs input)", self.min_length)
         out, tgt = _as_float_batch(output_audio, target_audio, "CombinedLoss (output vs target)", self.min_length)
-        w = self.weights
-        train_spectral, train_mel = w["spectral"] > 0, w["mel"] > 0
+        weights, autograd = self.weights, torch.is_grad_enabled()
+
+        def trained(*names):
+            """Autograd on only for what a positively weighted component needs."""
+            return torch.set_grad_enabled(autograd and any(weights[name] > 0 for name in names))
+
         components = {}
         with _no_autocast(out):
-            with torch.set_grad_enabled(torch.is_grad_enabled() and w["rms_input"] > 0):
-                components["rms_input"] = _rms(out, inp, RMS_EPS)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and w["rms_target"] > 0):
-                components["rms_target"] = _rms(out, tgt, RMS_EPS)
+            with trained("rms_input"):
+                components["rms_input"] = rms_loss(out, inp)
+            with trained("rms_target"):
+                components["rms_target"] = rms_loss(out, tgt)
+            with trained("spectral", "mel"):
+                magnitudes = self.spectral.magnitudes(out, tgt)
+                mel_magnitudes = (self.mel.stft.magnitudes(out, tgt) if self.shared_resolution is None
+                                  else magnitudes[self.shared_resolution])
+            with trained("spectral"):
+                components["spectral"] = sum(self.spectral.terms_of(magnitudes))
+            with trained("mel"):
+                components["mel"] = self.mel.log_mel(*mel_magnitudes)
 
-            sc, log_mag, mel = [], [], None
-            for stft in self.spectral.stfts:
-                shared = _same_framing(stft, self.mel.stft)   # this STFT also gives the mel loss
-                terms = _spectral_terms(out, tgt, stft, self.mel.log_mel if shared else None,
-                                        train_stft=train_spectral, train_mel=train_mel)
-                sc.append(terms[0])
-                log_mag.append(terms[1])
-                mel = terms[2] if shared else mel
-            if mel is None:   # no resolution shares the mel framing
-                mel = _spectral_terms(out, tgt, self.mel.stft, self.mel.log_mel, stft_terms=False,
-                                      train_mel=train_mel)[2]
-            components["spectral"] = torch.stack(sc).mean() + torch.stack(log_mag).mean()
-            components["mel"] = mel
-
-        total = sum(w[name] * components[name] for name in LOSS_COMPONENTS if w[name] > 0)
+        total = sum(weights[name] * components[name] for name in LOSS_COMPONENTS if weights[name] > 0)
         return total, {name: components[name].detach() for name in LOSS_COMPONENTS}

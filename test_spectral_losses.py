@@ -1,31 +1,56 @@
-"""Checks of losses.py against independent re-computations, as a script and under pytest.
+"""Specification of losses.py, checked against independent re-computations.
 
-    python test_spectral_losses.py        # prints one ✓ line per group, exits 1 naming the failing check
-    python -m pytest test_spectral_losses.py
+    python -m pytest -q test_spectral_losses.py   # one small named test per property
+    python test_spectral_losses.py                # the same tests, one ✓ line per group, exit 1 if any fails
 
 The references are written another way on purpose: framing, windowing and FFT in float64 NumPy for the
 loss values (not torch.stft), the Slaney mel filterbank from its formula (and librosa where installed),
-and float64 autograd through torch.stft for the gradients (losses.py differentiates by hand).
+and float64 autograd through torch.stft for the gradients (losses.py differentiates the STFT by hand).
+
+Tolerances follow from what is compared:
+  - the same float32 computation reached two ways (a component of CombinedLoss and the loss alone, bf16
+    inputs and their float32 cast, inside and outside autocast) must agree exactly;
+  - a float32 loss against its float64 reference: RTOL (the issue's bar; observed errors are ~1e-6);
+  - float32 gradients against float64 autograd: relative error in norm (see MAGNITUDE_GRAD_RTOL, GRAD_RTOL).
 """
 from __future__ import annotations
 
 import contextlib
-import inspect
+import io
 import math
 import sys
-import traceback
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F
 
 import losses
 from codec import LATENT_DIM, SAMPLE_RATE, FrozenDecoder, load_codec
-from losses import CombinedLoss, MelSpectrogramLoss, MultiResolutionSTFTLoss, rms_loss
+from losses import (
+    LOSS_COMPONENTS,
+    MAGNITUDE_FLOOR,
+    MEL_FLOOR,
+    RMS_EPS,
+    CombinedLoss,
+    MelSpectrogramLoss,
+    MultiResolutionSTFTLoss,
+    STFTMagnitude,
+    rms_loss,
+)
 
 FFT_SIZES, HOP_SIZES = (512, 1024, 2048), (128, 256, 512)
-RTOL = 1e-4          # the issue's bar for loss values
-GRAD_RTOL = 2e-3     # float32 hand-written backward against float64 autograd, relative in norm
-N_SAMPLES = 6000     # 0.25 s: longer than the 2048-point FFT, short enough to be fast
+N_SAMPLES = 6000         # 0.25 s: longer than the 2048-point FFT, short enough to be fast
+F32_EPS = torch.finfo(torch.float32).eps
+RTOL = 1e-4              # the issue's bar for float32 loss values against float64 references
+# The hand-written STFT backward in float32 against float64 autograd, relative in norm: the FFT's rounding
+# is relative to a frame's energy and is divided by each bin's magnitude (S / X), so bins far below the
+# frame's level amplify it; measured 5e-6 to 1e-5 on these signals.
+MAGNITUDE_GRAD_RTOL = 5e-5
+# A whole loss's gradient: as above, plus |log X - log Y| and |M(X) - M(Y)| whose sign flips between
+# float32 and float64 where the two are within rounding of each other (each flip moves a bin's term by 2/n).
+GRAD_RTOL = 2e-3
 
 
 # ------------------------------------------------------------------------------------ references
@@ -40,6 +65,13 @@ def music_like(batch: int = 3, n: int = N_SAMPLES, seed: int = 0) -> torch.Tenso
                    for _ in range(4))
         rows.append(tone * np.exp(-t * rng.uniform(0, 4)) + 0.01 * rng.standard_normal(n))
     return torch.from_numpy(np.stack(rows))
+
+
+def half_silent(seed: int = 0) -> torch.Tensor:
+    """music_like with its second half exactly 0: about 40 % of the STFT bins lie at the magnitude floor."""
+    x = music_like(seed=seed)
+    x[:, N_SAMPLES // 2:] = 0.0
+    return x
 
 
 def hann_periodic(length: int) -> np.ndarray:
@@ -90,6 +122,9 @@ def slaney_mel_filterbank(sr: int, n_fft: int, n_mels: int, f_min: float, f_max:
     return bank
 
 
+SLANEY_BANK = slaney_mel_filterbank(SAMPLE_RATE, 1024, 80, 0.0, 8000.0)
+
+
 def mel_centres_hz(sr=SAMPLE_RATE, n_mels=80, f_min=0.0, f_max=8000.0) -> np.ndarray:
     """Centre frequency of each Slaney mel band (where its triangle peaks)."""
     bank = slaney_mel_filterbank(sr, 1 << 16, n_mels, f_min, f_max)      # fine grid: the peak is the centre
@@ -97,29 +132,35 @@ def mel_centres_hz(sr=SAMPLE_RATE, n_mels=80, f_min=0.0, f_max=8000.0) -> np.nda
 
 
 def numpy_mel_loss(pred: np.ndarray, ref: np.ndarray) -> float:
-    bank = slaney_mel_filterbank(SAMPLE_RATE, 1024, 80, 0.0, 8000.0)
     def log_mel(x):
-        return np.log(np.maximum(np.einsum("mk,bkt->bmt", bank, numpy_magnitude(x, 1024, 256)), 1e-5))
+        return np.log(np.maximum(np.einsum("mk,bkt->bmt", SLANEY_BANK, numpy_magnitude(x, 1024, 256)), 1e-5))
     return np.abs(log_mel(pred) - log_mel(ref)).mean()
 
 
-def torch_magnitude64(x: torch.Tensor, fft_size: int, hop: int) -> torch.Tensor:
+def numpy_rms(pred: np.ndarray, ref: np.ndarray) -> float:
+    """mean_b of mse_b / sqrt(max(mse_b, 1e-8)), in float64."""
+    mse = ((pred - ref) ** 2).mean(axis=-1)
+    return float(np.mean(mse / np.sqrt(np.maximum(mse, 1e-8))))
+
+
+def torch_magnitude64(x: torch.Tensor, fft_size: int, hop: int, win_length: int | None = None) -> torch.Tensor:
     """Float64 autograd reference of the floored magnitude (the gradient path losses.py does by hand)."""
-    window = torch.from_numpy(hann_periodic(fft_size))
+    window = torch.from_numpy(centred_window(fft_size, win_length or fft_size))
     spec = torch.stft(x, fft_size, hop, window=window, center=True, pad_mode="reflect", return_complex=True)
     return torch.sqrt(torch.clamp(spec.real ** 2 + spec.imag ** 2, min=1e-7))
 
 
-def torch_mrstft64(pred, ref):
+def torch_mrstft64(pred, ref, fft_sizes=FFT_SIZES, hop_sizes=HOP_SIZES, win_lengths=(None, None, None)):
     total = 0.0
-    for fft_size, hop in zip(FFT_SIZES, HOP_SIZES):
-        x, y = torch_magnitude64(pred, fft_size, hop), torch_magnitude64(ref, fft_size, hop)
+    for fft_size, hop, win in zip(fft_sizes, hop_sizes, win_lengths):
+        x, y = torch_magnitude64(pred, fft_size, hop, win), torch_magnitude64(ref, fft_size, hop, win)
         total = total + torch.linalg.norm(y - x) / torch.linalg.norm(y) + (y.log() - x.log()).abs().mean()
-    return total / len(FFT_SIZES)
+    return total / len(fft_sizes)
 
 
 def torch_mel64(pred, ref):
-    bank = torch.from_numpy(slaney_mel_filterbank(SAMPLE_RATE, 1024, 80, 0.0, 8000.0))
+    bank = torch.from_numpy(SLANEY_BANK)
+
     def log_mel(x):
         return torch.clamp(bank @ torch_magnitude64(x, 1024, 256), min=1e-5).log()
     return (log_mel(pred) - log_mel(ref)).abs().mean()
@@ -140,246 +181,455 @@ def gradient64(reference, pred64: torch.Tensor, ref64: torch.Tensor) -> tuple[fl
     return value.item(), pred.grad
 
 
-def assert_close(actual: float, expected: float, rtol: float, what: str) -> None:
-    assert math.isclose(actual, expected, rel_tol=rtol, abs_tol=1e-7), \
-        f"{what}: {actual:.8g} != reference {expected:.8g} (relative error {abs(actual - expected) / abs(expected):.2e})"
+def assert_close(actual: float, expected: float, rtol: float, what: str, atol: float = 1e-7) -> None:
+    assert math.isclose(actual, expected, rel_tol=rtol, abs_tol=atol), \
+        f"{what}: {actual:.8g} != reference {expected:.8g} (difference {actual - expected:.2e})"
 
 
-def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    assert torch.isfinite(actual).all(), f"{what}: non-finite gradient"
+def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
+    """Relative error in norm, ||actual - expected|| / ||expected|| < rtol (gradients, or any tensor)."""
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
     error = ((actual - expected).norm() / expected.norm()).item()
-    assert error < GRAD_RTOL, f"{what}: gradient differs from float64 autograd by {error:.2e} (relative, in norm)"
+    assert error < rtol, f"{what}: differs from the reference by {error:.2e} (relative, in norm; bound {rtol:.1e})"
 
 
-def assert_value_error(call, fragment: str) -> None:
-    try:
-        call()
-    except ValueError as error:
-        assert fragment in str(error), f"ValueError {str(error)!r} does not mention {fragment!r}"
-        return
-    raise AssertionError(f"expected a ValueError mentioning {fragment!r}")
-
-
-def assert_finite_loss_and_grad(loss, pred: torch.Tensor, ref: torch.Tensor, what: str) -> torch.Tensor:
-    pred = pred.clone().requires_grad_(True)
-    value = loss(pred, ref)
+def value_and_grad(loss, pred: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    leaf = pred.clone().requires_grad_(True)
+    value = loss(leaf, ref)
     value.backward()
-    assert torch.isfinite(value), f"{what}: loss is {value.item()}"
-    assert torch.isfinite(pred.grad).all(), f"{what}: non-finite gradient"
-    return value.detach()
+    return value.detach(), leaf.grad
 
 
-# ---------------------------------------------------------------------------------------- checks
+# ------------------------------------------------------------- properties every loss module shares
 
-def check_rms() -> None:
-    pred, ref = music_like(seed=1), music_like(seed=2)
-    expected = np.mean([math.sqrt(np.mean((p - r) ** 2) + 1e-8) for p, r in zip(pred.numpy(), ref.numpy())])
-    assert_close(rms_loss(pred.float(), ref.float()).item(), expected, RTOL, "rms_loss [B, N]")
-    assert_close(rms_loss(pred.float()[:, None], ref.float()[:, None]).item(), expected, RTOL, "rms_loss [B, 1, N]")
-    # a perfect match: sqrt(eps) per item and a zero, finite gradient (eps keeps the sqrt differentiable)
-    same = pred.float().requires_grad_(True)
-    value = rms_loss(same, pred.float())
-    value.backward()
-    assert_close(value.item(), 1e-4, 1e-3, "rms_loss of identical inputs")
-    assert torch.isfinite(same.grad).all() and same.grad.abs().max() == 0, "rms_loss gradient at a perfect match"
-    # the gradient is the formula's: (p - r) / (B N rms_b)
-    p = pred.float().requires_grad_(True)
-    rms_loss(p, ref.float()).backward()
-    diff = pred - ref
-    analytic = diff / (pred.shape[0] * pred.shape[1] * torch.sqrt(diff.square().mean(1, keepdim=True) + 1e-8))
-    assert_grad_close(p.grad.double(), analytic, "rms_loss")
-    bf16 = rms_loss(pred.bfloat16(), ref.bfloat16())
-    assert bf16.dtype == torch.float32, f"rms_loss of bf16 inputs returned {bf16.dtype}"
-    assert_close(bf16.item(), rms_loss(pred.bfloat16().float(), ref.bfloat16().float()).item(), 1e-6, "rms bf16")
-    assert_value_error(lambda: rms_loss(pred.float(), ref.float()[:, :100]), "differ in shape")
-    assert_value_error(lambda: rms_loss(pred.float()[:, None].expand(-1, 2, -1), ref.float()[:, None]), "[B, 1, N]")
+def combined_target_only(pred, ref):
+    """CombinedLoss with every component trained, the reference as both input and target."""
+    return CombinedLoss(rms_input=1.0, rms_target=1.0, spectral=1.0, mel=1.0)(pred, ref, ref)[0]
 
 
-def check_stft() -> None:
-    pred, ref = music_like(seed=3), music_like(seed=4)
-    loss = MultiResolutionSTFTLoss()
-    per_resolution = [numpy_stft_terms(pred.numpy(), ref.numpy(), n, h) for n, h in zip(FFT_SIZES, HOP_SIZES)]
-    sc, log_mag = (float(np.mean(values)) for values in zip(*per_resolution))
-    got_sc, got_log_mag = loss.terms(pred.float(), ref.float())
-    assert_close(got_sc.item(), sc, RTOL, "spectral convergence")
-    assert_close(got_log_mag.item(), log_mag, RTOL, "log STFT magnitude")
-    assert_close(loss(pred.float()[:, None], ref.float()[:, None]).item(), sc + log_mag, RTOL, "MR-STFT [B, 1, N]")
-
-    # a window shorter than the FFT is centred in it with zeros
-    short = MultiResolutionSTFTLoss(fft_sizes=(1024,), hop_sizes=(240,), win_lengths=(600,))
-    expected = sum(numpy_stft_terms(pred.numpy(), ref.numpy(), 1024, 240, 600))
-    assert_close(short(pred.float(), ref.float()).item(), expected, RTOL, "MR-STFT with win_length 600")
-
-    value, grad = gradient32(loss, pred, ref)
-    ref_value, ref_grad = gradient64(torch_mrstft64, pred, ref)
-    assert_close(value, ref_value, RTOL, "MR-STFT against float64 torch")
-    assert_grad_close(grad, ref_grad, "MR-STFT")
-
-    # the reference side is a constant: no gradient reaches it even when it requires one
-    constant = ref.float().requires_grad_(True)
-    loss(pred.float().requires_grad_(True), constant).backward()
-    assert constant.grad is None, "MR-STFT sent a gradient to the reference"
-
-    zeros = torch.zeros(2, N_SAMPLES)
-    same = assert_finite_loss_and_grad(loss, pred.float(), pred.float(), "MR-STFT identical")
-    assert same.item() == 0.0, f"MR-STFT of identical inputs is {same.item()}, not 0"
-    assert_finite_loss_and_grad(loss, zeros, zeros, "MR-STFT silence vs silence")
-    assert_finite_loss_and_grad(loss, pred.float()[:2], zeros, "MR-STFT audio vs silence")
-    assert_finite_loss_and_grad(loss, zeros, ref.float()[:2], "MR-STFT silence vs audio")
-
-    assert_value_error(lambda: loss(pred.float()[:, :2000], ref.float()[:, :2000]), "2048")
-    assert_value_error(lambda: loss(pred.float(), ref.float()[:2]), "differ in shape")
-    assert_value_error(lambda: MultiResolutionSTFTLoss(fft_sizes=(512, 1024), hop_sizes=(128,)), "equal length")
-    check_half_precision(loss, pred.float(), ref.float(), "MR-STFT")
-    check_buffers(loss, "MR-STFT")
+LOSS_FACTORIES = {"rms": lambda: rms_loss, "stft": MultiResolutionSTFTLoss, "mel": MelSpectrogramLoss,
+                  "combined": lambda: combined_target_only}
+MODULES = {"stft": MultiResolutionSTFTLoss, "mel": MelSpectrogramLoss, "combined": CombinedLoss}
 
 
-def check_mel() -> None:
-    loss = MelSpectrogramLoss()
-    bank = slaney_mel_filterbank(SAMPLE_RATE, 1024, 80, 0.0, 8000.0)
-    # float32 cancellation in a triangle's far tail leaves ~1e-6 of the largest weight: compare on that scale
-    atol = 1e-5 * bank.max()
-    assert np.allclose(loss.mel_basis.double().numpy(), bank, rtol=1e-4, atol=atol), "mel filterbank != Slaney formula"
-    try:
-        import librosa
-    except ImportError:
-        librosa = None
-    if librosa is not None:
-        reference = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=1024, n_mels=80, fmin=0.0, fmax=8000.0)
-        assert np.allclose(loss.mel_basis.numpy(), reference, rtol=1e-4, atol=atol), "mel filterbank != librosa"
-
-    # a sine at a band's centre frequency peaks in that band
-    centres = mel_centres_hz()
-    t = torch.arange(SAMPLE_RATE // 2, dtype=torch.float64) / SAMPLE_RATE
-    for band in (5, 30, 60, 75):
-        sine = torch.sin(2 * math.pi * centres[band] * t).float()
-        mel = loss.mel_basis @ loss.stft(sine[None])[0]
-        peak = int(mel.mean(dim=1).argmax())
-        assert peak == band, f"a {centres[band]:.0f} Hz sine peaks in mel band {peak}, not {band}"
-
-    pred, ref = music_like(seed=5), music_like(seed=6)
-    assert_close(loss(pred.float(), ref.float()).item(), numpy_mel_loss(pred.numpy(), ref.numpy()), RTOL, "mel loss")
-    value, grad = gradient32(loss, pred, ref)
-    ref_value, ref_grad = gradient64(torch_mel64, pred, ref)
-    assert_close(value, ref_value, RTOL, "mel loss against float64 torch")
-    assert_grad_close(grad, ref_grad, "mel loss")
-
-    zeros = torch.zeros(2, N_SAMPLES)
-    same = assert_finite_loss_and_grad(loss, pred.float(), pred.float(), "mel identical")
-    assert same.item() == 0.0, f"mel loss of identical inputs is {same.item()}, not 0"
-    silence = assert_finite_loss_and_grad(loss, zeros, zeros, "mel silence vs silence")
-    assert silence.item() == 0.0, "mel loss of silence against silence is not 0"
-    assert_finite_loss_and_grad(loss, pred.float()[:2], zeros, "mel audio vs silence")
-    assert_value_error(lambda: loss(pred.float()[:, :1000], ref.float()[:, :1000]), "1024")
-    assert_value_error(lambda: MelSpectrogramLoss(f_max=20000.0), "f_max")
-    check_half_precision(loss, pred.float(), ref.float(), "mel")
-    check_buffers(loss, "mel")
+@pytest.mark.parametrize("name", LOSS_FACTORIES)
+def test_identical_inputs_give_exactly_zero_and_a_zero_gradient(name):
+    pred = music_like(seed=1).float()
+    value, grad = value_and_grad(LOSS_FACTORIES[name](), pred, pred)
+    assert value.item() == 0.0, f"{name} of identical inputs is {value.item()}, not 0"
+    assert torch.isfinite(grad).all() and grad.abs().max() == 0, f"{name}: gradient at a perfect match"
 
 
-def check_half_precision(loss, pred: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    """bf16 / fp16 inputs and autocast regions are computed in float32."""
-    for dtype in (torch.bfloat16, torch.float16):
-        low = loss(pred.to(dtype), ref.to(dtype))
-        assert low.dtype == torch.float32, f"{what}: {dtype} inputs gave a {low.dtype} loss"
-        assert_close(low.item(), loss(pred.to(dtype).float(), ref.to(dtype).float()).item(), 1e-6, f"{what} {dtype}")
-        leaf = pred.to(dtype).requires_grad_(True)
-        loss(leaf, ref.to(dtype)).backward()
-        assert leaf.grad.dtype == dtype and torch.isfinite(leaf.grad).all(), f"{what}: {dtype} gradient"
+@pytest.mark.parametrize("case", ["silence_vs_silence", "audio_vs_silence", "silence_vs_audio"])
+@pytest.mark.parametrize("name", LOSS_FACTORIES)
+def test_silence_gives_finite_values_and_gradients(name, case):
+    audio, zeros = music_like(batch=2, seed=2).float(), torch.zeros(2, N_SAMPLES)
+    pred, ref = {"silence_vs_silence": (zeros, zeros), "audio_vs_silence": (audio, zeros),
+                 "silence_vs_audio": (zeros, audio)}[case]
+    value, grad = value_and_grad(LOSS_FACTORIES[name](), pred, ref)
+    assert torch.isfinite(value), f"{name}, {case}: loss is {value.item()}"
+    assert torch.isfinite(grad).all(), f"{name}, {case}: non-finite gradient"
+    if case == "silence_vs_silence":
+        assert value.item() == 0.0, f"{name} of silence against silence is {value.item()}, not 0"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", LOSS_FACTORIES)
+def test_half_precision_inputs_are_computed_in_float32(name, dtype):
+    loss = LOSS_FACTORIES[name]()
+    pred, ref = music_like(seed=3).to(dtype), music_like(seed=4).to(dtype)
+    low = loss(pred, ref)
+    assert low.dtype == torch.float32, f"{name}: {dtype} inputs gave a {low.dtype} loss"
+    assert low.item() == loss(pred.float(), ref.float()).item(), f"{name}: {dtype} is not cast to float32 first"
+    leaf = pred.clone().requires_grad_(True)
+    loss(leaf, ref).backward()
+    assert leaf.grad.dtype == dtype and torch.isfinite(leaf.grad).all(), f"{name}: {dtype} gradient"
+
+
+@pytest.mark.parametrize("name", LOSS_FACTORIES)
+def test_autocast_regions_compute_in_float32(name):
+    loss = LOSS_FACTORIES[name]()
+    pred, ref = music_like(seed=3).float(), music_like(seed=4).float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = loss(pred, ref)
-    assert inside.dtype == torch.float32, f"{what}: autocast gave a {inside.dtype} loss"
-    assert_close(inside.item(), loss(pred, ref).item(), 1e-6, f"{what} under autocast")
+    assert inside.dtype == torch.float32, f"{name}: autocast gave a {inside.dtype} loss"
+    assert inside.item() == loss(pred, ref).item(), f"{name}: autocast changed the value"
 
 
-def check_buffers(module: torch.nn.Module, what: str) -> None:
-    """Windows and filterbanks move with .to() but are not checkpoint state."""
-    buffers = dict(module.named_buffers())
-    assert buffers and not module.state_dict(), f"{what}: buffers {list(module.state_dict())} are persistent"
-    moved = module.to(torch.float64)
-    assert all(b.dtype == torch.float64 for b in moved.buffers()), f"{what}: .to() did not move the buffers"
-    module.to(torch.float32)
+@pytest.mark.parametrize("name", LOSS_FACTORIES)
+def test_the_reference_gets_no_gradient(name):
+    constant = music_like(seed=4).float().requires_grad_(True)
+    LOSS_FACTORIES[name]()(music_like(seed=3).float().requires_grad_(True), constant).backward()
+    assert constant.grad is None, f"{name} sent a gradient to the reference"
 
 
-@contextlib.contextmanager
-def recording_spectral_work():
-    """Record which spectral terms prepare a gradient in the forward and which STFTs run a backward."""
-    work = {"gradient_prepared": [], "backward_ffts": []}
-    originals = (losses.SpectralConvergenceLoss.value_and_grad, losses.LogSTFTMagnitudeLoss.value_and_grad,
-                 losses.LogMelLoss.value_and_grad, losses.STFTMagnitude.magnitude_backward)
-
-    def recorded(function):
-        signature = inspect.signature(function)
-
-        def wrapper(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            work["gradient_prepared"].append(bool(bound.arguments["need_grad"]))
-            return function(*args, **kwargs)
-        return wrapper
-
-    def backward(self, *args, **kwargs):
-        work["backward_ffts"].append(self.fft_size)
-        return originals[3](self, *args, **kwargs)
-    losses.SpectralConvergenceLoss.value_and_grad = staticmethod(recorded(originals[0]))
-    losses.LogSTFTMagnitudeLoss.value_and_grad = staticmethod(recorded(originals[1]))
-    losses.LogMelLoss.value_and_grad = recorded(originals[2])
-    losses.STFTMagnitude.magnitude_backward = backward
-    try:
-        yield work
-    finally:
-        (losses.SpectralConvergenceLoss.value_and_grad, losses.LogSTFTMagnitudeLoss.value_and_grad,
-         losses.LogMelLoss.value_and_grad, losses.STFTMagnitude.magnitude_backward) = (
-            staticmethod(originals[0]), staticmethod(originals[1]), originals[2], originals[3])
+@pytest.mark.parametrize("name", LOSS_FACTORIES)
+def test_mismatched_shapes_are_rejected(name):
+    loss, pred = LOSS_FACTORIES[name](), music_like(seed=3).float()
+    with pytest.raises(ValueError, match="differ in shape"):
+        loss(pred, pred[:, :-1])
+    with pytest.raises(ValueError, match="differ in shape"):
+        loss(pred, pred[:2])
+    with pytest.raises(ValueError, match=r"\[B, 1, N\]"):
+        loss(pred[:, None].expand(-1, 2, -1), pred[:, None])
+    with pytest.raises(ValueError, match="floating-point"):
+        loss(pred.long(), pred.long())
 
 
-def check_combined() -> None:
-    pred, inp, tgt = (music_like(seed=s).float()[:, None] for s in (7, 8, 9))
-    weights = dict(rms_input=0.3, rms_target=0.4, spectral=0.2, mel=0.1)
-    loss = CombinedLoss(**weights)
-    total, components = loss(pred, inp, tgt)
-    assert set(components) == {"rms_input", "rms_target", "spectral", "mel"}, sorted(components)
-    expected = {"rms_input": rms_loss(pred, inp).item(), "rms_target": rms_loss(pred, tgt).item(),
-                "spectral": MultiResolutionSTFTLoss()(pred, tgt).item(), "mel": MelSpectrogramLoss()(pred, tgt).item()}
+@pytest.mark.parametrize("name", MODULES)
+def test_buffers_are_non_persistent_and_move_with_to(name):
+    """Windows and filterbanks move with .to() but are constants, not checkpoint state."""
+    module = MODULES[name]()
+    assert list(module.buffers()) and not module.state_dict(), f"{name}: persistent {list(module.state_dict())}"
+    module.to(torch.float64)
+    assert all(b.dtype == torch.float64 for b in module.buffers()), f"{name}: .to() did not move the buffers"
+
+
+# ------------------------------------------------------------------------------------------- RMS
+
+def test_rms_matches_float64_on_b_n_and_b_1_n():
+    pred, ref = music_like(seed=1), music_like(seed=2)
+    expected = numpy_rms(pred.numpy(), ref.numpy())
+    assert_close(rms_loss(pred.float(), ref.float()).item(), expected, RTOL, "rms_loss [B, N]")
+    assert_close(rms_loss(pred.float()[:, None], ref.float()[:, None]).item(), expected, RTOL, "rms_loss [B, 1, N]")
+
+
+def test_rms_is_the_root_mean_square_error_above_eps():
+    pred, ref = music_like(seed=1), music_like(seed=2)
+    plain = float(np.mean(np.sqrt(((pred - ref).numpy() ** 2).mean(axis=-1))))
+    assert_close(rms_loss(pred.float(), ref.float()).item(), plain, RTOL, "rms_loss = mean_b sqrt(mse_b)")
+
+
+@pytest.mark.parametrize("mse_over_eps", [0.0, 1e-6, 0.25, 0.999, 1.0, 1.001, 4.0])
+def test_rms_is_linear_below_eps_and_continuous_at_it(mse_over_eps):
+    """A constant error e gives mse = e^2; the loss is mse / sqrt(max(mse, eps)) in float64."""
+    error = math.sqrt(mse_over_eps * RMS_EPS)
+    ref = music_like(seed=1)
+    pred = ref + error
+    mse = float(((pred.float().double() - ref.float().double()) ** 2).mean())   # what float32 inputs hold
+    expected = mse / math.sqrt(max(mse, RMS_EPS))
+    # relative only: the values go down to 1e-10, far below the absolute tolerance used elsewhere
+    assert_close(rms_loss(pred.float(), ref.float()).item(), expected, RTOL, f"rms_loss at mse = {mse_over_eps} eps",
+                 atol=0.0)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 3e-4, 1.0], ids=["mse_below_eps", "mse_near_eps", "mse_above_eps"])
+def test_rms_gradient_matches_float64_autograd(scale):
+    """d rms / d pred = 2 (p - r) / (B N sqrt(max(mse_b, eps))) below eps, (p - r) / (B N sqrt(mse_b)) above."""
+    ref = music_like(seed=1)
+    pred = ref + scale * (music_like(seed=2) - ref)
+    _, grad = gradient32(rms_loss, pred, ref)
+
+    def reference(p, r):
+        mse = (p - r).square().mean(dim=-1)
+        return (mse / mse.clamp(min=1e-8).sqrt()).mean()
+    _, expected = gradient64(reference, pred, ref)
+    # no FFT and no sign flips: float32 rounding of the differences' squares and sums only
+    assert_grad_close(grad, expected, 1e-5, f"rms_loss at scale {scale}")
+    assert grad.abs().max() <= 2 * (pred - ref).abs().max() / (pred.numel() * math.sqrt(RMS_EPS)) * (1 + 1e-3), \
+        "the gradient exceeds its bound 2 |p - r| / (B N sqrt(eps))"
+
+
+def test_rms_of_half_precision_inputs_is_float32():
+    pred, ref = music_like(seed=1), music_like(seed=2)
+    bf16 = rms_loss(pred.bfloat16(), ref.bfloat16())
+    assert bf16.dtype == torch.float32 and bf16.item() == rms_loss(pred.bfloat16().float(), ref.bfloat16().float())
+
+
+# -------------------------------------------------------------------------------- STFT machinery
+
+FRAMINGS = {"block_overlap_add": (512, 128, None), "fold_overlap_add": (1024, 240, None),
+            "short_window": (1024, 256, 600), "short_window_fold": (1024, 240, 600), "odd_fft": (511, 128, None),
+            "largest": (2048, 512, None)}
+
+
+@pytest.mark.parametrize("signal", ["music", "half_silent"])
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_stft_magnitude_gradient_matches_float64_autograd(framing, signal):
+    """The hand-written backward of X = STFTMagnitude(x) for an arbitrary dL/dX, against torch.stft + autograd.
+
+    Covers both overlap-add paths (n_fft % hop == 0 or not), windows shorter than the FFT, an odd FFT size
+    and bins at the magnitude floor (which must get no gradient).
+    """
+    fft_size, hop, win = FRAMINGS[framing]
+    x64 = music_like(seed=3) if signal == "music" else half_silent(seed=3)
+    stft = STFTMagnitude(fft_size, hop, win)
+    x = x64.float().requires_grad_(True)
+    magnitude = stft(x)
+    weights = torch.randn(magnitude.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (magnitude * weights.float()).sum().backward()
+    x_ref = x64.float().double().requires_grad_(True)
+    magnitude_ref = torch_magnitude64(x_ref, fft_size, hop, win)
+    (magnitude_ref * weights).sum().backward()
+    # float32 FFT rounding is ~eps log2(n_fft) of a frame's energy: 8 eps in norm bounds it for these sizes
+    assert_grad_close(magnitude.double(), magnitude_ref.detach(), 8 * F32_EPS, f"STFTMagnitude {framing} values")
+    assert_grad_close(x.grad.double(), x_ref.grad, MAGNITUDE_GRAD_RTOL, f"STFTMagnitude {framing}, {signal}")
+    if signal == "half_silent":
+        floored = (magnitude_ref <= math.sqrt(MAGNITUDE_FLOOR)).double().mean().item()
+        assert floored > 0.3, f"only {floored:.0%} of the bins are at the floor: the case is not exercised"
+
+
+@pytest.mark.parametrize("pad", [0, 1, 5, 256, 998])
+def test_stft_reflect_pad_adjoint_matches_autograd(pad):
+    """_reflect_pad_adjoint is the transpose of F.pad(mode="reflect"), including pads where both mirrors overlap."""
+    length = 1000
+    x = torch.randn(2, 1, length, dtype=torch.float64, requires_grad=True)
+    grad_padded = torch.randn(2, length + 2 * pad, dtype=torch.float64)
+    F.pad(x, (pad, pad), mode="reflect").backward(grad_padded[:, None])
+    adjoint = losses._reflect_pad_adjoint(grad_padded.clone(), pad)
+    assert torch.allclose(adjoint, x.grad[:, 0], rtol=4 * torch.finfo(torch.float64).eps, atol=0)
+
+
+@pytest.mark.parametrize("fft_size, hop", [(512, 128), (1024, 240), (511, 128), (64, 64), (64, 100)])
+def test_stft_overlap_add_matches_a_loop(fft_size, hop):
+    frames = torch.randn(2, 7, fft_size, dtype=torch.float64)
+    length = 6 * hop + fft_size + 3          # longer than the frames cover: the tail is zero
+    expected = torch.zeros(2, length, dtype=torch.float64)
+    for t in range(frames.shape[1]):
+        expected[:, t * hop:t * hop + fft_size] += frames[:, t]
+    assert torch.allclose(losses._overlap_add(frames, hop, length), expected, rtol=0, atol=1e-12)
+
+
+def test_stft_magnitude_rejects_bad_framings():
+    with pytest.raises(ValueError, match="win_length <= fft_size"):
+        STFTMagnitude(512, 128, 1024)
+    with pytest.raises(ValueError, match="hop_size > 0"):
+        STFTMagnitude(512, 0)
+
+
+def test_stft_magnitude_api_used_by_listening_metrics():
+    """listening_metrics.log_mel computes log(clamp(mel.mel_basis @ mel.stft(x[None])[0], MEL_FLOOR)) under no_grad."""
+    mel = MelSpectrogramLoss()
+    x = music_like(batch=1, seed=5).float()[0]
+    with torch.no_grad():
+        spectrogram = torch.matmul(mel.mel_basis, mel.stft(x[None])[0]).clamp(min=MEL_FLOOR).log()
+    frames = 1 + N_SAMPLES // mel.stft.hop_size
+    assert spectrogram.shape == (80, frames) and mel.min_length == 1024 and mel.stft.hop_size == 256
+    assert torch.equal(spectrogram, mel.log_mel.log_mel(mel.stft(x[None]))[0].detach())
+
+
+# ----------------------------------------------------------------------------------- MR-STFT loss
+
+def test_stft_terms_match_float64_numpy():
+    pred, ref = music_like(seed=3), music_like(seed=4)
+    per_resolution = [numpy_stft_terms(pred.numpy(), ref.numpy(), n, h) for n, h in zip(FFT_SIZES, HOP_SIZES)]
+    sc, log_mag = (float(np.mean(values)) for values in zip(*per_resolution))
+    got_sc, got_log_mag = MultiResolutionSTFTLoss().terms(pred.float(), ref.float())
+    assert_close(got_sc.item(), sc, RTOL, "spectral convergence")
+    assert_close(got_log_mag.item(), log_mag, RTOL, "log STFT magnitude")
+    loss = MultiResolutionSTFTLoss()(pred.float()[:, None], ref.float()[:, None])
+    assert_close(loss.item(), sc + log_mag, RTOL, "MR-STFT [B, 1, N]")
+
+
+@pytest.mark.parametrize("framing", ["short_window", "fold_overlap_add", "short_window_fold"])
+def test_stft_single_resolution_matches_float64_numpy(framing):
+    """A window shorter than the FFT is centred in it with zeros; hops need not divide the FFT size."""
+    fft_size, hop, win = FRAMINGS[framing]
+    pred, ref = music_like(seed=3), music_like(seed=4)
+    loss = MultiResolutionSTFTLoss(fft_sizes=(fft_size,), hop_sizes=(hop,), win_lengths=(win,))
+    expected = sum(numpy_stft_terms(pred.numpy(), ref.numpy(), fft_size, hop, win))
+    assert_close(loss(pred.float(), ref.float()).item(), expected, RTOL, f"MR-STFT {framing}")
+
+
+STFT_GRADIENT_CASES = {"default": None, "fold_overlap_add": "fold_overlap_add", "short_window": "short_window",
+                       "short_window_fold": "short_window_fold"}
+
+
+@pytest.mark.parametrize("signal", ["music", "half_silent"])
+@pytest.mark.parametrize("case", STFT_GRADIENT_CASES)
+def test_stft_loss_value_and_gradient_match_float64_autograd(case, signal):
+    pred, ref = (music_like(seed=3) if signal == "music" else half_silent(seed=3)), music_like(seed=4)
+    if STFT_GRADIENT_CASES[case] is None:
+        loss, reference = MultiResolutionSTFTLoss(), torch_mrstft64
+    else:
+        fft_size, hop, win = FRAMINGS[STFT_GRADIENT_CASES[case]]
+        loss = MultiResolutionSTFTLoss(fft_sizes=(fft_size,), hop_sizes=(hop,), win_lengths=(win,))
+
+        def reference(p, r):
+            return torch_mrstft64(p, r, (fft_size,), (hop,), (win,))
+    value, grad = gradient32(loss, pred, ref)
+    ref_value, ref_grad = gradient64(reference, pred, ref)
+    assert_close(value, ref_value, RTOL, f"MR-STFT {case} against float64 torch")
+    assert_grad_close(grad, ref_grad, GRAD_RTOL, f"MR-STFT {case}, {signal}")
+
+
+def test_stft_loss_rejects_audio_shorter_than_the_largest_fft():
+    pred = music_like(seed=3).float()[:, :2000]
+    with pytest.raises(ValueError, match="2048"):
+        MultiResolutionSTFTLoss()(pred, pred)
+
+
+def test_stft_loss_rejects_unequal_resolution_lists():
+    with pytest.raises(ValueError, match="equal length"):
+        MultiResolutionSTFTLoss(fft_sizes=(512, 1024), hop_sizes=(128,))
+
+
+# --------------------------------------------------------------------------------------- mel loss
+
+def test_mel_filterbank_matches_the_slaney_formula():
+    # float32 cancellation in a triangle's far tail leaves ~1e-6 of the largest weight: compare on that scale
+    atol = 1e-5 * SLANEY_BANK.max()
+    assert np.allclose(MelSpectrogramLoss().mel_basis.double().numpy(), SLANEY_BANK, rtol=1e-4, atol=atol)
+
+
+def test_mel_filterbank_matches_librosa():
+    librosa = pytest.importorskip("librosa")
+    reference = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=1024, n_mels=80, fmin=0.0, fmax=8000.0)
+    atol = 1e-5 * SLANEY_BANK.max()
+    assert np.allclose(MelSpectrogramLoss().mel_basis.numpy(), reference, rtol=1e-4, atol=atol)
+
+
+@pytest.mark.parametrize("band", [5, 30, 60, 75])
+def test_mel_sine_at_a_band_centre_peaks_in_that_band(band):
+    loss, centre = MelSpectrogramLoss(), mel_centres_hz()[band]
+    t = torch.arange(SAMPLE_RATE // 2, dtype=torch.float64) / SAMPLE_RATE
+    sine = torch.sin(2 * math.pi * centre * t).float()
+    with torch.no_grad():
+        mel = loss.mel_basis @ loss.stft(sine[None])[0]
+    peak = int(mel.mean(dim=1).argmax())
+    assert peak == band, f"a {centre:.0f} Hz sine peaks in mel band {peak}, not {band}"
+
+
+def test_mel_loss_matches_float64_numpy():
+    pred, ref = music_like(seed=5), music_like(seed=6)
+    expected = numpy_mel_loss(pred.numpy(), ref.numpy())
+    assert_close(MelSpectrogramLoss()(pred.float(), ref.float()).item(), expected, RTOL, "mel loss")
+
+
+@pytest.mark.parametrize("signal", ["music", "half_silent"])
+def test_mel_loss_value_and_gradient_match_float64_autograd(signal):
+    pred, ref = (music_like(seed=5) if signal == "music" else half_silent(seed=5)), music_like(seed=6)
+    value, grad = gradient32(MelSpectrogramLoss(), pred, ref)
+    ref_value, ref_grad = gradient64(torch_mel64, pred, ref)
+    assert_close(value, ref_value, RTOL, "mel loss against float64 torch")
+    assert_grad_close(grad, ref_grad, GRAD_RTOL, f"mel loss, {signal}")
+
+
+def test_mel_loss_rejects_short_audio_and_bad_band_limits():
+    pred = music_like(seed=5).float()[:, :1000]
+    with pytest.raises(ValueError, match="1024"):
+        MelSpectrogramLoss()(pred, pred)
+    with pytest.raises(ValueError, match="f_max"):
+        MelSpectrogramLoss(f_max=20000.0)
+
+
+# ---------------------------------------------------------------------------------- combined loss
+
+WEIGHTS = dict(rms_input=0.3, rms_target=0.4, spectral=0.2, mel=0.1)
+
+
+def combined_inputs():
+    return tuple(music_like(seed=s).float()[:, None] for s in (7, 8, 9))
+
+
+def test_combined_components_are_the_separate_losses_detached():
+    pred, inp, tgt = combined_inputs()
+    _, components = CombinedLoss(**WEIGHTS)(pred, inp, tgt)
+    assert tuple(components) == LOSS_COMPONENTS
+    expected = {"rms_input": rms_loss(pred, inp), "rms_target": rms_loss(pred, tgt),
+                "spectral": MultiResolutionSTFTLoss()(pred, tgt), "mel": MelSpectrogramLoss()(pred, tgt)}
     for name, value in expected.items():
-        assert_close(components[name].item(), value, 1e-6, f"component {name}")
-        assert not components[name].requires_grad, f"component {name} is not detached"
-    weighted = sum(w * expected[name] for w, name in zip(weights.values(), expected))
-    assert_close(total.item(), weighted, 1e-6, "total = weighted sum")
+        assert components[name].item() == value.item(), f"component {name}: {components[name]} != {value}"
+        assert not components[name].requires_grad and components[name].dim() == 0, f"component {name}"
 
-    # the gradient of the total is the weighted sum of the separate losses' gradients
+
+def test_combined_total_is_the_weighted_sum():
+    pred, inp, tgt = combined_inputs()
+    total, components = CombinedLoss(**WEIGHTS)(pred, inp, tgt)
+    weighted = sum(WEIGHTS[name] * components[name].double().item() for name in LOSS_COMPONENTS)
+    assert_close(total.item(), weighted, 8 * F32_EPS, "total = weighted sum (four float32 products and sums)")
+
+
+def test_combined_gradient_is_the_weighted_sum_of_the_separate_gradients():
+    pred, inp, tgt = combined_inputs()
     leaf = pred.clone().requires_grad_(True)
-    loss(leaf, inp, tgt)[0].backward()
+    CombinedLoss(**WEIGHTS)(leaf, inp, tgt)[0].backward()
     separate = pred.clone().requires_grad_(True)
     (0.3 * rms_loss(separate, inp) + 0.4 * rms_loss(separate, tgt) + 0.2 * MultiResolutionSTFTLoss()(separate, tgt)
      + 0.1 * MelSpectrogramLoss()(separate, tgt)).backward()
-    assert_grad_close(leaf.grad.double(), separate.grad.double(), "combined loss")
+    # the same terms, only summed in another order before one shared backward: float32 rounding of the sums
+    assert_grad_close(leaf.grad.double(), separate.grad.double(), 1e-5, "combined loss")
 
-    # Zero-weight components are measured but never differentiated: record, per spectral term, whether
-    # the forward prepared its gradient, and count the backward passes through an STFT.
-    with recording_spectral_work() as work:
-        rms_only = CombinedLoss(rms_input=0.5, rms_target=0.5)
-        total, components = rms_only(pred.clone().requires_grad_(True), inp, tgt)
-        total.backward()
-        assert components["spectral"] > 0 and components["mel"] > 0, "zero-weight components were not measured"
-        assert not any(work["gradient_prepared"]), f"zero-weight terms prepared gradients: {work}"
-        assert work["backward_ffts"] == [], f"zero-weight spectral/mel losses cost backward passes: {work}"
-        assert_close(total.item(), 0.5 * expected["rms_input"] + 0.5 * expected["rms_target"], 1e-6, "RMS-only total")
-    with recording_spectral_work() as work:
-        mel_only = CombinedLoss(rms_target=0.0, mel=1.0)
-        mel_only(pred.clone().requires_grad_(True), inp, tgt)[0].backward()
-        assert work["gradient_prepared"].count(True) == 1, f"only the mel term needs a gradient: {work}"
-        assert work["backward_ffts"] == [1024], f"the mel loss alone backpropagates one 1024 STFT: {work}"
 
+@pytest.fixture
+def spectral_work(monkeypatch):
+    """Record, per loss term, whether autograd was on when it was computed, and which STFTs ran a backward."""
+    work = {"trained": [], "measured": [], "backward_ffts": []}
+
+    def record(name, function):
+        def recorded(*args, **kwargs):
+            work["trained" if torch.is_grad_enabled() else "measured"].append(name)
+            return function(*args, **kwargs)
+        return recorded
+    for cls in (losses.SpectralConvergenceLoss, losses.LogSTFTMagnitudeLoss, losses.LogMelLoss):
+        monkeypatch.setattr(cls, "forward", record(cls.__name__, cls.forward))
+    monkeypatch.setattr(losses, "rms_loss", record("rms_loss", losses.rms_loss))
+    original_backward = losses.STFTMagnitude.magnitude_backward
+
+    def backward(self, *args):
+        work["backward_ffts"].append(self.fft_size)
+        return original_backward(self, *args)
+    monkeypatch.setattr(losses.STFTMagnitude, "magnitude_backward", backward)
+    return work
+
+
+SC, LOG_MAG, MEL, RMS = "SpectralConvergenceLoss", "LogSTFTMagnitudeLoss", "LogMelLoss", "rms_loss"
+
+
+@pytest.mark.parametrize("weights, trained, backward_ffts", [
+    (dict(rms_input=0.5, rms_target=0.5), [RMS, RMS], []),
+    (dict(rms_target=0.0, mel=1.0), [MEL], [1024]),
+    (dict(rms_target=0.0, spectral=1.0), [SC] * 3 + [LOG_MAG] * 3, [512, 1024, 2048]),
+    (dict(rms_target=1.0, spectral=1.0, mel=1.0), [RMS] + [SC] * 3 + [LOG_MAG] * 3 + [MEL], [512, 1024, 2048]),
+], ids=["rms_only", "mel_only", "spectral_only", "all_but_rms_input"])
+def test_combined_zero_weight_components_are_measured_without_autograd(spectral_work, weights, trained,
+                                                                       backward_ffts):
+    """Only positively weighted terms are computed with autograd; the mel loss shares the 1024/256 STFT's backward."""
+    pred, inp, tgt = combined_inputs()
+    total, components = CombinedLoss(**weights)(pred.clone().requires_grad_(True), inp, tgt)
+    total.backward()
+    assert all(value > 0 for value in components.values()), f"a zero-weight component was not measured: {components}"
+    assert sorted(spectral_work["trained"]) == sorted(trained), spectral_work
+    assert len(spectral_work["trained"]) + len(spectral_work["measured"]) == 2 + 3 + 3 + 1, spectral_work
+    assert sorted(spectral_work["backward_ffts"]) == backward_ffts, spectral_work
+
+
+def test_combined_without_autograd_builds_no_graph():
+    pred, inp, tgt = combined_inputs()
+    with torch.no_grad():
+        total, _ = CombinedLoss(**WEIGHTS)(pred.clone().requires_grad_(True), inp, tgt)
+    assert not total.requires_grad
+
+
+def test_combined_rms_only_total():
+    pred, inp, tgt = combined_inputs()
+    total, _ = CombinedLoss(rms_input=0.5, rms_target=0.5)(pred, inp, tgt)
+    expected = 0.5 * rms_loss(pred, inp).double().item() + 0.5 * rms_loss(pred, tgt).double().item()
+    assert_close(total.item(), expected, 4 * F32_EPS, "RMS-only total")
+
+
+def test_combined_perfect_prediction_scores_exactly_zero():
+    pred, inp, tgt = combined_inputs()
     _, same = CombinedLoss()(tgt, inp, tgt)
-    assert same["spectral"] == 0 and same["mel"] == 0, f"identical output and target: {same}"
-    zeros = torch.zeros_like(pred)
-    total, silent = CombinedLoss(rms_input=1, rms_target=1, spectral=1, mel=1)(zeros.clone().requires_grad_(True), zeros, zeros)
-    assert all(torch.isfinite(v) for v in silent.values()) and torch.isfinite(total), f"silence: {silent}"
-    assert_value_error(lambda: CombinedLoss(rms_input=-1.0), "--loss_weight_input must be a number >= 0")
-    assert_value_error(lambda: CombinedLoss(rms_target=0.0), "all four --loss_weight_* are 0")
-    assert_value_error(lambda: loss(pred, inp[..., :-1], tgt), "differ in shape")
-    assert_value_error(lambda: loss(pred[..., :2000], inp[..., :2000], tgt[..., :2000]), "2048")
+    assert all(same[name] == 0 for name in ("rms_target", "spectral", "mel")), f"identical output and target: {same}"
+    _, same = CombinedLoss()(inp, inp, tgt)
+    assert same["rms_input"] == 0, f"identical output and input: {same}"
 
+
+def test_combined_rejects_bad_weights_and_audio():
+    pred, inp, tgt = combined_inputs()
+    with pytest.raises(ValueError, match="--loss_weight_input must be a number >= 0"):
+        CombinedLoss(rms_input=-1.0)
+    with pytest.raises(ValueError, match=r"all four --loss_weight_\* are 0"):
+        CombinedLoss(rms_target=0.0)
+    loss = CombinedLoss(**WEIGHTS)
+    with pytest.raises(ValueError, match="differ in shape"):
+        loss(pred, inp[..., :-1], tgt)
+    with pytest.raises(ValueError, match="2048"):
+        loss(pred[..., :2000], inp[..., :2000], tgt[..., :2000])
+
+
+# -------------------------------------------------------------- gradients through the frozen decoder
 
 class TinyTransformer(torch.nn.Module):
     """A transformer-like latent predictor: [B, 128, T] -> [B, 128, T]."""
@@ -394,70 +644,102 @@ class TinyTransformer(torch.nn.Module):
         return self.out(self.block(self.inp(latents.transpose(1, 2)))).transpose(1, 2)
 
 
-def check_gradients() -> None:
+@pytest.fixture(scope="module")
+def decoder_step():
+    """One SGD step of a tiny model through the frozen decoder with all four losses, and the state around it."""
     torch.manual_seed(0)
     codec = load_codec("random")
     decoder = FrozenDecoder(codec)
-    frozen_before = {k: v.clone() for k, v in decoder.state_dict().items()}
-    codec_before = {k: v.clone() for k, v in codec.state_dict().items()}
+    before = [{k: v.clone() for k, v in module.state_dict().items()} for module in (decoder, codec)]
     model = TinyTransformer()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     frames = 8                                               # 8 x 320 = 2560 samples >= the 2048-point FFT
-    latents = torch.randn(2, LATENT_DIM, frames)
-    audio = decoder(model(latents))
-    assert audio.shape == (2, 1, frames * 320), f"decoder output {list(audio.shape)}"
+    audio = decoder(model(torch.randn(2, LATENT_DIM, frames)))
     input_audio, target_audio = 0.1 * torch.randn_like(audio), 0.1 * torch.randn_like(audio)
     total, _ = CombinedLoss(rms_input=0.25, rms_target=0.25, spectral=0.25, mel=0.25)(audio, input_audio, target_audio)
     total.backward()
-    for name, parameter in model.named_parameters():
-        grad = parameter.grad
+    grads = {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    return dict(audio=audio, grads=grads, codec=codec, decoder=decoder, before=before)
+
+
+def test_gradients_decoder_output_is_frames_times_hop(decoder_step):
+    assert decoder_step["audio"].shape == (2, 1, 8 * 320), f"decoder output {list(decoder_step['audio'].shape)}"
+
+
+def test_gradients_reach_every_model_parameter_finite_and_nonzero(decoder_step):
+    for name, grad in decoder_step["grads"].items():
         assert grad is not None, f"{name}: no gradient"
         assert torch.isfinite(grad).all(), f"{name}: non-finite gradient"
         assert grad.abs().sum() > 0, f"{name}: zero gradient"
-    for name, parameter in list(decoder.named_parameters()) + list(codec.named_parameters()):
+
+
+def test_gradients_never_reach_the_frozen_decoder(decoder_step):
+    parameters = list(decoder_step["decoder"].named_parameters()) + list(decoder_step["codec"].named_parameters())
+    for name, parameter in parameters:
         assert not parameter.requires_grad and parameter.grad is None, f"decoder weight {name} got a gradient"
-    optimizer.step()
-    for before, after in ((frozen_before, decoder.state_dict()), (codec_before, codec.state_dict())):
-        changed = [k for k, v in after.items() if not torch.equal(v, before[k])]
+
+
+def test_gradients_leave_the_decoder_weights_unchanged_by_a_step(decoder_step):
+    for module, before in zip((decoder_step["decoder"], decoder_step["codec"]), decoder_step["before"]):
+        changed = [k for k, v in module.state_dict().items() if not torch.equal(v, before[k])]
         assert not changed, f"decoder weights changed: {changed[:3]}"
 
 
-CHECKS = (("RMS loss: works", check_rms), ("STFT loss: works", check_stft), ("Mel loss: works", check_mel),
-          ("Combined loss: works", check_combined), ("Gradients: flow correctly", check_gradients))
+# ------------------------------------------------------------------------------------ script mode
+
+# One ✓ line per group. A test belongs to the group its name starts with (test_<group>_...) or, for the
+# properties shared by every loss, to the group of the loss it is parametrised with.
+GROUPS = {"rms": "RMS loss: works", "stft": "STFT loss: works", "mel": "Mel loss: works",
+          "combined": "Combined loss: works", "gradients": "Gradients: flow correctly"}
 
 
-# ---------------------------------------------------------------------------------------- pytest
-
-def test_rms_loss():
-    check_rms()
-
-
-def test_stft_loss():
-    check_stft()
-
-
-def test_mel_loss():
-    check_mel()
+def group_of(nodeid: str) -> str | None:
+    name = nodeid.rsplit("::", 1)[-1]
+    function, _, params = name.partition("[")
+    for group in GROUPS:
+        if function.startswith(f"test_{group}_"):
+            return group
+    return next((group for group in GROUPS if group in params.rstrip("]").split("-")), None)
 
 
-def test_combined_loss():
-    check_combined()
+class _GroupReport:
+    """pytest plugin: collects each test's outcome under its group."""
 
+    def __init__(self):
+        self.passed = {group: 0 for group in GROUPS}
+        self.failures = {group: [] for group in GROUPS}
+        self.ungrouped = []
 
-def test_gradients_flow_through_the_frozen_decoder():
-    check_gradients()
+    def pytest_runtest_logreport(self, report):
+        group = group_of(report.nodeid)
+        if group is None:
+            self.ungrouped.append(report.nodeid)
+        elif report.failed:
+            self.failures[group].append(report)
+        elif report.when == "call" and report.passed:
+            self.passed[group] += 1
 
 
 def main() -> int:
-    for label, check in CHECKS:
-        try:
-            check()
-        except Exception as error:  # noqa: BLE001 - report any failure by the check's name
-            traceback.print_exc()
-            print(f"✗ {label.split(':')[0]}: FAILED ({type(error).__name__}: {error})")
-            return 1
-        print(f"✓ {label}")
-    return 0
+    report, output = _GroupReport(), io.StringIO()
+    with contextlib.redirect_stdout(output):      # pytest's own report; this prints one line per group instead
+        code = pytest.main([str(Path(__file__).resolve()), "-p", "no:cacheprovider"], plugins=[report])
+    if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):   # usage or collection error
+        print(output.getvalue())
+    ok = not report.ungrouped
+    for nodeid in sorted(set(report.ungrouped)):
+        print(f"✗ {nodeid}: belongs to no group")
+    for group, label in GROUPS.items():
+        failures = report.failures[group]
+        if failures or not report.passed[group]:
+            ok = False
+            for failure in failures:
+                print(f"--- {failure.nodeid} ({failure.when})\n{failure.longreprtext}\n")
+            print(f"✗ {label.split(':')[0]}: FAILED ({len(failures)} failing, {report.passed[group]} passing: "
+                  f"{', '.join(f.nodeid.rsplit('::', 1)[-1] for f in failures) or 'no test ran'})")
+        else:
+            print(f"✓ {label}  ({report.passed[group]} tests)")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

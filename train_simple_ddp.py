@@ -15,16 +15,20 @@ from __future__ import annotations
 import argparse
 import fcntl
 import math
+import multiprocessing.connection
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
 
+from checkpoint import describe_latest
 from codec import HOP_LENGTH, WEIGHT_CHOICES_HELP, CodecLoadError, codec_fingerprint, load_codec
+from evaluation import TARGET_AUDIO_CHOICES, resolve_target_audio
 from losses import LOSSES, CombinedLoss, check_weights, weights_from_flags
 from utils import check_mlflow_server, free_port
-
 
 
 def parse_bool(text: str) -> bool:
@@ -50,11 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="latent frames per example (75 per second): the model reads this many and predicts as many")
     data.add_argument("--unity_test", type=parse_bool, nargs="?", const=True, default=False,
                       help="sanity check: target = input, so the model only has to learn the identity")
+    data.add_argument("--target_audio", choices=TARGET_AUDIO_CHOICES, default="auto",
+                      help="what the output is scored against: 'original' audio, or 'codec': the frozen decoder's "
+                           "audio of the true latents (reachable: a perfect prediction scores 0); "
+                           "'auto': codec with the random codec, original otherwise")
     data.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes per rank")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=200)
-    optim.add_argument("--batch_size", type=int, default=8, help="examples per step per process")
+    optim.add_argument("--batch_size", type=int, default=8, help="examples per micro-batch per process")
+    optim.add_argument("--grad_accum_steps", type=int, default=1,
+                       help="micro-batches per optimiser step (effective batch: nproc x batch_size x this)")
     optim.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of AdamW")
     optim.add_argument("--weight_decay", type=float, default=0.01, help="AdamW decoupled weight decay")
     optim.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
@@ -87,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="MLflow tracking URI (default: MLflow's own: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     run.add_argument("--experiment_name", default="music-continuation")
     run.add_argument("--run_name", default=None)
+    run.add_argument("--mlflow_parent_run_id", default=None,
+                     help="create this run as a child of that MLflow run (ablate.py groups a study this way)")
+    run.add_argument("--mlflow_tag", action="append", default=[], metavar="KEY=VALUE",
+                     help="a tag for the MLflow run this job creates (repeatable)")
     run.add_argument("--log_audio_every", type=int, default=10,
                      help="epochs between validation audio + spectrogram artifacts (0: never)")
     return parser
@@ -99,7 +113,7 @@ def check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
     def positive(name):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("epochs", "batch_size", "d_model", "num_layers", "num_heads"):
+    for name in ("epochs", "batch_size", "grad_accum_steps", "d_model", "num_layers", "num_heads"):
         positive(name)
     if not (math.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr must be a positive number, got {args.lr}")
@@ -131,6 +145,9 @@ def check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
                      f"({min_frames * HOP_LENGTH} samples)")
     if not args.experiment_name.strip():
         parser.error("--experiment_name must not be empty")
+    for tag in args.mlflow_tag:
+        if "=" not in tag or not tag.split("=", 1)[0].strip():
+            parser.error(f"--mlflow_tag {tag!r}: expected KEY=VALUE")
 
 
 def demo_cache_ready(cache_dir: Path) -> bool:
@@ -161,7 +178,8 @@ def ensure_demo_cache() -> Path:
 
 
 def check_data_and_codec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
-    """Resolve --data_dir / --encodec_weights, make sure the cache can feed this configuration; return the codec fingerprint."""
+    """Resolve --data_dir, --encodec_weights and --target_audio, make sure the cache can feed this configuration;
+    return the codec fingerprint."""
     from data import CacheError, ContinuationDataset
     if args.data_dir is None:
         args.data_dir = str(ensure_demo_cache())
@@ -173,11 +191,12 @@ def check_data_and_codec(args: argparse.Namespace, parser: argparse.ArgumentPars
         ContinuationDataset(args.data_dir, "val", args.segment_frames, args.unity_test)
     except (CacheError, ValueError) as error:
         parser.error(f"--data_dir: {error}")
-    world_size = resolve_nproc(args) if not under_torchrun() else int(os.environ["WORLD_SIZE"])
-    if len(train_set) < world_size * args.batch_size:
+    world_size = world_size_of(args)
+    per_step = world_size * args.batch_size * args.grad_accum_steps
+    if len(train_set) < per_step:
         parser.error(f"--data_dir {args.data_dir}: the training split has {len(train_set)} examples of "
-                     f"2 x {args.segment_frames} frames, fewer than one step needs "
-                     f"({world_size} processes x --batch_size {args.batch_size})")
+                     f"2 x {args.segment_frames} frames, fewer than one step needs ({world_size} processes x "
+                     f"--batch_size {args.batch_size} x --grad_accum_steps {args.grad_accum_steps})")
 
     recorded = train_set.encodec_weights
     weights = recorded if args.encodec_weights is None else args.encodec_weights
@@ -187,9 +206,33 @@ def check_data_and_codec(args: argparse.Namespace, parser: argparse.ArgumentPars
         parser.error(str(error))
     if fingerprint != train_set.codec_fingerprint:
         parser.error(f"--encodec_weights {weights}: codec {fingerprint} differs from the one that made the cache "
-                     f"{args.data_dir} ({recorded!r}, {train_set.codec_fingerprint}); the decoder must match the encoder")
+                     f"{args.data_dir} ({recorded!r}, {train_set.codec_fingerprint}); "
+                     f"the decoder must match the encoder")
     args.encodec_weights = weights
+    args.target_audio = resolve_target_audio(args.target_audio, weights)
     return fingerprint
+
+
+# Flags a resumed run must share with its checkpoint: they define the model, the data it sees, its order
+# and the objective, so changing one would silently make a different experiment.
+RESUME_MUST_MATCH = ("d_model", "num_layers", "num_heads", "dropout", "segment_frames", "unity_test", "target_audio",
+                     "batch_size", "grad_accum_steps", "world_size", "lr", "warmup_steps", "weight_decay",
+                     "grad_clip", "seed") + tuple(component.flag[2:] for component in LOSSES)
+# Flags that may change on resume: said in one line, recorded in the checkpoint and as an MLflow tag.
+# --epochs keeps the LR schedule of the original run (its length is stored in the checkpoint): added epochs
+# continue at the schedule's final LR, lr/10, so the LR never jumps.
+RESUME_MAY_CHANGE = ("epochs", "data_dir", "num_workers", "compile", "decoder_checkpointing", "log_audio_every")
+
+
+def resume_changes(saved_args: dict, args: argparse.Namespace, world_size: int) -> tuple[list, dict]:
+    """([(flag, saved, now)] that must match but differ, {flag: [saved, now]} accepted changes)."""
+    now = dict(vars(args), world_size=world_size)
+    saved = dict(saved_args)
+    refused = [(name, saved[name], now[name]) for name in RESUME_MUST_MATCH
+               if name in saved and saved[name] != now[name]]
+    accepted = {name: [saved[name], now[name]] for name in RESUME_MAY_CHANGE
+                if name in saved and saved[name] != now[name]}
+    return refused, accepted
 
 
 def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, fingerprint: str) -> str | None:
@@ -212,13 +255,24 @@ def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, fi
     if state["codec_fingerprint"] != fingerprint:
         parser.error(f"--resume {path}: trained on codec {state['codec_fingerprint']}, but the cache "
                      f"{args.data_dir} uses {fingerprint}")
-    wanted = dict(d_model=args.d_model, num_layers=args.num_layers, num_heads=args.num_heads,
-                  segment_frames=args.segment_frames)
-    saved = dict(state["model_config"], segment_frames=state.get("segment_frames"))
-    for name, value in wanted.items():
-        if saved.get(name) != value:
-            parser.error(f"--resume {path}: the checkpoint has --{name} {saved.get(name)}, "
-                         f"this command asks for {value}; pass the same flags as the original run")
+    saved = dict(state.get("args") or {}, **state["model_config"], segment_frames=state.get("segment_frames"))
+    if "world_size" in state:
+        saved["world_size"] = state["world_size"]
+    refused, accepted = resume_changes(saved, args, world_size_of(args))
+    if refused:
+        name, before, now = refused[0]
+        flag = "--nproc (world size)" if name == "world_size" else f"--{name}"
+        parser.error(f"--resume {path}: the checkpoint has {flag} {before}, this command asks for {now}; "
+                     f"pass the same flags as the original run (a change here would be a different experiment)")
+    if state["epoch"] >= args.epochs:
+        parser.error(f"--resume {path}: the checkpoint has finished epoch {state['epoch']} of --epochs {args.epochs}; "
+                     f"pass a larger --epochs to train on")
+    if accepted:
+        said = ", ".join(f"--{name} {before} -> {now}" for name, (before, now) in accepted.items())
+        print(f"--resume {path}: continuing with {said}"
+              + (" (the LR schedule keeps its length; added epochs run at lr/10)" if "epochs" in accepted else ""),
+              file=sys.stderr)
+    args.resume_changes = accepted
     return str(path)
 
 
@@ -244,9 +298,14 @@ def resolve_nproc(args: argparse.Namespace) -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
 
 
+def world_size_of(args: argparse.Namespace) -> int:
+    return int(os.environ["WORLD_SIZE"]) if under_torchrun() else resolve_nproc(args)
+
+
 def parse_and_validate(argv=None) -> tuple[argparse.Namespace, str | None]:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.resume_changes = {}
     check_flags(args, parser)
     fingerprint = check_data_and_codec(args, parser)
     resume_path = resolve_resume(args, parser, fingerprint)
@@ -255,34 +314,94 @@ def parse_and_validate(argv=None) -> tuple[argparse.Namespace, str | None]:
     return args, resume_path
 
 
+STOP_GRACE_SECONDS = 10.0     # after SIGTERM, ranks get this long to exit cleanly before SIGKILL
+EXIT_FOR_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
 def main(argv=None) -> int:
     args, resume_path = parse_and_validate(argv)
-    import torch.multiprocessing as mp
-
     import train_simple_worker
 
     if under_torchrun():       # torchrun already started one process per GPU and set the rendezvous
         if args.nproc is not None:
             print("note: --nproc is ignored under torchrun (use its --nproc_per_node)", file=sys.stderr)
-        train_simple_worker.run(args, resume_path)
-        return 0
+        return train_simple_worker.guarded_run(args, resume_path)
 
     nproc = resolve_nproc(args)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
                       LOCAL_WORLD_SIZE=str(nproc))
+    # Ranks that fail or are interrupted leave with os._exit, so the semaphores of their DataLoader queues
+    # are freed by multiprocessing's resource tracker, which would warn about each: it inherits this -W.
+    sys.warnoptions.append("ignore:resource_tracker:UserWarning")
+    context = torch.multiprocessing.get_context("spawn")
+    reports = context.SimpleQueue()
+    ranks = [context.Process(target=train_simple_worker.spawned_worker, args=(rank, args, resume_path, reports),
+                             name=f"rank{rank}") for rank in range(nproc)]
+    return supervise(ranks, reports, args.checkpoint_dir)
+
+
+def supervise(ranks: list, reports, checkpoint_dir: str) -> int:
+    """Start the rank processes and wait for them; return the job's exit code, having printed at most one line.
+
+    The first rank to fail (an error report, or an exit without having reported success) ends the job:
+    the others get SIGTERM, then SIGKILL after STOP_GRACE_SECONDS. SIGINT / SIGTERM to the launcher stop
+    every rank the same way and exit 130 / 143. A rank that reported success but then died while tearing
+    down (e.g. SIGABRT from a library's exit handler) does not fail a finished run.
+    """
+    received = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in EXIT_FOR_SIGNAL}
+    done, errors = set(), []
     try:
-        # mp.spawn joins every process; when one raises it terminates the others, so nothing hangs.
-        mp.spawn(train_simple_worker.spawned_worker, args=(args, resume_path), nprocs=nproc, join=True)
-    except mp.ProcessRaisedException as error:
-        trace = str(error).strip()
-        last_line = trace.splitlines()[-1] if trace else "unknown error"
-        print(trace, file=sys.stderr)
-        print(f"error: training failed on rank {error.error_index}: {last_line}", file=sys.stderr)
-        return 1
-    except mp.ProcessExitedException as error:
-        print(f"error: training failed: rank {error.error_index} exited ({error})", file=sys.stderr)
-        return 1
-    return 0
+        for process in ranks:
+            process.start()
+        while True:
+            while not reports.empty():
+                kind, rank, message = reports.get()
+                if kind == "done":
+                    done.add(rank)
+                else:
+                    errors.append(message)
+            dead = [(index, p.exitcode) for index, p in enumerate(ranks)
+                    if p.exitcode is not None and p.exitcode != 0 and index not in done]
+            if received or errors or dead:
+                break
+            if all(p.exitcode is not None for p in ranks):
+                return 0
+            multiprocessing.connection.wait([p.sentinel for p in ranks], timeout=0.5)
+        stop(ranks)
+        while not reports.empty():       # a rank's own error line is better than "it exited"
+            kind, rank, message = reports.get()
+            if kind == "error":
+                errors.append(message)
+    finally:
+        stop(ranks)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        print(f"interrupted: {describe_latest(checkpoint_dir)}", file=sys.stderr, flush=True)
+        return EXIT_FOR_SIGNAL[received[0]]
+    if errors:
+        print(f"error: training failed on {errors[0]}", file=sys.stderr, flush=True)
+    else:
+        index, code = dead[0]
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        print(f"error: training failed: rank {index} {how} without an error report "
+              f"(out of memory? see the system log)", file=sys.stderr, flush=True)
+    return 1
+
+
+def stop(ranks: list) -> None:
+    """SIGTERM every live rank, wait up to STOP_GRACE_SECONDS for all, then SIGKILL what is left."""
+    alive = [p for p in ranks if p.pid is not None and p.exitcode is None]
+    for process in alive:
+        process.terminate()
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for process in alive:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in alive:
+        if process.exitcode is None:
+            process.kill()
+            process.join()
 
 
 if __name__ == "__main__":

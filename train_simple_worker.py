@@ -1,25 +1,32 @@
 """One training process of the DDP job (started by train_simple_ddp.py, or by torchrun through it).
 
-Read top to bottom: process-group setup, the training step, one epoch, validation, logging, then
-`run`, which wires it all together. Every setting comes from the launcher's parsed flags (`args`).
+Read top to bottom: process-group setup, the training step, one epoch, validation, the epoch's
+report, then `run`, which wires it all together, and `guarded_run`, which turns any failure into one
+line. Every setting comes from the launcher's parsed flags (`args`).
 
-Learning-rate schedule (per optimiser step): linear warm-up from lr/warmup_steps to lr over
---warmup_steps steps, then cosine decay to lr/10 at the last step of the last epoch:
+Learning-rate schedule (per optimiser step s of S = epochs x optimiser steps per epoch, fixed when the
+run starts and kept on resume): linear warm-up over W = --warmup_steps, then cosine decay to lr/10:
     lr(s) = lr * (s + 1) / W                                          for s < W
-    lr(s) = lr * (0.1 + 0.9 * 0.5 * (1 + cos(pi * (s - W) / (S - W))))  for W <= s < S
-Metrics: every component is summed as (batch mean x batch size) in device tensors and reduced across
+    lr(s) = lr * (0.1 + 0.9 * 0.5 * (1 + cos(pi * (s - W) / (S - W))))  for W <= s < S, lr/10 after S
+An optimiser step averages the gradients of --grad_accum_steps micro-batches of --batch_size per rank.
+Metrics: every figure is summed as (batch mean x batch size) in device tensors and reduced across
 ranks once per epoch (SUM), then divided by the number of examples, so the epoch figures are means
-over all examples whatever the number of processes.
+over all examples whatever the number of processes or micro-batches.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import math
 import os
-import subprocess
+import signal
 import sys
 import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -29,20 +36,58 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from checkpoint import BEST_NAME, LATEST_NAME, load_checkpoint, save_checkpoint, unwrapped_state_dict
+from checkpoint import BEST_NAME, LATEST_NAME, build_checkpoint, describe_latest, load_checkpoint, save_checkpoint
 from codec import SAMPLE_RATE, FrozenDecoder, check_fingerprint, codec_fingerprint, load_codec
 from data import ContinuationDataset, LatentNormalizer
+from evaluation import (
+    BASELINES,
+    EvaluationError,
+    ScoreSums,
+    decode_latents,
+    predict_audio,
+    reference_audio,
+    score_baselines_batch,
+    skill,
+)
 from losses import LOSS_COMPONENTS, LOSSES, CombinedLoss, weights_from_flags
+from mlflow_logger import MlflowLogger, git_commit
 from model import ContinuationTransformer
 from utils import one_line, warn
 
 MAX_CONSECUTIVE_SKIPS = 10     # this many non-finite steps in a row end the run: training has diverged
 AUDIO_EXAMPLES = 3             # validation examples written as WAV + spectrogram every --log_audio_every epochs
-METRIC_NAMES = ("loss",) + LOSS_COMPONENTS     # order of the accumulated sums
+METRIC_NAMES = ("loss",) + LOSS_COMPONENTS     # order of the accumulated training sums
+# Long enough for rank 0's end-of-epoch work (checkpoints, MLflow with capped retries) while the others
+# wait in the next collective; a rank that is really gone is noticed by the launcher long before.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
+ARTIFACT_WAIT_SECONDS = 120    # at the end, how long rank 0 waits for background artifact uploads
+NAMED_BAD_EXAMPLES = 5         # non-finite validation examples named per warning
 
 
 class TrainingError(RuntimeError):
     """Training cannot continue (e.g. the loss keeps diverging); the message says why."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM reached this rank: unwind (finally blocks run), then exit quietly."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_signals_received = []    # filled by the rank's signal handler (guarded_run); acted on at safe points
+
+
+def stop_if_signalled() -> None:
+    """Raise Interrupted at a safe point (between steps and batches) once SIGINT/SIGTERM has arrived.
+
+    The handler only records the signal: raising from inside it could land in a DataLoader's or a
+    library's cleanup code and print its traceback. A rank blocked in a collective is stopped by its
+    peers leaving (the collective fails) or, at the latest, by the launcher's SIGKILL.
+    """
+    if _signals_received:
+        raise Interrupted(_signals_received[0])
 
 
 # ------------------------------------------------------------------------------------- distributed
@@ -58,14 +103,29 @@ def setup_distributed() -> tuple[int, int, int, torch.device]:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))   # no oversubscribed cores
         device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT)
     return rank, local_rank, world_size, device
 
 
-def spawned_worker(index: int, args, resume_path: str | None) -> None:
-    """Entry point for torch.multiprocessing.spawn (single node): its index is both rank and local rank."""
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies (a killed launcher or rank leaves no orphans)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
+
+
+def loader_worker_init(_worker_id: int) -> None:
+    """DataLoader workers are forked from a rank: drop the rank's signal handlers (its rank stops them;
+    Ctrl-C in a terminal reaches them too and must not print their tracebacks) and die with the rank."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent()
+
+
+def spawned_worker(index: int, args, resume_path: str | None, reports) -> None:
+    """Entry point of a rank started by the launcher: its index is both rank and local rank."""
     os.environ["RANK"] = os.environ["LOCAL_RANK"] = str(index)
-    run(args, resume_path)
+    die_with_parent()
+    sys.exit(guarded_run(args, resume_path, reports))
 
 
 def seed_everything(seed: int, rank: int, epoch: int) -> None:
@@ -110,23 +170,41 @@ def autocast_for(device: torch.device):
 
 # ------------------------------------------------------------------------------------------ step
 
-def train_step(model, decoder, normalizer, loss_fn, optimizer, scheduler, batch: dict, grad_clip: float,
-               autocast_ctx=contextlib.nullcontext):
-    """One optimiser step on a batch already on the device; returns (applied, total, components).
+def train_step(model, decoder, normalizer, loss_fn, optimizer, scheduler, batches, grad_clip: float,
+               autocast_ctx=contextlib.nullcontext, target_audio: str = "original"):
+    """One optimiser step on one batch, or a list of micro-batches, already on the device.
 
-    model -> de-normalise -> frozen decoder -> CombinedLoss(output_audio, input_audio, target_audio)
-    -> backward -> clip -> AdamW step. A non-finite loss or gradient on ANY rank skips the update on
-    every rank (one all_reduce of a flag), so the replicas never diverge. The scheduler advances either
-    way, so the LR schedule stays a function of the step count. `autocast_ctx` is a zero-argument
-    callable returning a context manager (bf16 autocast on CUDA, nothing on CPU).
+    Returns (applied, total, components): the loss figures as example-weighted means over the micro-batches.
+    Per micro-batch: model -> de-normalise -> frozen decoder -> CombinedLoss(output, input ref, target ref)
+    -> backward of (its size / all sizes) x loss, so the gradient is that of the mean over every example.
+    DDP all-reduces the gradients on the last micro-batch only (no_sync before). Then clip and AdamW.
+    A non-finite loss or gradient on ANY rank skips the update on every rank (one all_reduce of a flag),
+    so the replicas never diverge. The scheduler advances either way: the LR is a function of the step.
     """
-    with autocast_ctx():
-        prediction = model(batch["input_latent"])
-        output_audio = decoder(normalizer.denormalize(prediction))
-    total, components = loss_fn(output_audio, batch["input_audio"], batch["target_audio"])  # fp32 inside
-
+    batches = [batches] if isinstance(batches, dict) else list(batches)
+    sizes = [batch["input_latent"].shape[0] for batch in batches]
     optimizer.zero_grad(set_to_none=True)
-    total.backward()   # every rank always runs backward, so DDP's gradient all-reduce stays in lock-step
+    total, components = 0.0, dict.fromkeys(LOSS_COMPONENTS, 0.0)
+    for index, (batch, size) in enumerate(zip(batches, sizes)):
+        last = index == len(batches) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with autocast_ctx():
+            references = reference_audio(batch, decoder, normalizer, target_audio)   # no autograd inside
+            output_audio = predict_audio(model, normalizer, decoder, batch["input_latent"])
+        micro_total, micro_components = loss_fn(output_audio, *references)    # fp32 inside
+        share = size / sum(sizes)
+        with sync:
+            # every rank always runs backward, so DDP's gradient all-reduce stays in lock-step
+            (micro_total * share).backward()
+        total = total + micro_total.detach() * share
+        components = {name: components[name] + micro_components[name] * share for name in LOSS_COMPONENTS}
+    return optimizer_update(model, optimizer, scheduler, total, grad_clip), total, components
+
+
+def optimizer_update(model, optimizer, scheduler, total: torch.Tensor, grad_clip: float) -> bool:
+    """The step's tail, after backward: clip, agree across ranks whether everything is finite, AdamW, LR.
+
+    Returns whether the update was applied (False: a non-finite loss or gradient on some rank)."""
     max_norm = grad_clip if grad_clip > 0 else float("inf")   # inf: measure the norm without clipping
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     finite = (torch.isfinite(total) & torch.isfinite(grad_norm)).to(torch.float32)
@@ -137,7 +215,7 @@ def train_step(model, decoder, normalizer, loss_fn, optimizer, scheduler, batch:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    return applied, total.detach(), components
+    return applied
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -149,28 +227,69 @@ def stack_metrics(total: torch.Tensor, components: dict) -> torch.Tensor:
     return torch.stack([total.float()] + [components[name].float() for name in LOSS_COMPONENTS])
 
 
+# -------------------------------------------------------------------------------------- context
+
+@dataclass
+class Context:
+    """Everything the epoch functions share."""
+    args: object
+    rank: int
+    world_size: int
+    device: torch.device
+    autocast: object                      # zero-argument callable -> autocast context (autocast_for)
+    train_set: ContinuationDataset
+    val_set: ContinuationDataset
+    train_sampler: DistributedSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    val_indices: list                     # this rank's validation windows, in loader order (padding included)
+    decoder: FrozenDecoder
+    normalizer: LatentNormalizer
+    loss_fn: CombinedLoss
+    raw_model: ContinuationTransformer
+    model: torch.nn.Module                # DDP(raw_model, possibly compiled)
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    schedule_steps: int
+    steps_per_epoch: int                  # optimiser steps
+    global_step: int = 0
+    consecutive_skips: int = 0
+
+
+def micro_batch_groups(loader, accum: int):
+    """Lists of `accum` consecutive batches (one optimiser step each); a last incomplete group is dropped
+    (every rank has the same number of batches, so every rank drops the same)."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == accum:
+            yield group
+            group = []
+
+
 # ----------------------------------------------------------------------------------------- epoch
 
-def train_one_epoch(ctx, epoch: int) -> dict:
+def train_one_epoch(ctx: Context, epoch: int) -> dict:
     """One pass over this rank's shard; returns the epoch means over all ranks' examples, the LR, skips."""
     ctx.model.train()
     ctx.train_sampler.set_epoch(epoch)     # a different shuffle every epoch, identical on every rank
     sums = torch.zeros(len(METRIC_NAMES) + 1, device=ctx.device)   # weighted sums ..., example count
-    steps = len(ctx.train_loader)
-    bar = tqdm(ctx.train_loader, desc=f"Epoch {epoch}/{ctx.args.epochs}", total=steps, leave=False,
-               file=sys.stderr, dynamic_ncols=True, disable=ctx.rank != 0 or not sys.stderr.isatty())
+    steps = ctx.steps_per_epoch
+    bar = tqdm(total=steps, desc=f"Epoch {epoch}/{ctx.args.epochs}", leave=False, file=sys.stderr,
+               dynamic_ncols=True, disable=ctx.rank != 0 or not sys.stderr.isatty())
     plain_progress = ctx.rank == 0 and bar.disable
     skipped, lr, started = 0, ctx.optimizer.param_groups[0]["lr"], time.perf_counter()
-    for index, batch in enumerate(bar):
-        batch = to_device(batch, ctx.device)
-        _test_only_fault_injection(ctx.rank, ctx.global_step, batch)
+    for index, group in enumerate(micro_batch_groups(ctx.train_loader, ctx.args.grad_accum_steps)):
+        stop_if_signalled()
+        group = [to_device(batch, ctx.device) for batch in group]
+        _test_only_fault_injection(ctx.rank, ctx.global_step, group[0])
         lr = ctx.optimizer.param_groups[0]["lr"]      # the LR this step uses (printed for the epoch's last step)
         applied, total, components = train_step(ctx.model, ctx.decoder, ctx.normalizer, ctx.loss_fn,
-                                                ctx.optimizer, ctx.scheduler, batch, ctx.args.grad_clip,
-                                                ctx.autocast)
+                                                ctx.optimizer, ctx.scheduler, group, ctx.args.grad_clip,
+                                                ctx.autocast, ctx.args.target_audio)
         ctx.global_step += 1
         if applied:
-            size = batch["input_latent"].shape[0]
+            size = sum(batch["input_latent"].shape[0] for batch in group)
             sums[:-1] += stack_metrics(total, components) * size
             sums[-1] += size
             ctx.consecutive_skips = 0
@@ -178,12 +297,13 @@ def train_one_epoch(ctx, epoch: int) -> dict:
             skipped += 1
             ctx.consecutive_skips += 1
             if ctx.rank == 0:
-                print(f"warning: step {ctx.global_step}: non-finite loss or gradient on some rank, update "
-                      f"skipped on all ranks ({ctx.consecutive_skips} in a row)", file=sys.stderr, flush=True)
+                warn(f"step {ctx.global_step}: non-finite loss or gradient on some rank, update "
+                     f"skipped on all ranks ({ctx.consecutive_skips} in a row)")
             if ctx.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:   # the same on every rank: all stop together
                 raise TrainingError(f"{ctx.consecutive_skips} consecutive steps had a non-finite loss or "
                                     f"gradient (step {ctx.global_step}): training diverged; lower --lr or "
                                     f"--grad_clip, or check the data")
+        bar.update()
         if not bar.disable and (index % 10 == 0 or index == steps - 1):
             bar.set_postfix(loss=f"{total.item():.4f}", lr=f"{lr:.2e}")   # synced already by train_step
         if plain_progress and steps >= 20 and (index + 1) % max(1, steps // 10) == 0 and index + 1 < steps:
@@ -194,41 +314,96 @@ def train_one_epoch(ctx, epoch: int) -> dict:
     return {**means, "learning_rate": lr, "skipped_steps": skipped}
 
 
-@torch.no_grad()
-def evaluate(ctx) -> dict:
-    """Validation means over every real example; each rank runs its shard (DistributedSampler, no shuffle).
-
-    The sampler pads the shards to equal length by repeating the first examples. Rank r's i-th example
-    is index r + world_size * i of the padded list, so it is real iff that is < len(val_set): only a
-    prefix of each rank's shard is real, and the rest is cut off before the model runs.
-    """
-    model = ctx.raw_model      # not the DDP wrapper: validation needs no collectives
-    model.eval()
-    sums = torch.zeros(len(METRIC_NAMES) + 1, device=ctx.device)
-    real_on_this_rank = len(range(ctx.rank, len(ctx.val_set), ctx.world_size))
-    seen = 0
-    for batch in ctx.val_loader:
-        size = batch["input_latent"].shape[0]
-        real = max(0, min(size, real_on_this_rank - seen))
-        seen += size
-        if real == 0:
-            continue
-        batch = to_device({name: tensor[:real] for name, tensor in batch.items()}, ctx.device)
-        with ctx.autocast():
-            output_audio = ctx.decoder(ctx.normalizer.denormalize(model(batch["input_latent"])))
-        total, components = ctx.loss_fn(output_audio, batch["input_audio"], batch["target_audio"])
-        sums[:-1] += stack_metrics(total, components) * real
-        sums[-1] += real
-    model.train()
-    return reduce_means(sums)
-
-
 def reduce_means(sums: torch.Tensor) -> dict:
     """SUM the (weighted sums, count) vector over ranks once, then divide: means over all examples."""
     sums = all_reduce_sum(sums.clone()).cpu()
     count = sums[-1].item()
-    means = sums[:-1] / max(count, 1.0) if count > 0 else torch.full_like(sums[:-1], float("nan"))
+    means = sums[:-1] / count if count > 0 else torch.full_like(sums[:-1], float("nan"))
     return dict(zip(METRIC_NAMES, means.tolist()))
+
+
+def real_val_batches(ctx: Context):
+    """(batch on the device, dataset indices) of this rank's real validation examples.
+
+    DistributedSampler pads the shards to equal length by repeating the first examples. Rank r's i-th
+    example is index r + world_size * i of the padded list, so it is real iff that is < len(val_set): only
+    a prefix of each rank's shard is real, and the rest is cut off before the model runs.
+    """
+    real_on_this_rank = len(range(ctx.rank, len(ctx.val_set), ctx.world_size))
+    seen = 0
+    for batch in ctx.val_loader:
+        stop_if_signalled()
+        size = batch["input_latent"].shape[0]
+        real = max(0, min(size, real_on_this_rank - seen))
+        indices = ctx.val_indices[seen: seen + real]
+        seen += size
+        if real:
+            yield to_device({name: tensor[:real] for name, tensor in batch.items()}, ctx.device), indices
+
+
+def non_finite_examples(batch: dict, references, output_audio) -> torch.Tensor:
+    """Per example: 0 finite, 1 non-finite data (latents or reference audio), 2 non-finite model output."""
+    def finite(tensor):
+        return torch.isfinite(tensor.float()).flatten(1).all(dim=1)
+    data_ok = finite(batch["input_latent"]) & finite(references[0]) & finite(references[1])
+    return torch.where(data_ok, torch.where(finite(output_audio), 0, 2), 1)
+
+
+@torch.no_grad()
+def validate(ctx: Context) -> tuple[dict | None, int]:
+    """(validation figures over every real example of every rank, number of non-finite examples).
+
+    Figures are evaluation.ScoreSums means (loss, the four components, latent_mse, level); None when some
+    example was non-finite: each rank names its own in one warning, and the epoch has no validation result.
+    """
+    model = ctx.raw_model      # not the DDP wrapper: validation needs no collectives
+    model.eval()
+    sums = ScoreSums(ctx.device, "validation")
+    bad = []
+    for batch, indices in real_val_batches(ctx):
+        with ctx.autocast():
+            references = reference_audio(batch, ctx.decoder, ctx.normalizer, ctx.args.target_audio)
+            prediction = model(batch["input_latent"])
+            output_audio = decode_latents(ctx.decoder, ctx.normalizer, prediction)
+        status = non_finite_examples(batch, references, output_audio)
+        keep = status == 0
+        bad += [(index, int(code)) for index, code in zip(indices, status.tolist()) if code]
+        if keep.any():
+            rows = {name: tensor[keep] for name, tensor in batch.items()}
+            sums.add(output_audio[keep], (references[0][keep], references[1][keep]), ctx.loss_fn,
+                     prediction[keep], rows["target_latent"])
+    model.train()
+    counts = all_reduce_sum(torch.cat([sums.vector(), torch.tensor([float(len(bad))], dtype=torch.float64,
+                                                                     device=ctx.device)]))
+    if bad:
+        warn_non_finite(ctx, bad)
+    nonfinite = int(counts[-1].item())
+    return (None if nonfinite else ScoreSums.from_vector(counts[:-1], "validation").means()), nonfinite
+
+
+def warn_non_finite(ctx: Context, bad: list) -> None:
+    reasons = {1: "non-finite latents or reference audio in the cache", 2: "non-finite model output"}
+    named = []
+    for index, code in bad[:NAMED_BAD_EXAMPLES]:
+        track, frame = ctx.val_set.window_location(index)
+        named.append(f"track {track} window at frame {frame} ({reasons[code]})")
+    more = f" and {len(bad) - NAMED_BAD_EXAMPLES} more" if len(bad) > NAMED_BAD_EXAMPLES else ""
+    warn(f"rank {ctx.rank}: {len(bad)} validation example(s) are non-finite: {'; '.join(named)}{more}")
+
+
+def baseline_figures(ctx: Context) -> dict | None:
+    """{silence, repeat, oracle: figures} over the whole validation split (once per run; None if they cannot
+    be computed, e.g. non-finite data, which validation then names)."""
+    sums = {name: ScoreSums(ctx.device, name) for name in BASELINES}
+    for batch, _ in real_val_batches(ctx):
+        with ctx.autocast():
+            score_baselines_batch(batch, ctx.decoder, ctx.normalizer, ctx.loss_fn, ctx.args.target_audio, sums)
+    vectors = all_reduce_sum(torch.stack([sums[name].vector() for name in BASELINES]))
+    try:
+        return {name: ScoreSums.from_vector(vector, name).means() for name, vector in zip(BASELINES, vectors)}
+    except EvaluationError as error:
+        warn(f"no baselines for this run: {error}")
+        return None
 
 
 def format_epoch_block(epoch: int, epochs: int, train: dict, val: dict, lr: float) -> str:
@@ -239,94 +414,12 @@ def format_epoch_block(epoch: int, epochs: int, train: dict, val: dict, lr: floa
                       f"  LR: {lr:.2e}"])
 
 
-# ---------------------------------------------------------------------------------------- mlflow
-
-class MlflowLogger:
-    """Rank 0's MLflow run. Failing at start raises (before training); failing later only warns:
-    metrics that could not be sent stay queued and are re-sent with the next epoch's."""
-
-    def __init__(self, tracking_uri, experiment_name: str, run_name, run_id=None):
-        # A dead server must cost seconds, not minutes of retries, while the other ranks wait.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
-        self.client = MlflowClient(tracking_uri)
-        self.tracking_uri = self.client.tracking_uri
-        self.pending = []
-        self.resumed = False
-        if run_id is not None:
-            try:
-                self.client.get_run(run_id)
-                self.client.update_run(run_id, status="RUNNING")
-                self.run_id, self.resumed = run_id, True
-                return
-            except MlflowException as error:
-                if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-                    raise
-                warn(f"MLflow run {run_id} of the checkpoint is not on {self.tracking_uri}; starting a new run")
-        experiment = self.client.get_experiment_by_name(experiment_name)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(experiment_name)
-        self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
-
-    def log_params(self, params: dict) -> None:
-        from mlflow.entities import Param
-        items = [Param(key, str(value)) for key, value in sorted(params.items())]
-        for start in range(0, len(items), 100):          # MLflow accepts at most 100 params per batch
-            self.client.log_batch(self.run_id, params=items[start: start + 100])
-
-    def log_metrics(self, metrics: dict, step: int) -> bool:
-        from mlflow.entities import Metric
-        stamp = int(time.time() * 1000)
-        self.pending += [Metric(key, float(value), stamp, step) for key, value in metrics.items()]
-        return self.flush()
-
-    def flush(self) -> bool:
-        try:
-            while self.pending:
-                self.client.log_batch(self.run_id, metrics=self.pending[:1000])
-                self.pending = self.pending[1000:]
-            return True
-        except Exception as error:  # noqa: BLE001 - never let logging kill a long training run
-            warn(f"MLflow logging failed ({_one_line(error)}); {len(self.pending)} metric values queued "
-                  f"for the next epoch, training continues")
-            return False
-
-    def log_artifacts(self, local_dir: Path, artifact_path: str) -> None:
-        try:
-            self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
-        except Exception as error:  # noqa: BLE001
-            warn(f"MLflow artifact upload failed ({_one_line(error)}); the files stay in {local_dir}")
-
-    def finish(self, status: str = "FINISHED") -> None:
-        self.flush()
-        try:
-            self.client.set_terminated(self.run_id, status=status)
-        except Exception as error:  # noqa: BLE001
-            warn(f"could not mark MLflow run {self.run_id} {status} ({_one_line(error)})")
-
-
-def _one_line(error: BaseException) -> str:
-    return one_line(error)[:300]     # an HTTP error can carry a whole HTML page on its first line
-
-
-def git_commit() -> str:
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                                capture_output=True, text=True, timeout=10)
-        return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 @torch.no_grad()
-def write_audio_examples(ctx, epoch: int) -> Path:
+def write_audio_examples(ctx: Context, epoch: int) -> Path:
     """A few validation examples as WAV (input, output, target) and one spectrogram comparison PNG."""
-    import matplotlib
-    matplotlib.use("Agg")      # no display on training nodes
-    import matplotlib.pyplot as plt
     import soundfile
+
+    from plots import plot_spectrograms
 
     folder = Path(ctx.args.checkpoint_dir) / "samples" / f"epoch_{epoch:04d}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -334,26 +427,18 @@ def write_audio_examples(ctx, epoch: int) -> Path:
     indices = np.linspace(0, len(ctx.val_set) - 1, count).round().astype(int)
     model = ctx.raw_model
     model.eval()
-    figure, axes = plt.subplots(count, 3, figsize=(12, 2.6 * count), squeeze=False)
-    window = torch.hann_window(1024)
+    rows = []
     for row, index in enumerate(indices):
-        example = ctx.val_set[int(index)]
-        latents = example["input_latent"].unsqueeze(0).to(ctx.device)
+        example = {name: tensor.unsqueeze(0).to(ctx.device) for name, tensor in ctx.val_set[int(index)].items()}
         with ctx.autocast():
-            output = ctx.decoder(ctx.normalizer.denormalize(model(latents)))
-        clips = {"input": example["input_audio"][0], "output": output[0, 0].float().cpu(),
-                 "target": example["target_audio"][0]}
-        for column, (name, audio) in enumerate(clips.items()):
+            references = reference_audio(example, ctx.decoder, ctx.normalizer, ctx.args.target_audio)
+            output = predict_audio(model, ctx.normalizer, ctx.decoder, example["input_latent"])
+        clips = {"input": references[0], "output": output, "target": references[1]}
+        for name, audio in clips.items():
+            audio = audio[0, 0].float().cpu()
             soundfile.write(folder / f"example{row}_{name}.wav", audio.clamp(-1, 1).numpy(), SAMPLE_RATE)
-            spectrum = torch.stft(audio, 1024, 256, window=window, return_complex=True).abs()
-            axes[row, column].imshow(20 * torch.log10(spectrum.clamp(min=1e-5)).numpy(), origin="lower",
-                                     aspect="auto", cmap="magma", vmin=-100, vmax=20)
-            axes[row, column].set_title(f"val example {index}: {name}", fontsize=9)
-            axes[row, column].set_xticks([])
-    figure.suptitle(f"epoch {epoch}: log-magnitude spectrograms (dB), STFT 1024 / hop 256")
-    figure.tight_layout()
-    figure.savefig(folder / "spectrograms.png", dpi=80)
-    plt.close(figure)
+            rows.append((f"val example {index}: {name}", audio))
+    plot_spectrograms(folder / "spectrograms.png", rows, title=f"epoch {epoch}: validation examples")
     model.train()
     return folder
 
@@ -365,6 +450,7 @@ def _test_only_fault_injection(rank: int, step: int, batch: dict) -> None:
 
     TRAIN_SIMPLE_TEST_FAIL="R:S"        rank R raises at global step S (a crashing rank must end the job)
     TRAIN_SIMPLE_TEST_NAN="R:S1,S2|all"  rank R's batch becomes NaN at those steps (collective skipping)
+    TRAIN_SIMPLE_TEST_SLOW="SECONDS"     every step sleeps this long (time to interrupt a run)
     """
     fail = os.environ.get("TRAIN_SIMPLE_TEST_FAIL")
     if fail and fail.split(":")[0] == str(rank) and int(fail.split(":")[1]) == step:
@@ -374,13 +460,11 @@ def _test_only_fault_injection(rank: int, step: int, batch: dict) -> None:
         steps = nan.split(":")[1]
         if steps == "all" or str(step) in steps.split(","):
             batch["input_latent"][0, 0, 0] = float("nan")
+    if os.environ.get("TRAIN_SIMPLE_TEST_SLOW"):
+        time.sleep(float(os.environ["TRAIN_SIMPLE_TEST_SLOW"]))
 
 
 # ------------------------------------------------------------------------------------------- run
-
-class Context:
-    """Everything the epoch functions share (a plain attribute bag)."""
-
 
 def build_loaders(args, rank: int, world_size: int, device: torch.device):
     train_set = ContinuationDataset(args.data_dir, "train", args.segment_frames, args.unity_test)
@@ -391,101 +475,232 @@ def build_loaders(args, rank: int, world_size: int, device: torch.device):
     val_sampler = DistributedSampler(val_set, world_size, rank, shuffle=False, drop_last=False)
     loader_options = dict(batch_size=args.batch_size, num_workers=args.num_workers,
                           pin_memory=device.type == "cuda",            # page-locked buffers: faster async copies
-                          persistent_workers=args.num_workers > 0)     # no worker re-spawn every epoch
+                          persistent_workers=args.num_workers > 0,     # no worker re-spawn every epoch
+                          worker_init_fn=loader_worker_init if args.num_workers > 0 else None)
     train_loader = DataLoader(train_set, sampler=train_sampler, drop_last=True, **loader_options)
     val_loader = DataLoader(val_set, sampler=val_sampler, **loader_options)
-    return train_set, val_set, train_sampler, train_loader, val_loader
+    return train_set, val_set, train_sampler, train_loader, val_loader, list(val_sampler)
+
+
+def build_context(args, resume_state: dict | None) -> Context:
+    rank, local_rank, world_size, device = setup_distributed()
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")   # TF32 matmuls for whatever runs outside autocast
+    train_set, val_set, train_sampler, train_loader, val_loader, val_indices = build_loaders(
+        args, rank, world_size, device)
+    # The frozen decoder is never wrapped in DDP: it has nothing to train.
+    codec = load_codec(args.encodec_weights, device)
+    check_fingerprint(train_set.codec_fingerprint, codec_fingerprint(codec), f"the cache {args.data_dir}")
+    decoder = FrozenDecoder(codec, checkpointing=args.decoder_checkpointing)
+    del codec
+    torch.manual_seed(args.seed)     # the same init on every rank (DDP also broadcasts rank 0's)
+    raw_model = ContinuationTransformer(d_model=args.d_model, num_layers=args.num_layers,
+                                        num_heads=args.num_heads, dropout=args.dropout).to(device)
+    steps_per_epoch = len(train_loader) // args.grad_accum_steps
+    schedule_steps = resume_state["schedule_steps"] if resume_state else args.epochs * steps_per_epoch
+    optimizer, scheduler = build_optimizer(raw_model, args.lr, args.weight_decay, args.warmup_steps, schedule_steps)
+    if resume_state is not None:
+        raw_model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+    compiled = torch.compile(raw_model) if args.compile else raw_model   # fused kernels on GPU
+    return Context(
+        args=args, rank=rank, world_size=world_size, device=device, autocast=autocast_for(device),
+        train_set=train_set, val_set=val_set, train_sampler=train_sampler, train_loader=train_loader,
+        val_loader=val_loader, val_indices=val_indices, decoder=decoder,
+        normalizer=LatentNormalizer(train_set.latent_mean, train_set.latent_std).to(device),
+        loss_fn=CombinedLoss(**weights_from_flags(args)).to(device), raw_model=raw_model,
+        model=DDP(compiled, device_ids=[local_rank] if device.type == "cuda" else None),
+        optimizer=optimizer, scheduler=scheduler, schedule_steps=schedule_steps, steps_per_epoch=steps_per_epoch,
+        global_step=scheduler.last_epoch)
+
+
+def start_logger(ctx: Context, resume_state: dict | None, start_epoch: int) -> MlflowLogger:
+    """Rank 0's MLflow run: a new one with every flag as a parameter, or the checkpoint's, reopened."""
+    args = ctx.args
+    run_id = resume_state.get("mlflow_run_id") if resume_state else None
+    tags = dict(tag.split("=", 1) for tag in args.mlflow_tag)
+    logger = MlflowLogger(args.mlflow_tracking_uri, args.experiment_name, args.run_name, run_id,
+                          args.mlflow_parent_run_id, tags)
+    if not logger.resumed:
+        logger.log_params({**vars(args), "world_size": ctx.world_size, "device": ctx.device.type,
+                           "codec_fingerprint": ctx.train_set.codec_fingerprint, "git_commit": git_commit()})
+    if resume_state and args.resume_changes:   # params are write-once: accepted changes become a tag
+        logger.set_tag(f"resume_epoch_{start_epoch}_changes",
+                       ", ".join(f"{name} {before} -> {now}" for name, (before, now) in args.resume_changes.items()))
+    return logger
+
+
+def epoch_metrics(train: dict, val: dict | None, nonfinite: int, baselines: dict | None, seconds: float) -> dict:
+    """What MLflow gets for one epoch (never a NaN: an epoch without a validation result logs none)."""
+    metrics = {f"train_{name}": train[name] for name in METRIC_NAMES}
+    metrics.update(learning_rate=train["learning_rate"], skipped_steps=train["skipped_steps"],
+                   epoch_seconds=seconds, val_nonfinite_examples=nonfinite)
+    if val is not None:
+        metrics.update({f"val_{name}": val[name] for name in METRIC_NAMES + ("latent_mse", "level")
+                        if val[name] is not None})
+        val_skill = run_skill(val, baselines)
+        if val_skill is not None:
+            metrics["val_skill"] = val_skill
+    return {name: value for name, value in metrics.items() if math.isfinite(value)}
+
+
+def run_skill(val: dict | None, baselines: dict | None):
+    if val is None or baselines is None:
+        return None
+    return skill(val, baselines["repeat"], baselines["oracle"])["loss"]
+
+
+def summary_line(best_val_loss: float, best: dict, baselines: dict | None, checkpoint_dir) -> str:
+    """The launcher's last line: the best epoch against the trivial baselines."""
+    def figure(value):
+        return "n/a" if value is None else f"{value:.4f}"
+    val = best["val"] or {"level": None}      # a checkpoint from an older version records no figures
+    head = (f"done: best val loss {best_val_loss:.4f} (epoch {best['epoch']}), "
+            f"skill {figure(run_skill(best['val'], baselines))}, level {figure(val['level'])}")
+    if baselines is not None:
+        head += "; baselines " + ", ".join(f"{name} {baselines[name]['loss']:.4f}" for name in BASELINES)
+    return f"{head}; checkpoints in {checkpoint_dir}"
 
 
 def run(args, resume_path: str | None = None) -> None:
-    rank, local_rank, world_size, device = setup_distributed()
-    ctx = Context()
-    ctx.args, ctx.rank, ctx.world_size, ctx.device = args, rank, world_size, device
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")   # TF32 matmuls for whatever runs outside autocast
-    ctx.autocast = autocast_for(device)
+    resume_state = load_checkpoint(resume_path) if resume_path else None
+    ctx = build_context(args, resume_state)
+    start_epoch = resume_state["epoch"] + 1 if resume_state else 1
+    best_val_loss = resume_state["best_val_loss"] if resume_state else float("inf")
+    best = resume_state.get("best", {"epoch": None, "val": None}) if resume_state else {"epoch": None, "val": None}
+    skipped_total = resume_state.get("skipped_steps", 0) if resume_state else 0
+    history = list(resume_state.get("resume_history", [])) if resume_state else []
+    if resume_state and args.resume_changes:
+        history.append({"epoch": start_epoch, "changed": args.resume_changes})
 
-    # Data, normalisation and the frozen decoder (never wrapped in DDP: it has nothing to train).
-    ctx.train_set, ctx.val_set, ctx.train_sampler, ctx.train_loader, ctx.val_loader = build_loaders(
-        args, rank, world_size, device)
-    codec = load_codec(args.encodec_weights, device)
-    fingerprint = codec_fingerprint(codec)
-    check_fingerprint(ctx.train_set.codec_fingerprint, fingerprint, f"the cache {args.data_dir}")
-    ctx.decoder = FrozenDecoder(codec, checkpointing=args.decoder_checkpointing)
-    del codec
-    ctx.normalizer = LatentNormalizer(ctx.train_set.latent_mean, ctx.train_set.latent_std).to(device)
-    ctx.loss_fn = CombinedLoss(**weights_from_flags(args)).to(device)
-
-    # Model (same init on every rank; DDP also broadcasts rank 0's), optimiser, schedule.
-    torch.manual_seed(args.seed)
-    ctx.raw_model = ContinuationTransformer(d_model=args.d_model, num_layers=args.num_layers,
-                                            num_heads=args.num_heads, dropout=args.dropout).to(device)
-    ctx.optimizer, ctx.scheduler = build_optimizer(ctx.raw_model, args.lr, args.weight_decay, args.warmup_steps,
-                                                   total_steps=args.epochs * len(ctx.train_loader))
-    start_epoch, best_val_loss, run_id, skipped_total = 1, float("inf"), None, 0
-    if resume_path is not None:
-        state = load_checkpoint(resume_path)
-        check_fingerprint(state["codec_fingerprint"], fingerprint, f"checkpoint {resume_path}")
-        ctx.raw_model.load_state_dict(state["model"])
-        ctx.optimizer.load_state_dict(state["optimizer"])
-        ctx.scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_val_loss = state["epoch"] + 1, state["best_val_loss"]
-        run_id, skipped_total = state.get("mlflow_run_id"), state.get("skipped_steps", 0)
-    ctx.global_step = ctx.scheduler.last_epoch
-    ctx.consecutive_skips = 0
-    compiled = torch.compile(ctx.raw_model) if args.compile else ctx.raw_model   # fused kernels on GPU
-    ctx.model = DDP(compiled, device_ids=[local_rank] if device.type == "cuda" else None)
-
-    logger = None
-    if rank == 0:
-        logger = MlflowLogger(args.mlflow_tracking_uri, args.experiment_name, args.run_name, run_id)
-        if not logger.resumed:
-            logger.log_params({**vars(args), "world_size": world_size, "device": device.type,
-                               "codec_fingerprint": fingerprint, "git_commit": git_commit()})
-        verb = f"resuming at epoch {start_epoch}" if resume_path else "starting"
+    logger = start_logger(ctx, resume_state, start_epoch) if ctx.rank == 0 else None
+    uploader = ThreadPoolExecutor(max_workers=1) if ctx.rank == 0 else None   # slow uploads never stall the ranks
+    uploads = []
+    baselines = baseline_figures(ctx)
+    if ctx.rank == 0:
+        if baselines is not None and resume_state is None:
+            logger.log_metrics({f"val_baseline_{name}_loss": baselines[name]["loss"] for name in BASELINES}, step=0)
+        verb = f"resuming at epoch {start_epoch}" if resume_state else "starting"
         print(f"{verb}: {ctx.raw_model.num_parameters():,} parameters, {len(ctx.train_set)} train / "
-              f"{len(ctx.val_set)} val examples of 2 x {args.segment_frames} frames, {world_size} x {device.type}, "
-              f"{len(ctx.train_loader)} steps per epoch; MLflow run {logger.run_id} at {logger.tracking_uri}",
-              flush=True)
+              f"{len(ctx.val_set)} val examples of 2 x {args.segment_frames} frames, {ctx.world_size} x "
+              f"{ctx.device.type}, {ctx.steps_per_epoch} steps per epoch, targets: {args.target_audio} audio; "
+              f"MLflow run {logger.run_id} at {logger.tracking_uri}", flush=True)
 
     status = "FAILED"
     try:
         for epoch in range(start_epoch, args.epochs + 1):
-            seed_everything(args.seed, rank, epoch)
+            seed_everything(args.seed, ctx.rank, epoch)
             started = time.perf_counter()
             train = train_one_epoch(ctx, epoch)
-            val = evaluate(ctx)
+            val, nonfinite = validate(ctx)
             skipped_total += train["skipped_steps"]
-            if rank != 0:
+            is_best = val is not None and val["loss"] < best_val_loss     # val is reduced: the same on every rank
+            if is_best:
+                best_val_loss, best = val["loss"], {"epoch": epoch, "val": val}
+            if ctx.rank != 0:
                 continue
             # Rank 0 only, after this epoch's collectives: the others wait at most this long in the next one.
-            print(format_epoch_block(epoch, args.epochs, train, val, train["learning_rate"]), flush=True)
-            is_best = val["loss"] < best_val_loss
-            best_val_loss = min(best_val_loss, val["loss"])
-            state = {"model": unwrapped_state_dict(ctx.raw_model), "model_config": ctx.raw_model.config,
-                     "optimizer": ctx.optimizer.state_dict(), "scheduler": ctx.scheduler.state_dict(),
-                     "epoch": epoch, "args": vars(args), "latent_mean": ctx.train_set.latent_mean,
-                     "latent_std": ctx.train_set.latent_std, "codec_fingerprint": fingerprint,
-                     "encodec_weights": args.encodec_weights, "mlflow_run_id": logger.run_id,
-                     "best_val_loss": best_val_loss, "val_loss": val["loss"],
-                     "segment_frames": args.segment_frames, "skipped_steps": skipped_total,
-                     "world_size": world_size}
+            shown = val if val is not None else dict.fromkeys(METRIC_NAMES, float("nan"))
+            print(format_epoch_block(epoch, args.epochs, train, shown, train["learning_rate"]), flush=True)
+            state = build_checkpoint(
+                model=ctx.raw_model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
+                schedule_steps=ctx.schedule_steps, epoch=epoch, args=vars(args), resume_history=history,
+                normalizer_stats=(ctx.train_set.latent_mean, ctx.train_set.latent_std),
+                codec_fingerprint=ctx.train_set.codec_fingerprint, encodec_weights=args.encodec_weights,
+                mlflow_run_id=logger.run_id, best_val_loss=best_val_loss, best=best,
+                val_loss=shown["loss"], segment_frames=args.segment_frames, skipped_steps=skipped_total,
+                world_size=ctx.world_size)
             save_checkpoint(Path(args.checkpoint_dir) / LATEST_NAME, state)
             if is_best:
                 save_checkpoint(Path(args.checkpoint_dir) / BEST_NAME, state)
-            metrics = {f"train_{name}": value for name, value in train.items() if name in METRIC_NAMES}
-            metrics.update({f"val_{name}": value for name, value in val.items()})
-            metrics.update(learning_rate=train["learning_rate"], skipped_steps=train["skipped_steps"],
-                           epoch_seconds=time.perf_counter() - started)
-            sent = logger.log_metrics(metrics, step=epoch)
+            sent = logger.log_metrics(epoch_metrics(train, val, nonfinite, baselines,
+                                                    time.perf_counter() - started), step=epoch)
             if args.log_audio_every and epoch % args.log_audio_every == 0:
                 folder = write_audio_examples(ctx, epoch)
-                if sent:     # a server that just failed would only make the other ranks wait longer
-                    logger.log_artifacts(folder, f"samples/epoch_{epoch:04d}")
+                if sent:     # a server that just failed would only make the next uploads wait too
+                    uploads.append(uploader.submit(logger.log_artifacts, folder, f"samples/epoch_{epoch:04d}"))
         status = "FINISHED"
+    except Interrupted:
+        status = "KILLED"
+        raise
     finally:
         if logger is not None:
+            if wait(uploads, timeout=ARTIFACT_WAIT_SECONDS).not_done:
+                warn(f"MLflow artifact uploads still running after {ARTIFACT_WAIT_SECONDS} s; the files stay on disk")
+            uploader.shutdown(wait=False, cancel_futures=True)
             logger.finish(status)
-    if rank == 0:
-        print(f"done: best val loss {best_val_loss:.4f}; checkpoints in {args.checkpoint_dir}", flush=True)
+    # Every rank ends here together: no rank tears the process group down while rank 0 still uses it.
+    dist.barrier()
     dist.destroy_process_group()
+    if best_val_loss == float("inf"):
+        raise TrainingError("validation was non-finite in every epoch (the warnings above name the examples); "
+                            "no best.pt was written")
+    if ctx.rank == 0:
+        print(summary_line(best_val_loss, best, baselines, args.checkpoint_dir), flush=True)
+
+
+# ------------------------------------------------------------------------------------- failures
+
+def guarded_run(args, resume_path: str | None, reports=None) -> int:
+    """run(), with every failure turned into one line; returns the rank's exit code.
+
+    The full traceback goes to CHECKPOINT_DIR/logs/rank<R>.log. Under the launcher (`reports` is its
+    queue) the line is reported there and the launcher prints it once; under torchrun this rank prints it.
+    SIGINT/SIGTERM unwind the run (MLflow marks it KILLED) and exit 130/143 without a traceback.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    interrupted = _signals_received
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: interrupted.append(signum))
+    try:
+        run(args, resume_path)
+        if reports is not None:
+            reports.put(("done", rank, None))
+        return 0
+    except BaseException as error:  # noqa: BLE001 - this is the one place every failure is reported
+        if interrupted:           # also errors caused by peers that were stopped at the same moment
+            if reports is None and rank == 0:
+                print(f"interrupted: {describe_latest(args.checkpoint_dir)}", file=sys.stderr, flush=True)
+            return leave(128 + interrupted[0], reports)
+        log = write_traceback(args.checkpoint_dir, rank)
+        message = f"rank {rank}: {error_line(error)} (traceback in {log})"
+        if reports is not None:
+            reports.put(("error", rank, message))
+        else:
+            print(f"error: training failed on {message}", file=sys.stderr, flush=True)
+        return leave(1, reports)
+
+
+def leave(code: int, reports) -> int:
+    """A failed or interrupted rank has reported and closed its MLflow run. Under the launcher it exits
+    here, inside the except block: unwinding further would shut its DataLoader workers down one by one
+    (seconds each on a busy machine). The workers die with it (die_with_parent), and the launcher's
+    resource tracker frees their semaphores. Under torchrun the code is returned to the normal exit."""
+    if reports is None:
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def error_line(error: BaseException) -> str:
+    """The error in one line. A DataLoader worker's error arrives as 'Caught X in DataLoader worker process N.'
+    followed by the worker's traceback, whose last line is the actual error."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        return text.splitlines()[-1].strip()
+    return one_line(error)
+
+
+def write_traceback(checkpoint_dir, rank: int) -> Path | str:
+    """Append the current exception's traceback to CHECKPOINT_DIR/logs/rank<R>.log; its path."""
+    path = Path(checkpoint_dir) / "logs" / f"rank{rank}.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as log:
+            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} rank {rank}\n{traceback.format_exc()}\n")
+        return path
+    except OSError:     # e.g. the disk is full: the traceback then goes to stderr after all
+        traceback.print_exc()
+        return "stderr above"

@@ -31,9 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from codec import FRAME_RATE, HOP_LENGTH, LATENT_DIM, SAMPLE_RATE, FrozenDecoder, load_codec  # noqa: E402
 from data import ContinuationDataset, LatentNormalizer  # noqa: E402
-from losses import LOSS_COMPONENTS, CombinedLoss  # noqa: E402
+from evaluation import decode_latents, reference_audio  # noqa: E402
+from losses import LOSSES, CombinedLoss, weights_from_flags  # noqa: E402
 from model import ContinuationTransformer  # noqa: E402
-from train_simple_worker import autocast_for, build_optimizer, to_device, train_step  # noqa: E402
+from train_simple_worker import autocast_for, build_optimizer, optimizer_update, to_device, train_step  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -44,9 +45,11 @@ def parse_args(argv=None):
     parser.add_argument("--d_model", type=int, default=256)
     parser.add_argument("--num_layers", type=int, default=4)
     parser.add_argument("--num_heads", type=int, default=4)
-    parser.add_argument("--loss_weights", type=float, nargs=4, default=[0.25, 0.25, 0.25, 0.25],
-                        metavar=("INPUT", "TARGET", "SPECTRAL", "MEL"),
-                        help="default: every component trained, the most expensive step")
+    for component in LOSSES:   # default: every component trained, the most expensive step
+        parser.add_argument(component.flag, type=float, default=0.25, help=component.help)
+    parser.add_argument("--grad_clip", type=float, default=1.0)
+    parser.add_argument("--target_audio", choices=("original", "codec"), default="original",
+                        help="codec: the references are decoded from the true latents every step (its cost)")
     parser.add_argument("--decoder_checkpointing", choices=("off", "on", "both"), default="off")
     parser.add_argument("--steps", type=int, default=5, help="measured steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -99,7 +102,7 @@ def build_training_parts(args, frames: int, checkpointing: bool, device: torch.d
     """The objects a rank trains with, as train_simple_worker.run builds them (minus DDP: one process)."""
     decoder = FrozenDecoder(load_codec("random", device), checkpointing=checkpointing)
     normalizer = LatentNormalizer(torch.zeros(LATENT_DIM), torch.ones(LATENT_DIM)).to(device)
-    loss_fn = CombinedLoss(**dict(zip(LOSS_COMPONENTS, args.loss_weights))).to(device)
+    loss_fn = CombinedLoss(**weights_from_flags(args)).to(device)
     torch.manual_seed(0)
     model = ContinuationTransformer(d_model=args.d_model, num_layers=args.num_layers,
                                     num_heads=args.num_heads, dropout=0.0).to(device)
@@ -107,24 +110,20 @@ def build_training_parts(args, frames: int, checkpointing: bool, device: torch.d
     return model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast_for(device)
 
 
-def stage_times(parts, host_batch, device) -> dict:
+def stage_times(parts, host_batch, device, grad_clip: float, target_audio: str) -> dict:
     """The step's operations one at a time, each timed (same order and work as train_step)."""
     model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast = parts
     times = {}
     times["data"], batch = timed(lambda: to_device(host_batch, device), device)
     with autocast():
+        times["references"], references = timed(
+            lambda: reference_audio(batch, decoder, normalizer, target_audio), device)
         times["model_forward"], prediction = timed(lambda: model(batch["input_latent"]), device)
-        times["decoder_forward"], audio = timed(lambda: decoder(normalizer.denormalize(prediction)), device)
-    times["losses"], (total, _) = timed(
-        lambda: loss_fn(audio, batch["input_audio"], batch["target_audio"]), device)
+        times["decoder_forward"], audio = timed(lambda: decode_latents(decoder, normalizer, prediction), device)
+    times["losses"], (total, _) = timed(lambda: loss_fn(audio, *references), device)
     times["backward"], _ = timed(total.backward, device)
 
-    def optimizer_update():
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-    times["optimizer"], _ = timed(optimizer_update, device)
+    times["optimizer"], _ = timed(lambda: optimizer_update(model, optimizer, scheduler, total, grad_clip), device)
     return times
 
 
@@ -151,15 +150,15 @@ def bench_step(args, segment_seconds: float, checkpointing: bool) -> dict:
     step_times = []
     for index in range(args.warmup + args.steps):
         seconds, _ = timed(lambda: train_step(model, decoder, normalizer, loss_fn, optimizer, scheduler,
-                                              to_device(host_batch, device), grad_clip=1.0,
-                                              autocast_ctx=autocast), device)
+                                              to_device(host_batch, device), grad_clip=args.grad_clip,
+                                              autocast_ctx=autocast, target_audio=args.target_audio), device)
         if index >= args.warmup:
             step_times.append(seconds)
     peak = peak_rss_mb() if device.type == "cpu" else torch.cuda.max_memory_allocated(device) / 2**20
     batch = to_device(host_batch, device)
     with autocast():
         decoder_times = [decoder_alone(decoder, batch, device) for _ in range(args.steps)]
-    stages = [stage_times(parts, host_batch, device) for _ in range(args.steps)]
+    stages = [stage_times(parts, host_batch, device, args.grad_clip, args.target_audio) for _ in range(args.steps)]
     stage_medians = {name: statistics.median(run[name] for run in stages) for name in stages[0]}
     stage_sum = sum(stage_medians.values())
 
@@ -168,7 +167,7 @@ def bench_step(args, segment_seconds: float, checkpointing: bool) -> dict:
     return {
         "device": device.type, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
         "segment_seconds": segment_seconds, "segment_frames": frames, "d_model": args.d_model,
-        "num_layers": args.num_layers, "loss_weights": args.loss_weights,
+        "num_layers": args.num_layers, "loss_weights": weights_from_flags(args), "target_audio": args.target_audio,
         "decoder_checkpointing": checkpointing, "model_parameters": model.num_parameters(),
         "step_seconds": round(step, 4),
         "audio_seconds_per_second": round(args.batch_size * frames * HOP_LENGTH / SAMPLE_RATE / step, 3),

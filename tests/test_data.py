@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+import torchaudio
 from torch.utils.data import DataLoader, DistributedSampler
 
 import codec
@@ -86,8 +87,10 @@ def prepared(tmp_path_factory):
     write_good_files(audio_dir)
     write_bad_files(audio_dir)
     cache = root / "cache"
+    # float32, so the assertions below compare the stored arrays exactly; `compact` checks the default layout
     manifest = prepare_data.prepare(audio_dir, cache, encodec_weights="random", val_fraction=0.34, seed=0,
-                                    device="cpu", min_seconds=MIN_SECONDS, workers=2, progress=False)
+                                    device="cpu", min_seconds=MIN_SECONDS, workers=2, progress=False,
+                                    cache_dtype="float32")
     return audio_dir, cache, manifest
 
 
@@ -386,7 +389,9 @@ def test_interrupted_run_resumes_and_new_files_are_picked_up(tmp_path, monkeypat
     manifest = small_prepare(audio_dir, cache)
     assert resumed.calls == 2 and manifest["complete"] and len(manifest["tracks"]) == 3
     arrays = sorted((cache / "tracks").iterdir())
-    assert len(arrays) == 6                                 # no temporary files left behind
+    # latents, audio and moments of each track, and no temporary files left behind
+    assert [path.name for path in arrays] == sorted(f"{track['id']}.{kind}.npy" for track in manifest["tracks"]
+                                                    for kind in ("latents", "audio", "stats"))
     mtimes = {path: path.stat().st_mtime_ns for path in arrays}
 
     again = CountingEncode()
@@ -408,6 +413,8 @@ def test_cache_from_another_codec_is_refused_and_kept(tmp_path, monkeypatch):
     soundfile.write(audio_dir / "a.wav", sine(200, 0.6, SAMPLE_RATE), SAMPLE_RATE)
     small_prepare(audio_dir, cache)
     before = (cache / "manifest.json").read_bytes()
+    files_before = {path.name: path.read_bytes() for path in (cache / "tracks").iterdir()}
+    assert len(files_before) == 3                              # latents, audio, moments of a.wav
 
     def other_codec(weights, device):
         model = codec.load_codec("random", device)
@@ -420,7 +427,7 @@ def test_cache_from_another_codec_is_refused_and_kept(tmp_path, monkeypatch):
     with pytest.raises(codec.CodecLoadError, match="made with EnCodec weights"):
         small_prepare(audio_dir, cache)
     assert (cache / "manifest.json").read_bytes() == before
-    assert len(list((cache / "tracks").iterdir())) == 2
+    assert {path.name: path.read_bytes() for path in (cache / "tracks").iterdir()} == files_before
 
 
 def test_random_codec_is_identical_across_processes(prepared, random_codec):
@@ -487,3 +494,268 @@ def test_demo_cache_of_another_random_codec_is_rebuilt(tmp_path):
     assert rebuilt["codec_fingerprint"] == prepare_data.random_codec_fingerprint()
     assert rebuilt["complete"] and len(rebuilt["tracks"]) == 2
     assert rebuilt["settings"]["last_run"]["encoded_tracks"] == 2      # re-encoded, not reused
+
+
+# --------------------------------------------------------------------------------------- input robustness
+
+def test_symlink_loops_and_links_reach_each_real_file_once(tmp_path, capsys):
+    audio_dir = tmp_path / "audio"
+    (audio_dir / "a").mkdir(parents=True)
+    (audio_dir / "b").mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for number, path in enumerate([audio_dir / "a" / "x.wav", audio_dir / "b" / "y.wav", outside / "o.wav"]):
+        soundfile.write(path, sine(200 + 100 * number, 0.6, SAMPLE_RATE), SAMPLE_RATE)
+    (audio_dir / "a" / "loop").symlink_to("..")                  # a loop back to the root
+    (audio_dir / "aaa").symlink_to(audio_dir)                     # walked first (sorted), yet not used
+    (audio_dir / "b" / "up").symlink_to("../a")                   # a folder of the tree again
+    (audio_dir / "z_link.wav").symlink_to("a/x.wav")              # a file of the tree again
+    os.link(audio_dir / "b" / "y.wav", audio_dir / "b" / "y_hard.wav")
+    (audio_dir / "ext").symlink_to(outside)                       # outside the tree: followed once...
+    (audio_dir / "ext2").symlink_to(outside)                      # ...not twice
+    (outside / "back").symlink_to(audio_dir)                      # and a loop through it
+
+    files, duplicates = prepare_data.find_files(audio_dir)
+    assert [p.relative_to(audio_dir).as_posix() for p in files] == ["a/x.wav", "b/y.wav", "ext/o.wav"]
+    skipped = ["aaa", "ext2", "z_link.wav", "a/loop", "b/up", "b/y_hard.wav", "ext/back"]
+    assert duplicates == len(skipped)
+
+    manifest = small_prepare(audio_dir, tmp_path / "cache")
+    assert sorted(t["source"] for t in manifest["tracks"]) == ["a/x.wav", "b/y.wav", "ext/o.wav"]
+    assert manifest["duplicates_skipped"] == len(skipped) and not manifest["skipped"]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "already found" in line]
+    assert len(warnings) == 1 and f"skipped {len(skipped)} paths" in warnings[0]
+
+
+def test_huge_finite_samples_are_skipped_and_statistics_stay_finite(tmp_path, capsys):
+    """3e38 is a finite float32, but mixing, resampling or the encoder overflow it to inf/NaN."""
+    audio_dir = tmp_path / "audio"
+    audio_dir.mkdir()
+    soundfile.write(audio_dir / "good.wav", sine(200, 0.6, SAMPLE_RATE), SAMPLE_RATE)
+    huge = np.full(int(0.6 * SAMPLE_RATE), 3e38, dtype=np.float32)
+    huge[::2] *= -1
+    soundfile.write(audio_dir / "huge_mono.wav", huge, SAMPLE_RATE, subtype="FLOAT")          # encoder overflows
+    soundfile.write(audio_dir / "huge_stereo.wav", np.stack([huge, huge], 1), SAMPLE_RATE, subtype="FLOAT")  # mix
+    soundfile.write(audio_dir / "huge_44k.wav", np.full(26_460, 3e38, np.float32), 44_100, subtype="FLOAT")
+    manifest = small_prepare(audio_dir, tmp_path / "cache")
+    assert [t["source"] for t in manifest["tracks"]] == ["good.wav"]
+    reasons = {entry["source"]: entry["reason"] for entry in manifest["skipped"]}
+    assert set(reasons) == {"huge_mono.wav", "huge_stereo.wav", "huge_44k.wav"}
+    assert "latents are not finite" in reasons["huge_mono.wav"]
+    assert "infinite samples after mixing the channels" in reasons["huge_stereo.wav"]
+    assert f"infinite samples after resampling to {SAMPLE_RATE} Hz" in reasons["huge_44k.wav"]
+    assert np.isfinite(manifest["latent_mean"]).all() and np.isfinite(manifest["latent_std"]).all()
+    assert not list((tmp_path / "cache" / "tracks").glob(".*"))          # no temporaries of the skipped tracks
+    # load_audio (used on --input files by inference) refuses them the same way
+    with pytest.raises(data.AudioLoadError, match="huge_stereo.wav: corrupt"):
+        data.load_audio(audio_dir / "huge_stereo.wav")
+
+
+def test_statistics_never_hold_nan(tmp_path, prepared):
+    (tmp_path / "tracks").mkdir()
+    latents = np.ones((LATENT_DIM, 40), dtype=np.float32)
+    latents[5, 7] = np.nan
+    np.save(tmp_path / "tracks" / "t.latents.npy", latents)
+    with pytest.raises(data.CacheError, match="t.latents.npy.*not finite"):
+        prepare_data.latent_statistics(tmp_path, [{"id": "t", "frames": 40}])
+    # a manifest with NaN statistics (written by an older version) is refused with one line
+    _, cache, manifest = prepared
+    manifest = dict(manifest, latent_std=[float("nan")] * LATENT_DIM)
+    with pytest.raises(data.CacheError, match="statistics are not finite"):
+        data.require_complete(manifest, cache)
+
+
+def dead_pid() -> int:
+    """The PID of a process that has exited (a child we ran and reaped)."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(child.stdout)
+
+
+def test_stale_temporaries_of_a_killed_run_are_deleted(tmp_path, capsys):
+    audio_dir, cache = tmp_path / "audio", tmp_path / "cache"
+    audio_dir.mkdir()
+    soundfile.write(audio_dir / "a.wav", sine(200, 0.6, SAMPLE_RATE), SAMPLE_RATE)
+    small_prepare(audio_dir, cache)
+    pid = dead_pid()
+    stale = [cache / "tracks" / f".0123abcd.latents.tmp-{pid}.npy", cache / "tracks" / f".0123abcd.audio.tmp-{pid}.npy",
+             cache / f".manifest.tmp-{pid}.json"]
+    alive = cache / "tracks" / f".4567.latents.tmp-{os.getpid()}.npy"     # a running writer's: kept
+    other = cache / "tracks" / ".notes"                                    # not a temporary: kept
+    for path in (*stale, alive, other):
+        path.write_bytes(b"partial")
+    capsys.readouterr()
+    small_prepare(audio_dir, cache)
+    assert not any(path.exists() for path in stale)
+    assert alive.exists() and other.exists()
+    assert "deleted 3 temporary files" in capsys.readouterr().err
+
+
+def test_long_tracks_stream_in_blocks_like_whole_files(tmp_path, monkeypatch, random_codec):
+    """Tracks longer than a block are read, resampled and encoded block by block; the result matches the
+    whole-file path: resampling within float32 rounding, encoding exactly codec.encode's chunked result."""
+    block, context = 30, 10                                     # frames: 0.4 s blocks, 0.13 s warm-up
+    monkeypatch.setattr(prepare_data, "BLOCK_FRAMES", block)
+    monkeypatch.setattr(prepare_data, "CONTEXT_FRAMES", context)
+    audio_dir = tmp_path / "audio"
+    audio_dir.mkdir()
+    rng = np.random.default_rng(3)
+    sources = {"s44.wav": (44_100, 2), "m16.wav": (16_000, 1), "m24.wav": (SAMPLE_RATE, 1)}
+    for name, (rate, channels) in sources.items():
+        noise = 0.1 * rng.standard_normal((int(3.1 * rate), channels))
+        soundfile.write(audio_dir / name, (noise + sine(330, 3.1, rate)[:, None]).astype(np.float32), rate,
+                        subtype="FLOAT")
+    manifest = prepare_data.prepare(audio_dir, tmp_path / "cache", encodec_weights="random", device="cpu",
+                                    min_seconds=MIN_SECONDS, workers=1, progress=False, cache_dtype="float32")
+    for name, (rate, _) in sources.items():
+        samples, _ = soundfile.read(audio_dir / name, dtype="float32", always_2d=True)
+        whole = torch.from_numpy(samples.mean(axis=1, dtype=np.float32))[None]
+        if rate != SAMPLE_RATE:
+            whole = torchaudio.functional.resample(whole, rate, SAMPLE_RATE)
+        track = track_by_source(manifest, name)
+        assert track["frames"] == whole.shape[-1] // HOP_LENGTH > 5 * block
+        latents, audio = cached_arrays(tmp_path / "cache", track)
+        whole = whole[:, : track["frames"] * HOP_LENGTH]
+        # conv1d may sum a filter's taps (at most 2 x width + period = 16 here, weights summing to ~1.2) in
+        # another order per block: at most taps * eps32 * peak apart; exact at 24 kHz (no resampling)
+        taps = 16
+        tolerance = 0.0 if rate == SAMPLE_RATE else taps * np.finfo(np.float32).eps * float(whole.abs().max())
+        np.testing.assert_allclose(audio, whole[0].numpy(), rtol=0, atol=tolerance)
+        # the encoder sees exactly what codec.encode's own chunking gives it, on the stored audio
+        reference = codec.encode(random_codec, torch.from_numpy(audio).view(1, 1, -1),
+                                 chunk_seconds=(block + 0.5) / codec.FRAME_RATE,
+                                 context_seconds=(context + 0.5) / codec.FRAME_RATE)[0].numpy()
+        np.testing.assert_array_equal(latents, reference)
+        mean, m2 = np.load(tmp_path / "cache" / "tracks" / f"{track['id']}.stats.npy")
+        np.testing.assert_allclose(mean, latents.astype(np.float64).mean(axis=1), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(m2, ((latents - mean[:, None]) ** 2).sum(axis=1), rtol=1e-9)
+
+
+def test_reading_in_blocks_holds_one_block_at_a_time(tmp_path):
+    rate, seconds, block_seconds = 44_100, 5.0, 0.25
+    soundfile.write(tmp_path / "a.wav", sine(440, seconds, rate), rate, subtype="FLOAT")
+    with data.open_audio(tmp_path / "a.wav") as handle:
+        sizes = [len(block) for block in data.iter_mono_blocks(handle, block_seconds)]
+    assert sum(sizes) == data.load_audio(tmp_path / "a.wav").shape[-1] == 120_000
+    assert len(sizes) == seconds / block_seconds and max(sizes) == block_seconds * SAMPLE_RATE
+
+
+# --------------------------------------------------------------------------------------- compact cache
+
+@pytest.fixture(scope="module")
+def compact(prepared, tmp_path_factory):
+    """The `prepared` corpus again, in the default (compact) layout."""
+    audio_dir = prepared[0]
+    cache = tmp_path_factory.mktemp("compact") / "cache"
+    manifest = prepare_data.prepare(audio_dir, cache, encodec_weights="random", val_fraction=0.34, seed=0,
+                                    device="cpu", min_seconds=MIN_SECONDS, workers=2, progress=False)
+    return cache, manifest
+
+
+FLOAT16_HALF_STEP = 2.0 ** -11         # float16 keeps 11 significant bits: rounding moves x by <= |x| 2^-11
+FLOAT16_SUBNORMAL_HALF_STEP = 2.0 ** -25
+
+
+def test_compact_cache_is_the_float32_cache_rounded(prepared, compact):
+    _, cache32, manifest32 = prepared
+    cache16, manifest16 = compact
+    assert (manifest16["format_version"], manifest16["cache_dtype"]) == (2, "compact")
+    assert manifest32["cache_dtype"] == "float32"
+    assert [(t["id"], t["frames"], t["split"]) for t in manifest16["tracks"]] == \
+           [(t["id"], t["frames"], t["split"]) for t in manifest32["tracks"]]
+    for track in manifest32["tracks"]:
+        latents32, audio32 = cached_arrays(cache32, track)
+        latents16, audio16 = cached_arrays(cache16, track)
+        assert latents16.dtype == np.float16 and audio16.dtype == np.int16
+        bound = np.maximum(np.abs(latents32) * FLOAT16_HALF_STEP, FLOAT16_SUBNORMAL_HALF_STEP)
+        assert np.all(np.abs(latents16.astype(np.float32) - latents32) <= bound)
+        np.testing.assert_array_equal(audio16, np.rint(np.clip(audio32, -1, 1) * 32767).astype(np.int16))
+    # statistics from the unrounded latents: equal to the float32 cache's, not to the rounded arrays'
+    np.testing.assert_allclose(manifest16["latent_mean"], manifest32["latent_mean"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(manifest16["latent_std"], manifest32["latent_std"], rtol=1e-9)
+    train = [t for t in manifest16["tracks"] if t["split"] == "train"]
+    rounded = np.concatenate([cached_arrays(cache16, t)[0].astype(np.float64) for t in train], axis=1)
+    assert not np.allclose(rounded.std(axis=1), manifest16["latent_std"], rtol=1e-9, atol=0)
+
+
+def test_compact_cache_takes_at_most_60_percent_of_the_bytes(prepared, compact):
+    def bytes_per_second(cache, manifest):
+        size = sum(path.stat().st_size for track in manifest["tracks"] for path in data.track_paths(cache, track["id"]))
+        return size / sum(track["duration"] for track in manifest["tracks"])
+    full, small = bytes_per_second(prepared[1], prepared[2]), bytes_per_second(*compact)
+    payload = LATENT_DIM * codec.FRAME_RATE * 4 + SAMPLE_RATE * 4           # 134400 B/s of float32
+    assert full == pytest.approx(payload, rel=0.01)                          # plus the .npy headers
+    assert small <= 0.6 * full and small == pytest.approx(payload / 2, rel=0.01)
+
+
+def test_compact_dataset_gives_float32_close_to_the_float32_cache(prepared, compact):
+    full = data.ContinuationDataset(prepared[1], "train", SEGMENT)
+    small = data.ContinuationDataset(compact[0], "train", SEGMENT)
+    assert len(full) == len(small) and small.cache_dtype == "compact"
+    std = full.latent_std.numpy()[:, None]
+    for index in range(0, len(full), 2):
+        a, b = full[index], small[index]
+        assert all(value.dtype == torch.float32 for value in b.values())
+        for key in ("input_audio", "target_audio"):                    # int16 rounding: half a step
+            np.testing.assert_allclose(b[key].numpy(), a[key].numpy(), rtol=0, atol=0.5 / 32767 + 1e-7)
+        for key in ("input_latent", "target_latent"):                  # float16 rounding, over std
+            raw = a[key].numpy() * std + full.latent_mean.numpy()[:, None]
+            bound = np.maximum(np.abs(raw) * FLOAT16_HALF_STEP, FLOAT16_SUBNORMAL_HALF_STEP) / std
+            assert np.all(np.abs(b[key].numpy() - a[key].numpy()) <= bound * 1.01 + 1e-6)
+    clone = pickle.loads(pickle.dumps(small))                           # still safe for DataLoader workers
+    torch.testing.assert_close(clone[1], small[1])
+
+
+def test_format_version_1_cache_is_read_as_float32_and_resumes(prepared, tmp_path, monkeypatch, capsys):
+    import shutil
+    audio_dir, cache32, manifest32 = prepared
+    old = tmp_path / "old"
+    shutil.copytree(cache32, old)
+    for path in (old / "tracks").glob("*.stats.npy"):            # version 1 had no moments files
+        path.unlink()
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    del manifest["cache_dtype"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    current, reference = data.ContinuationDataset(old, "train", SEGMENT), data.ContinuationDataset(cache32, "train", SEGMENT)
+    assert current.cache_dtype == "float32"
+    torch.testing.assert_close(current[3], reference[3], rtol=0, atol=0)
+
+    calls = CountingEncode()
+    monkeypatch.setattr(prepare_data, "encode", calls)
+    resumed = prepare_data.prepare(audio_dir, old, encodec_weights="random", val_fraction=0.34, device="cpu",
+                                   min_seconds=MIN_SECONDS, workers=1, progress=False, cache_dtype="float32")
+    assert calls.calls == 0 and (resumed["format_version"], resumed["cache_dtype"]) == (2, "float32")
+    np.testing.assert_allclose(resumed["latent_std"], manifest32["latent_std"], rtol=1e-9)
+    capsys.readouterr()
+    code = prepare_data.main(["--audio_dir", str(audio_dir), "--out_dir", str(old), "--encodec_weights", "random",
+                              "--device", "cpu", "--min_seconds", str(MIN_SECONDS)])       # default: compact
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert code == 1 and len(err) == 1 and "made with --cache_dtype float32" in err[0]
+    assert calls.calls == 0
+
+
+@pytest.mark.parametrize("change, message", [({"format_version": 3}, "format_version 3; this code reads versions 1, 2"),
+                                             ({"cache_dtype": "bfloat16"}, "unknown cache_dtype 'bfloat16'")])
+def test_unknown_cache_format_is_one_line_error(compact, tmp_path, change, message):
+    manifest = dict(compact[1], **change)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(data.CacheError, match=message) as error:
+        data.read_manifest(tmp_path)
+    assert "\n" not in str(error.value)
+
+
+def test_latents_beyond_float16_are_refused_in_compact_caches(tmp_path, monkeypatch):
+    audio_dir = tmp_path / "audio"
+    audio_dir.mkdir()
+    soundfile.write(audio_dir / "a.wav", sine(200, 0.6, SAMPLE_RATE), SAMPLE_RATE)
+    loud = codec.encode(codec.load_codec("random"), torch.from_numpy(sine(200, 0.6, SAMPLE_RATE)).view(1, 1, -1))
+    scale = 1e5 / float(loud.abs().max())                         # the largest latent becomes 1e5 > 65504
+    monkeypatch.setattr(prepare_data, "encode", lambda model, audio: codec.encode(model, audio) * scale)
+    with pytest.raises(prepare_data.NoUsableAudioError):
+        prepare_data.prepare(audio_dir, tmp_path / "c16", encodec_weights="random", device="cpu",
+                             min_seconds=MIN_SECONDS, workers=1, progress=False)
+    reason = data.read_manifest(tmp_path / "c16")["skipped"][0]["reason"]
+    assert "beyond float16's 65504" in reason and "--cache_dtype float32" in reason
+    manifest = prepare_data.prepare(audio_dir, tmp_path / "c32", encodec_weights="random", device="cpu",
+                                    min_seconds=MIN_SECONDS, workers=1, progress=False, cache_dtype="float32")
+    assert len(manifest["tracks"]) == 1

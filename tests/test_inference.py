@@ -1,8 +1,9 @@
-"""inference_sample.py and listening_metrics.py on a tiny untrained model and a tiny demo cache.
+"""inference_sample.py on a tiny untrained model and a tiny demo cache (listening_metrics.py alone:
+tests/test_listening_metrics.py).
 
-Every comparison is against something computed independently of the code under test: librosa for
-the listening metrics, the cache / the input file for the context audio, a hand-written
-model -> decoder pass for the continuation, losses.CombinedLoss on the written WAVs for metrics.json.
+Every comparison is against something computed independently of the code under test: the cache /
+the input file for the context audio, a hand-written model -> decoder pass for the continuation,
+losses.CombinedLoss on the written WAVs for metrics.json.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 import inference_sample  # noqa: E402
 import listening_metrics  # noqa: E402
-from utils import free_port  # noqa: E402
 from codec import FRAME_RATE, HOP_LENGTH, SAMPLE_RATE, FrozenDecoder, encode, load_codec  # noqa: E402
+from utils import free_port  # noqa: E402
 
 SEGMENT_FRAMES = 16                       # 0.21 s: the smallest window the 2048-point STFT losses accept
 SEGMENT_SAMPLES = SEGMENT_FRAMES * HOP_LENGTH
@@ -111,77 +112,6 @@ def expected_context(audio: torch.Tensor, start_seconds: float) -> tuple[int, to
     return start_frame, audio[:, start_frame * HOP_LENGTH: (start_frame + SEGMENT_FRAMES) * HOP_LENGTH]
 
 
-# ------------------------------------------------------------------------------- listening metrics
-
-def drum_loop(seconds=3.0, bpm=120, seed=0):
-    rng = np.random.default_rng(seed)
-    audio = np.zeros(int(seconds * SAMPLE_RATE))
-    step = int(60 / bpm * SAMPLE_RATE / 2)
-    for hit, start in enumerate(range(0, audio.size, step)):
-        length = min(3000, audio.size - start)
-        envelope = np.exp(-np.arange(length) / 300)
-        sound = rng.standard_normal(length) * 0.5 if hit % 2 else np.sin(2 * np.pi * 60 * np.arange(length) / SAMPLE_RATE)
-        audio[start: start + length] += sound * envelope
-    return audio.astype(np.float32)
-
-
-def chord(frequencies=(261.63, 329.63, 392.0), seconds=3.0):   # C major, sustained
-    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    return (sum(np.sin(2 * np.pi * f * t) for f in frequencies) / 4).astype(np.float32)
-
-
-def test_chroma_of_a4_peaks_at_a():
-    t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
-    chroma = listening_metrics.mean_chroma(np.sin(2 * np.pi * 440.0 * t)).numpy()
-    assert listening_metrics.PITCH_CLASSES[int(chroma.argmax())] == "A"
-    assert chroma[9] > 10 * np.delete(chroma, 9).max()
-
-
-def test_chroma_matches_librosa():
-    librosa = pytest.importorskip("librosa")
-    for audio in (chord(), chord((293.66, 369.99, 440.0)), drum_loop()):
-        ours = listening_metrics.mean_chroma(audio).numpy()
-        reference = librosa.feature.chroma_stft(y=audio, sr=SAMPLE_RATE, n_fft=4096, hop_length=1024,
-                                                tuning=0.0).mean(axis=1)
-        cosine = ours @ reference / (np.linalg.norm(ours) * np.linalg.norm(reference))
-        assert cosine > 0.9, cosine
-
-
-def test_onset_envelope_matches_librosa():
-    librosa = pytest.importorskip("librosa")
-    audio = drum_loop()
-    ours = listening_metrics.onset_strength(audio).numpy()
-    reference = librosa.onset.onset_strength(y=audio, sr=SAMPLE_RATE, n_fft=1024, hop_length=256, n_mels=80,
-                                             fmax=8000.0)
-    # librosa puts the flux of frames (t-1, t) at index t + n_fft // (2 * hop); ours is at t - 1.
-    offset = 1 + 1024 // (2 * 256)
-    count = min(ours.size, reference.size - offset)
-    assert np.corrcoef(ours[:count], reference[offset: offset + count])[0, 1] > 0.85
-
-
-def test_identical_audio_scores_one_and_unrelated_lower():
-    drums, sustained = drum_loop(), chord()
-    for audio in (drums, sustained):
-        assert listening_metrics.rhythm_similarity(audio, audio) == pytest.approx(1.0, abs=1e-9)
-        assert listening_metrics.chroma_similarity(audio, audio) == pytest.approx(1.0, abs=1e-9)
-    assert listening_metrics.rhythm_similarity(drums, sustained) < 0.5
-    assert listening_metrics.chroma_similarity(drums, sustained) < 0.8
-    # rhythm: a 20 ms late copy still matches (lag tolerance), another tempo does not
-    assert listening_metrics.rhythm_similarity(drums, np.roll(drums, 480)) > 0.9
-    assert listening_metrics.rhythm_similarity(drums, drum_loop(bpm=90, seed=1)) < 0.5
-    # chroma: C major against D major (shares no pitch class) is far from 1
-    assert listening_metrics.chroma_similarity(sustained, chord((293.66, 369.99, 440.0))) < 0.3
-    # both bounded by their maximum
-    assert listening_metrics.rhythm_similarity(drums, drum_loop(seed=5)) <= 1.0
-
-
-def test_silence_convention():
-    silence = np.zeros(SAMPLE_RATE, dtype=np.float32)
-    assert listening_metrics.rhythm_similarity(silence, silence) == 1.0
-    assert listening_metrics.chroma_similarity(silence, silence) == 1.0
-    assert listening_metrics.chroma_similarity(silence, chord(seconds=1.0)) == 0.0
-
-
 # ------------------------------------------------------------------------------ generation: cache
 
 def test_cache_outputs_have_rate_and_lengths(cache_run):
@@ -230,10 +160,11 @@ def test_metrics_json_matches_recomputation(cache_run, file_run):
         assert len(report["examples"]) == 2
         for entry in report["examples"]:
             folder = out / entry["name"]
-            load = lambda role: torch.from_numpy(read_wav(folder / f"{role}.wav"))[None, None]   # noqa: E731
-            continuation = load("continuation")[..., :SEGMENT_SAMPLES]     # the first segment is scored
-            target = load("target")[..., :SEGMENT_SAMPLES]
-            _, components = combined(continuation, load("context"), target)
+            load = {role: torch.from_numpy(read_wav(folder / f"{role}.wav"))[None, None]
+                    for role in ("context", "continuation", "target")}
+            continuation = load["continuation"][..., :SEGMENT_SAMPLES]     # the first segment is scored
+            target = load["target"][..., :SEGMENT_SAMPLES]
+            _, components = combined(continuation, load["context"], target)
             for name, value in components.items():
                 assert entry["metrics"][name] == pytest.approx(float(value), rel=1e-5, abs=1e-7), name
             assert entry["metrics"]["rhythm"] == pytest.approx(
@@ -242,6 +173,106 @@ def test_metrics_json_matches_recomputation(cache_run, file_run):
                 listening_metrics.chroma_similarity(continuation, target), abs=1e-9)
         for name, mean in report["mean"].items():
             assert mean == pytest.approx(np.mean([e["metrics"][name] for e in report["examples"]]), rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def hand(setup):
+    """The checkpoint's model, its normalisation statistics and the random codec, for recomputing by hand."""
+    from checkpoint import load_model_for_inference
+    model, normalizer, _ = load_model_for_inference(setup["checkpoint"], "cpu")
+    codec = load_codec("random")
+    return {"model": model, "mean": normalizer.mean, "std": normalizer.std, "codec": codec,
+            "decoder": FrozenDecoder(codec)}
+
+
+def assert_figures(figures: dict, output: torch.Tensor, context: torch.Tensor, target: torch.Tensor) -> None:
+    """The audio figures of `output` [1, 1, N] against context and target, recomputed from their definitions."""
+    from losses import CombinedLoss
+    _, components = CombinedLoss()(output, context, target)
+    for name, value in components.items():
+        assert figures[name] == pytest.approx(float(value), rel=1e-4, abs=1e-6), name
+    assert figures["loss"] == pytest.approx(figures["rms_target"], rel=1e-12)     # default weights: target 1.0
+    rms = lambda audio: float(audio.double().square().mean().sqrt())     # noqa: E731
+    assert figures["level"] == pytest.approx(rms(output) / rms(target), rel=1e-4, abs=1e-9)
+    assert figures["rhythm"] == pytest.approx(listening_metrics.rhythm_similarity(output, target), abs=1e-5)
+    assert figures["chroma"] == pytest.approx(listening_metrics.chroma_similarity(output, target), abs=1e-5)
+
+
+def test_cache_baselines_match_hand_decoding(setup, cache_run, hand):
+    """silence = zeros, repeat = the context's latents decoded, oracle = the next window's latents decoded."""
+    from data import ContinuationDataset
+    dataset = ContinuationDataset(setup["cache"], "val", SEGMENT_FRAMES)
+    report = json.loads((cache_run[1] / "metrics.json").read_text())
+    normalise = lambda raw: (raw[None] - hand["mean"]) / hand["std"]      # noqa: E731
+    for entry, index in zip(report["examples"], (0, len(dataset) - 1)):
+        item = dataset[index]
+        raw = {key: item[f"{key}_latent"] * dataset.latent_std[:, None] + dataset.latent_mean[:, None]
+               for key in ("input", "target")}
+        with torch.no_grad():
+            outputs = {"repeat": hand["decoder"](raw["input"][None]), "oracle": hand["decoder"](raw["target"][None])}
+            predicted = hand["model"](normalise(raw["input"]))
+        outputs["silence"] = torch.zeros_like(outputs["oracle"])
+        assert set(entry["baselines"]) == set(outputs)
+        for name, output in outputs.items():
+            assert_figures(entry["baselines"][name], output, item["input_audio"][None], item["target_audio"][None])
+        target = normalise(raw["target"])
+        baselines = entry["baselines"]
+        assert baselines["silence"]["latent_mse"] is None and baselines["silence"]["level"] == 0.0
+        repeat_mse = float((normalise(raw["input"]) - target).square().mean())
+        assert baselines["repeat"]["latent_mse"] == pytest.approx(repeat_mse, rel=1e-4)
+        assert baselines["oracle"]["latent_mse"] == pytest.approx(0.0, abs=1e-8)
+        assert entry["metrics"]["latent_mse"] == pytest.approx(float((predicted - target).square().mean()), rel=1e-4)
+    for name in ("silence", "repeat", "oracle"):
+        for figure, mean in report["mean_baselines"][name].items():
+            values = [e["baselines"][name][figure] for e in report["examples"]]
+            values = [value for value in values if value is not None]
+            assert mean == (pytest.approx(np.mean(values), rel=1e-9) if values else None), (name, figure)
+
+
+def test_file_oracle_is_the_encoded_real_continuation(setup, file_run, hand):
+    """For an input file the target latents are the real continuation encoded from the file's start."""
+    from data import load_audio
+    report = json.loads((file_run["out"] / "metrics.json").read_text())
+    audio = load_audio(file_run["sources"][0])
+    start_frame, context = expected_context(audio, file_run["start"])
+    target_start, target_end = start_frame + SEGMENT_FRAMES, start_frame + 2 * SEGMENT_FRAMES
+    latents = encode(hand["codec"], audio[None, :, : target_end * HOP_LENGTH])[..., target_start:]
+    with torch.no_grad():
+        oracle = hand["decoder"](latents)
+    target = audio[None, :, target_start * HOP_LENGTH: target_end * HOP_LENGTH]
+    entry = report["examples"][0]
+    assert_figures(entry["baselines"]["oracle"], oracle, context[None], target)
+    assert entry["baselines"]["oracle"]["latent_mse"] == pytest.approx(0.0, abs=1e-8)
+
+
+def test_file_without_a_continuation_has_no_baselines(setup, tmp_path, capsys):
+    """A file that ends within one segment after the context: only rms_input, no baselines (nothing to compare)."""
+    path = tmp_path / "short_tail.wav"
+    samples = (SEGMENT_FRAMES + SEGMENT_FRAMES // 2) * HOP_LENGTH       # context + half a segment
+    soundfile.write(str(path), 0.3 * np.sin(np.arange(samples) * 2 * np.pi * 220 / SAMPLE_RATE), SAMPLE_RATE)
+    out = tmp_path / "out"
+    code, _, err = run_main(["--checkpoint", setup["checkpoint"], "--input", path, "--out_dir", out, "--device", "cpu"],
+                            capsys)
+    assert code == 0, err
+    entry = json.loads((out / "metrics.json").read_text())["examples"][0]
+    assert entry["baselines"] is None
+    assert [name for name, value in entry["metrics"].items() if value is not None] == ["rms_input"]
+    page = (out / "index.html").read_text()
+    assert "<td>silence</td>" not in page and "<td>model</td>" in page
+    check_page(out)
+
+
+def test_codec_reference_makes_the_oracle_score_zero(setup, tmp_path, capsys):
+    """--target_audio codec scores against the true latents decoded, so the oracle is exact."""
+    out = tmp_path / "out"
+    code, _, err = run_main(base_argv(setup, setup["checkpoint"], out) + ["--target_audio", "codec"], capsys)
+    assert code == 0, err
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["settings"]["target_audio"] == "codec"
+    oracle = report["examples"][0]["baselines"]["oracle"]
+    for name in ("rms_target", "mel", "latent_mse"):
+        assert oracle[name] == pytest.approx(0.0, abs=1e-6), name
+    assert oracle["level"] == pytest.approx(1.0) and oracle["chroma"] == pytest.approx(1.0)
 
 
 class PageParser(HTMLParser):
@@ -298,6 +329,64 @@ def test_blind_page_hides_the_key_and_the_key_maps_back(cache_run):
     for giveaway in ("context_plus_continuation", "context_plus_target", "continuation.wav", "target.wav",
                      "spectrogram.png", "blind_key.json\"", "(model)", "(real)"):
         assert giveaway not in page, giveaway
+
+
+class TableRows(HTMLParser):
+    """The row labels (first cell of each row with cells) of every table on a page."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.cell, self.first = [], None, False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.first = True
+        elif tag == "td":
+            self.cell = "" if self.first else None
+            self.first = False
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell += data
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self.cell is not None:
+            self.tables[-1].append(self.cell)
+            self.cell = None
+
+
+def test_page_tables_put_the_baselines_beside_the_model(cache_run):
+    """Per example and for the mean: rows model / silence / repeat / oracle; arrows from losses.LOSSES."""
+    import listening_page
+    from losses import LOSSES
+    page = (cache_run[1] / "index.html").read_text()
+    parser = TableRows()
+    parser.feed(page)
+    assert parser.tables == [["model", "silence", "repeat", "oracle"]] * (1 + 2)   # the mean, then each example
+    for component in LOSSES:
+        assert f"{component.name} &darr;" in page
+    assert "rhythm &uarr;" in page and "chroma &uarr;" in page and "level &rarr;1" in page
+    assert set(listening_page.BETTER) == set(listening_page.METRIC_NAMES)
+
+
+def test_plot_spectrograms_writes_one_png_atomically(tmp_path):
+    from plots import plot_spectrograms
+    t = np.arange(SAMPLE_RATE // 2) / SAMPLE_RATE
+    tone = np.sin(2 * np.pi * 440 * t).astype(np.float32)
+    rows = [("numpy [N]", tone), ("tensor [1, N]", torch.from_numpy(tone)[None]),
+            ("shorter", torch.zeros(SAMPLE_RATE // 4))]
+    path = plot_spectrograms(tmp_path / "figure.png", rows, seam_seconds=0.25, window_marks=(0.3,), title="t")
+    assert path == tmp_path / "figure.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["figure.png"]          # no temporary file left
+    from PIL import Image
+    width, height = Image.open(path).size
+    assert width == 800 and height > 3 * 150                               # three stacked rows
+    with pytest.raises(ValueError):
+        plot_spectrograms(tmp_path / "empty.png", [])
+    assert not (tmp_path / "empty.png").exists()
 
 
 def test_blind_shuffle_is_seeded():
