@@ -320,8 +320,9 @@ def one_line(error: BaseException) -> str:
 
 
 def cell_status(cell: Cell, children: list) -> tuple[str, object]:
-    """('done', run) if a child run of this cell and hash FINISHED and best.pt is there; else ('resume', None)
-    when the folder has latest.pt, ('new', None) otherwise."""
+    """('done', run) if a child run of this cell and hash FINISHED and best.pt is there; ('complete', run id)
+    if latest.pt holds the last epoch but the run was not closed (stopped right after saving it); ('resume',
+    None) for any other latest.pt (an interrupted run: --resume auto continues it); ('new', None) otherwise."""
     for run in children:
         tags = run.data.tags
         if (tags.get(TAG_CELL) == cell.name and tags.get(TAG_SEED) == str(cell.seed)
@@ -614,12 +615,14 @@ def write_report(rows: list[dict], cells_in_order: list[str], report_dir: Path, 
     baselines = {b: {n: spread_same([r["result"]["baselines"][b].get(n) for r in rows]) for n in names}
                  for b in BASELINES}
 
+    unity = {r["cell"] for r in rows if r.get("unity")}     # a sanity check (target = input): not a contender
+
     def best_of(table, columns_, skip=(), skill=False):
         marks = {}
         for n in columns_:
             if n in skip:
                 continue
-            candidates = [(c, table[c][n][0]) for c in table if table[c][n][0] is not None]
+            candidates = [(c, table[c][n][0]) for c in table if table[c][n][0] is not None and c not in unity]
             if len(candidates) > 1:
                 top = candidates[0]
                 for candidate in candidates[1:]:
@@ -630,7 +633,7 @@ def write_report(rows: list[dict], cells_in_order: list[str], report_dir: Path, 
 
     def cell_text(table, marks, c, n):
         mean, std = table[c][n]
-        text = fmt(mean) + ("" if std is None else f" ± {fmt(std)}")
+        text = fmt(mean) + ("" if std is None else f" ± {std:.2g}")
         return f"**{text}**" if marks.get(n) == c else text
 
     def weights_of(group):
@@ -643,8 +646,10 @@ def write_report(rows: list[dict], cells_in_order: list[str], report_dir: Path, 
         "Mean ± standard deviation over seeds (sample std, n-1; none with one seed; per-seed values in results.csv). "
         "Best cell in each column in **bold**: lowest for the loss components and latent_mse, closest to 1 for "
         "level, highest for rhythm, chroma and skill. `loss` is each cell's own weighted total, so it is not "
-        "comparable across cells (not marked): compare the components. Baseline rows are the same for every "
-        "cell except `loss` (each cell's weights; shown where all cells agree).",
+        "comparable across cells (not marked): compare the components. Unity cells (`--unity_test`: target = "
+        "input) are the pipeline's sanity check, not a contender: never marked. A baseline figure is one value when it "
+        "is the same for every cell, else its range over the cells (`loss` follows each cell's weights; a unity "
+        "cell's target is its input; the plot then marks each cell's own baseline over its bar).",
         "",
         "| cell | weights in/tgt/spec/mel | seeds | " + " | ".join(names) + " |",
         "|---|---|---|" + "---|" * len(names),
@@ -666,7 +671,7 @@ def write_report(rows: list[dict], cells_in_order: list[str], report_dir: Path, 
     with atomic_path(report_dir / "results.md") as tmp:
         tmp.write_text(markdown)
 
-    plot(summary, baselines_numeric(rows, names), names, report_dir / "results.png")
+    plot(summary, baselines_per_cell(rows, list(by_cell), names), names, report_dir / "results.png")
     return markdown
 
 
@@ -674,25 +679,26 @@ def csvnum(value):
     return "" if value is None else repr(float(value))
 
 
+def agree(values: list) -> bool:
+    return bool(values) and None not in values and max(values) - min(values) <= 1e-9 * max(1.0, abs(max(values)))
+
+
 def spread_same(values: list) -> str:
-    """A baseline's figure as text: the value if every cell's evaluation agrees, else 'varies'."""
+    """A baseline's figure as text: the value if every cell's evaluation agrees, else the range over cells."""
     defined = [v for v in values if v is not None]
     if not defined:
         return "n/a"
-    if max(defined) - min(defined) <= 1e-9 * max(1.0, abs(max(defined))) and len(defined) == len(values):
+    if agree(values):
         return fmt(defined[0])
-    return "varies"
+    return f"{fmt(min(defined))} – {fmt(max(defined))}"
 
 
-def baselines_numeric(rows: list[dict], names) -> dict:
-    """{baseline: {figure: value}} for the plot: the value where every evaluation agrees, else None."""
+def baselines_per_cell(rows: list[dict], cells: list[str], names) -> dict:
+    """{baseline: {figure: {cell: mean over the cell's seeds, or None}}} for the plot."""
     result = {}
     for b in BASELINES:
-        result[b] = {}
-        for n in names:
-            values = [r["result"]["baselines"][b].get(n) for r in rows]
-            agree = values and None not in values and max(values) - min(values) <= 1e-9 * max(1.0, abs(max(values)))
-            result[b][n] = values[0] if agree else None
+        result[b] = {n: {c: spread([r["result"]["baselines"][b].get(n) for r in rows if r["cell"] == c])[0]
+                         for c in cells} for n in names}
     return result
 
 
@@ -714,9 +720,14 @@ def plot(summary: dict, baselines: dict, names, path: Path) -> None:
         axis.bar(x, [m if m is not None else 0.0 for m in means], yerr=errors, capsize=3, color="tab:blue",
                  alpha=0.8)
         for b, (colour, style) in styles.items():
-            value = baselines[b].get(name)
-            if value is not None:
-                axis.axhline(value, color=colour, linestyle=style, linewidth=1.2, label=b)
+            values = [baselines[b][name][c] for c in cells]
+            if agree(values):          # the same for every cell: one line across the panel
+                axis.axhline(values[0], color=colour, linestyle=style, linewidth=1.2, label=b)
+            else:                      # each cell's own (its weights, or unity's windows): a line over its bar
+                for position, value in enumerate(values):
+                    if value is not None:
+                        axis.hlines(value, position - 0.45, position + 0.45, color=colour, linestyle=style,
+                                    linewidth=1.2, label=b)
         title = f"{name} (own weights: not comparable)" if name == "loss" else name
         axis.set_title(title, fontsize=9)
         axis.set_xticks(list(x))
@@ -840,6 +851,7 @@ def study(runner: Runner, argv) -> int:
               file=sys.stderr, flush=True)
         return 0
 
+    startup_seconds = time.perf_counter() - STARTED     # imports, checks, MLflow parent and children
     train_seconds, failures = 0.0, []
     if not args.report_only:
         study_run.set_status("RUNNING")
@@ -901,8 +913,10 @@ def study(runner: Runner, argv) -> int:
         run_id = peek_checkpoint(best).get("mlflow_run_id")
         if fresh and run_id:
             log_evaluation(study_run, run_id, result)
-        rows.append({"cell": cell.name, "seed": cell.seed, "hash": cell.hash, "run_id": run_id, "result": result})
+        rows.append({"cell": cell.name, "seed": cell.seed, "hash": cell.hash, "run_id": run_id, "result": result,
+                     "unity": bool(cell.settings.get("unity_test"))})
 
+    report_started = time.perf_counter()
     if rows:
         report_dir = out_dir / "report"
         header = [f"# Loss ablation: {out_dir}", "",
@@ -927,10 +941,12 @@ def study(runner: Runner, argv) -> int:
         study_run.set_status("FAILED" if failures else "FINISHED")
     elif not failures and not missing:
         study_run.set_status("FINISHED")
-    wall = time.perf_counter() - STARTED
+    now = time.perf_counter()
+    wall, report_seconds = now - STARTED, now - report_started
     overhead = wall - train_seconds - eval_seconds
     print(f"[ablate] training {train_seconds:.1f} s, evaluation {eval_seconds:.1f} s; "
-          f"overhead: {overhead:.1f} s of {wall:.1f} s ({100 * overhead / wall:.1f}%)", flush=True)
+          f"overhead: {overhead:.1f} s of {wall:.1f} s ({100 * overhead / wall:.1f}%; "
+          f"start-up {startup_seconds:.1f} s, report {report_seconds:.1f} s)", flush=True)
     if failures:
         print(f"error: {len(failures)} failed: " + "; ".join(failures), file=sys.stderr, flush=True)
         return 1

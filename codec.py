@@ -21,6 +21,9 @@ LATENT_DIM = 128                  # channels of the continuous encoder output
 HOP_LENGTH = 320                  # audio samples per latent frame (product of the encoder strides)
 FRAME_RATE = SAMPLE_RATE / HOP_LENGTH   # 75 latent frames per second
 CHECKPOINT_NAME = "encodec_24khz-d7cc33bc.th"   # the name (and sha256 prefix) the encodec package uses
+# Frames of audio before a chunk that the encoder is fed and whose latents are dropped: the encoder is causal
+# but its LSTM carries state, and one second of warm-up makes a chunked encoding match a whole one.
+ENCODER_CONTEXT_FRAMES = 75
 RANDOM_CODEC_SEED = 20240601      # `--encodec_weights random` is this seed: identical in every process and run
 WEIGHT_CHOICES_HELP = "'pretrained', 'random', or a path to a checkpoint file or a directory holding " + CHECKPOINT_NAME
 
@@ -136,7 +139,7 @@ def check_fingerprint(expected: str, actual: str, what: str) -> None:
 
 @torch.no_grad()
 def encode(model: nn.Module, audio: torch.Tensor, chunk_seconds: float = 60.0,
-           context_seconds: float = 1.0) -> torch.Tensor:
+           context_seconds: float = ENCODER_CONTEXT_FRAMES / FRAME_RATE) -> torch.Tensor:
     """Continuous encoder latents (before quantisation) of `audio` [B, 1, N] -> [B, 128, N // HOP_LENGTH].
 
     Long audio is encoded in chunks so memory stays bounded. The encoder is causal, so each chunk

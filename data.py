@@ -187,7 +187,8 @@ class LatentNormalizer(nn.Module):
         mean = torch.as_tensor(mean, dtype=torch.float32).clone().reshape(1, -1, 1)
         std = torch.as_tensor(std, dtype=torch.float32).clone().reshape(1, -1, 1)
         if mean.shape[1] != LATENT_DIM or std.shape[1] != LATENT_DIM:
-            raise ValueError(f"latent statistics must have {LATENT_DIM} channels, got {mean.shape[1]} and {std.shape[1]}")
+            raise ValueError(f"latent statistics must have {LATENT_DIM} channels, "
+                             f"got {mean.shape[1]} and {std.shape[1]}")
         if not bool((std > 0).all()):
             raise ValueError("latent std must be positive in every channel")
         self.register_buffer("mean", mean)
@@ -243,9 +244,10 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict:
     missing = [key for key in required if not isinstance(manifest, dict) or key not in manifest]
     if missing:
         raise CacheError(f"{path}: not a cache manifest (missing {', '.join(missing)})")
-    if (manifest["sample_rate"], manifest["hop_length"], manifest["latent_dim"]) != (SAMPLE_RATE, HOP_LENGTH, LATENT_DIM):
-        raise CacheError(f"{path}: made for sample rate {manifest['sample_rate']}, hop {manifest['hop_length']}, "
-                         f"latent dim {manifest['latent_dim']}; this code uses {SAMPLE_RATE}, {HOP_LENGTH}, {LATENT_DIM}")
+    made_for = (manifest["sample_rate"], manifest["hop_length"], manifest["latent_dim"])
+    if made_for != (SAMPLE_RATE, HOP_LENGTH, LATENT_DIM):
+        raise CacheError(f"{path}: made for sample rate {made_for[0]}, hop {made_for[1]}, latent dim {made_for[2]}; "
+                         f"this code uses {SAMPLE_RATE}, {HOP_LENGTH}, {LATENT_DIM}")
     version = manifest.get("format_version", 1)
     if version not in READABLE_FORMAT_VERSIONS:
         raise CacheError(f"{path}: cache format_version {version!r}; this code reads versions "

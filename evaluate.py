@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 
 from evaluation import TARGET_AUDIO_CHOICES, evaluate_checkpoint, format_table
-from utils import atomic_path, one_line
+from utils import atomic_path, one_line, run_command
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,13 +87,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_flags(parser, args)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)   # encodec's deprecated weight_norm: nothing to act on
-        try:
-            return run(args)
-        except (CheckpointError, CodecLoadError, CacheError, ValueError, OSError) as error:
-            print(f"error: {one_line(error)}", file=sys.stderr)
-            return 2
+    return run_command(run, args, (CheckpointError, CodecLoadError, CacheError, ValueError, OSError))
 
 
 if __name__ == "__main__":

@@ -56,7 +56,6 @@ import math
 import re
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,7 +79,7 @@ from evaluation import BASELINES, TARGET_AUDIO_CHOICES, EvaluationError, ScoreSu
 from listening_page import METRIC_NAMES, MODEL_ROW, PLAYED, PLAYER_TITLES, figure_rows, format_value, render_page
 from losses import CombinedLoss, rms_loss
 from plots import plot_spectrograms
-from utils import atomic_path, check_mlflow_server, one_line, warn
+from utils import atomic_path, check_mlflow_server, one_line, run_command, warn
 
 
 class InferenceError(RuntimeError):
@@ -521,13 +520,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_flags(parser, args)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)   # encodec's deprecated weight_norm: nothing to act on
-        try:
-            return run(args)
-        except (InferenceError, CodecLoadError, EvaluationError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+    return run_command(run, args, (InferenceError, CodecLoadError, EvaluationError))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import hashlib
 import itertools
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -32,12 +31,38 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from codec import (FRAME_RATE, HOP_LENGTH, LATENT_DIM, SAMPLE_RATE, WEIGHT_CHOICES_HELP, CodecLoadError,
-                   check_fingerprint, codec_fingerprint, encode, load_codec)
-from data import (AUDIO_INT16_SCALE, CACHE_DTYPES, CACHE_FORMAT_VERSION, DEFAULT_CACHE_DTYPE, TRACKS_DIR,
-                  AudioLoadError, CacheError, audio_to_int16, cache_dtype, iter_mono_blocks, manifest_path,
-                  open_audio, read_manifest, resampled_length, track_paths, track_stats_path)
-from utils import atomic_path
+from codec import (
+    ENCODER_CONTEXT_FRAMES,
+    FRAME_RATE,
+    HOP_LENGTH,
+    LATENT_DIM,
+    SAMPLE_RATE,
+    WEIGHT_CHOICES_HELP,
+    CodecLoadError,
+    check_fingerprint,
+    codec_fingerprint,
+    encode,
+    load_codec,
+)
+from data import (
+    AUDIO_INT16_SCALE,
+    CACHE_DTYPES,
+    CACHE_FORMAT_VERSION,
+    DEFAULT_CACHE_DTYPE,
+    TRACKS_DIR,
+    AudioLoadError,
+    CacheError,
+    audio_to_int16,
+    cache_dtype,
+    iter_mono_blocks,
+    manifest_path,
+    open_audio,
+    read_manifest,
+    resampled_length,
+    track_paths,
+    track_stats_path,
+)
+from utils import TEMPORARY_NAME, atomic_path
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".w64", ".caf")
 DEFAULT_MIN_SECONDS = 4.0    # one training example at the default segment: 2 x 150 frames = 2 x 2 s
@@ -50,12 +75,7 @@ DEMO_SOURCE_DIR_NAME = "audio"
 # worker near +0.27 GB over the codec's ~0.6 GB process; codec.encode runs one call (< its 60 s chunk) as a
 # single pass, so a track of at most BLOCK_FRAMES is encoded exactly as before, whole.
 BLOCK_FRAMES = 1125
-# Frames of audio before a block that the encoder sees and whose latents are dropped: the encoder is causal
-# but its LSTM carries state, and one second of warm-up is what codec.encode uses between its chunks.
-CONTEXT_FRAMES = 75
 FLOAT16_MAX = float(np.finfo(np.float16).max)     # 65504: larger latents cannot be stored compact
-# utils.atomic_path writes PATH as hidden ".STEM.tmp-PID.SUFFIX" beside it; a killed run leaves those behind
-TEMPORARY_NAME = re.compile(r"^\..+\.tmp-(\d+)(\.[^.]+)?$")
 
 
 class NoUsableAudioError(ValueError):
@@ -470,22 +490,24 @@ def prepare(audio_dir, out_dir, encodec_weights: str = "pretrained", val_fractio
 
 
 def _run_in_threads(items: list, job, workers: int):
-    """Yield (item, future) as the jobs finish, in any order.
+    """Yield (item, future) as the jobs finish; jobs that finished together in the order submitted.
 
     At most `workers` jobs run at once (torch and libsndfile release the GIL, so they use separate
     cores) and only a few more are queued, so memory stays at about `workers` tracks. On an exception
     in the caller (Ctrl-C) queued jobs are cancelled and running ones finish writing their arrays.
+    Submission order among finished jobs means that when a job raises (Ctrl-C in a worker), every
+    job submitted before it that has finished is handed over (and recorded) first.
     """
-    pending = iter(items)
+    pending = enumerate(items)
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        running = {pool.submit(job, item): item for item in itertools.islice(pending, 2 * workers)}
+        running = {pool.submit(job, item): (number, item) for number, item in itertools.islice(pending, 2 * workers)}
         try:
             while running:
                 finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in finished:
-                    yield running.pop(future), future
-                    for item in itertools.islice(pending, 1):
-                        running[pool.submit(job, item)] = item
+                for future in sorted(finished, key=lambda done: running[done][0]):
+                    yield running.pop(future)[1], future
+                    for number, item in itertools.islice(pending, 1):
+                        running[pool.submit(job, item)] = (number, item)
         finally:
             for future in running:
                 future.cancel()
@@ -560,7 +582,7 @@ def _encode_blocks(codec, blocks, latents_out: NpyWriter, audio_out: NpyWriter, 
                    path: Path) -> Moments:
     """Store the 24 kHz blocks in audio_out and their latents in latents_out; return the latents' moments.
 
-    Frames are encoded BLOCK_FRAMES at a time, each call also fed the CONTEXT_FRAMES of audio before its
+    Frames are encoded BLOCK_FRAMES at a time, each call also fed the ENCODER_CONTEXT_FRAMES of audio before its
     block (their latents dropped), so only about two blocks of audio are held at once.
     """
     frames = latents_out.shape[1]
@@ -575,14 +597,14 @@ def _encode_blocks(codec, blocks, latents_out: NpyWriter, audio_out: NpyWriter, 
         ready = (pending_start + len(pending)) // HOP_LENGTH
         while next_frame < frames and (ready >= min(frames, next_frame + BLOCK_FRAMES)):
             stop = min(frames, next_frame + BLOCK_FRAMES)
-            left = max(0, next_frame - CONTEXT_FRAMES)
+            left = max(0, next_frame - ENCODER_CONTEXT_FRAMES)
             segment = torch.from_numpy(pending[left * HOP_LENGTH - pending_start: stop * HOP_LENGTH - pending_start])
             latents = encode(codec, segment.to(device).view(1, 1, -1))[0, :, next_frame - left:].float().cpu().numpy()
             _check_latents(latents, latents_out.dtype, path)
             moments.add_frames(latents)
             latents_out.write(next_frame, latents)              # rounded to the cache's type here
             next_frame = stop
-            drop = max(0, (next_frame - CONTEXT_FRAMES) * HOP_LENGTH - pending_start)
+            drop = max(0, (next_frame - ENCODER_CONTEXT_FRAMES) * HOP_LENGTH - pending_start)
             pending, pending_start = pending[drop:], pending_start + drop
     if next_frame < frames:
         raise AudioLoadError(f"{path}: ended after {next_frame / FRAME_RATE:.2f} s of audio, its header "

@@ -25,7 +25,7 @@ import sys
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -551,93 +551,134 @@ def run_skill(val: dict | None, baselines: dict | None):
     return skill(val, baselines["repeat"], baselines["oracle"])["loss"]
 
 
-def summary_line(best_val_loss: float, best: dict, baselines: dict | None, checkpoint_dir) -> str:
+def summary_line(progress: "Progress", baselines: dict | None, checkpoint_dir) -> str:
     """The launcher's last line: the best epoch against the trivial baselines."""
     def figure(value):
         return "n/a" if value is None else f"{value:.4f}"
+    best = progress.best
     val = best["val"] or {"level": None}      # a checkpoint from an older version records no figures
-    head = (f"done: best val loss {best_val_loss:.4f} (epoch {best['epoch']}), "
+    head = (f"done: best val loss {progress.best_val_loss:.4f} (epoch {best['epoch']}), "
             f"skill {figure(run_skill(best['val'], baselines))}, level {figure(val['level'])}")
     if baselines is not None:
         head += "; baselines " + ", ".join(f"{name} {baselines[name]['loss']:.4f}" for name in BASELINES)
     return f"{head}; checkpoints in {checkpoint_dir}"
 
 
+@dataclass
+class Progress:
+    """What a run carries from epoch to epoch, and across a resume through the checkpoint."""
+    start_epoch: int = 1
+    best_val_loss: float = math.inf
+    best: dict = field(default_factory=lambda: {"epoch": None, "val": None})   # the best epoch's figures
+    skipped_steps: int = 0
+    resume_history: list = field(default_factory=list)
+
+    @classmethod
+    def of(cls, state: dict | None, changes: dict) -> "Progress":
+        if state is None:
+            return cls()
+        history = list(state.get("resume_history", []))
+        if changes:
+            history.append({"epoch": state["epoch"] + 1, "changed": changes})
+        return cls(state["epoch"] + 1, state["best_val_loss"], state.get("best", {"epoch": None, "val": None}),
+                   state.get("skipped_steps", 0), history)
+
+    def record(self, epoch: int, train: dict, val: dict | None) -> bool:
+        """Count the epoch; True if it is the best so far (val is reduced: the same answer on every rank)."""
+        self.skipped_steps += train["skipped_steps"]
+        if val is None or not val["loss"] < self.best_val_loss:
+            return False
+        self.best_val_loss, self.best = val["loss"], {"epoch": epoch, "val": val}
+        return True
+
+
+class Reporter:
+    """Rank 0's end-of-epoch work: the printed block, checkpoints, MLflow metrics and audio samples.
+
+    Artifact uploads run in a background thread, so a slow server never stalls the other ranks (they
+    wait for rank 0 at the next collective)."""
+
+    def __init__(self, ctx: Context, logger: MlflowLogger):
+        self.ctx, self.logger = ctx, logger
+        self.uploader, self.uploads = ThreadPoolExecutor(max_workers=1), []
+
+    def epoch(self, epoch: int, train: dict, val: dict | None, nonfinite: int, baselines: dict | None,
+              progress: Progress, is_best: bool, seconds: float) -> None:
+        ctx, args = self.ctx, self.ctx.args
+        shown = val if val is not None else dict.fromkeys(METRIC_NAMES, float("nan"))
+        print(format_epoch_block(epoch, args.epochs, train, shown, train["learning_rate"]), flush=True)
+        state = build_checkpoint(
+            model=ctx.raw_model, optimizer=ctx.optimizer, scheduler=ctx.scheduler, schedule_steps=ctx.schedule_steps,
+            epoch=epoch, args=vars(args), resume_history=progress.resume_history,
+            normalizer_stats=(ctx.train_set.latent_mean, ctx.train_set.latent_std),
+            codec_fingerprint=ctx.train_set.codec_fingerprint, encodec_weights=args.encodec_weights,
+            mlflow_run_id=self.logger.run_id, best_val_loss=progress.best_val_loss, best=progress.best,
+            val_loss=shown["loss"], segment_frames=args.segment_frames, skipped_steps=progress.skipped_steps,
+            world_size=ctx.world_size)
+        save_checkpoint(Path(args.checkpoint_dir) / LATEST_NAME, state)
+        if is_best:
+            save_checkpoint(Path(args.checkpoint_dir) / BEST_NAME, state)
+        sent = self.logger.log_metrics(epoch_metrics(train, val, nonfinite, baselines, seconds), step=epoch)
+        if args.log_audio_every and epoch % args.log_audio_every == 0:
+            folder = write_audio_examples(ctx, epoch)
+            if sent:     # a server that just failed would only make the next uploads wait too
+                self.uploads.append(self.uploader.submit(self.logger.log_artifacts, folder,
+                                                         f"samples/epoch_{epoch:04d}"))
+
+    def close(self, status: str) -> None:
+        if wait(self.uploads, timeout=ARTIFACT_WAIT_SECONDS).not_done:
+            warn(f"MLflow artifact uploads still running after {ARTIFACT_WAIT_SECONDS} s; the files stay on disk")
+        self.uploader.shutdown(wait=False, cancel_futures=True)
+        self.logger.finish(status)
+
+
+def announce(ctx: Context, logger: MlflowLogger, baselines: dict | None, resumed_at: int | None) -> None:
+    """Rank 0's first line (and the baselines, once per run, at MLflow step 0)."""
+    if baselines is not None and resumed_at is None:
+        logger.log_metrics({f"val_baseline_{name}_loss": baselines[name]["loss"] for name in BASELINES}, step=0)
+    verb = f"resuming at epoch {resumed_at}" if resumed_at else "starting"
+    print(f"{verb}: {ctx.raw_model.num_parameters():,} parameters, {len(ctx.train_set)} train / "
+          f"{len(ctx.val_set)} val examples of 2 x {ctx.args.segment_frames} frames, {ctx.world_size} x "
+          f"{ctx.device.type}, {ctx.steps_per_epoch} steps per epoch, targets: {ctx.args.target_audio} audio; "
+          f"MLflow run {logger.run_id} at {logger.tracking_uri}", flush=True)
+
+
 def run(args, resume_path: str | None = None) -> None:
     resume_state = load_checkpoint(resume_path) if resume_path else None
     ctx = build_context(args, resume_state)
-    start_epoch = resume_state["epoch"] + 1 if resume_state else 1
-    best_val_loss = resume_state["best_val_loss"] if resume_state else float("inf")
-    best = resume_state.get("best", {"epoch": None, "val": None}) if resume_state else {"epoch": None, "val": None}
-    skipped_total = resume_state.get("skipped_steps", 0) if resume_state else 0
-    history = list(resume_state.get("resume_history", [])) if resume_state else []
-    if resume_state and args.resume_changes:
-        history.append({"epoch": start_epoch, "changed": args.resume_changes})
-
-    logger = start_logger(ctx, resume_state, start_epoch) if ctx.rank == 0 else None
-    uploader = ThreadPoolExecutor(max_workers=1) if ctx.rank == 0 else None   # slow uploads never stall the ranks
-    uploads = []
-    baselines = baseline_figures(ctx)
+    progress = Progress.of(resume_state, args.resume_changes)
+    reporter = None
     if ctx.rank == 0:
-        if baselines is not None and resume_state is None:
-            logger.log_metrics({f"val_baseline_{name}_loss": baselines[name]["loss"] for name in BASELINES}, step=0)
-        verb = f"resuming at epoch {start_epoch}" if resume_state else "starting"
-        print(f"{verb}: {ctx.raw_model.num_parameters():,} parameters, {len(ctx.train_set)} train / "
-              f"{len(ctx.val_set)} val examples of 2 x {args.segment_frames} frames, {ctx.world_size} x "
-              f"{ctx.device.type}, {ctx.steps_per_epoch} steps per epoch, targets: {args.target_audio} audio; "
-              f"MLflow run {logger.run_id} at {logger.tracking_uri}", flush=True)
-
+        reporter = Reporter(ctx, start_logger(ctx, resume_state, progress.start_epoch))
+    baselines = baseline_figures(ctx)
+    if reporter is not None:
+        announce(ctx, reporter.logger, baselines, progress.start_epoch if resume_state else None)
     status = "FAILED"
     try:
-        for epoch in range(start_epoch, args.epochs + 1):
+        for epoch in range(progress.start_epoch, args.epochs + 1):
             seed_everything(args.seed, ctx.rank, epoch)
             started = time.perf_counter()
             train = train_one_epoch(ctx, epoch)
             val, nonfinite = validate(ctx)
-            skipped_total += train["skipped_steps"]
-            is_best = val is not None and val["loss"] < best_val_loss     # val is reduced: the same on every rank
-            if is_best:
-                best_val_loss, best = val["loss"], {"epoch": epoch, "val": val}
-            if ctx.rank != 0:
-                continue
-            # Rank 0 only, after this epoch's collectives: the others wait at most this long in the next one.
-            shown = val if val is not None else dict.fromkeys(METRIC_NAMES, float("nan"))
-            print(format_epoch_block(epoch, args.epochs, train, shown, train["learning_rate"]), flush=True)
-            state = build_checkpoint(
-                model=ctx.raw_model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
-                schedule_steps=ctx.schedule_steps, epoch=epoch, args=vars(args), resume_history=history,
-                normalizer_stats=(ctx.train_set.latent_mean, ctx.train_set.latent_std),
-                codec_fingerprint=ctx.train_set.codec_fingerprint, encodec_weights=args.encodec_weights,
-                mlflow_run_id=logger.run_id, best_val_loss=best_val_loss, best=best,
-                val_loss=shown["loss"], segment_frames=args.segment_frames, skipped_steps=skipped_total,
-                world_size=ctx.world_size)
-            save_checkpoint(Path(args.checkpoint_dir) / LATEST_NAME, state)
-            if is_best:
-                save_checkpoint(Path(args.checkpoint_dir) / BEST_NAME, state)
-            sent = logger.log_metrics(epoch_metrics(train, val, nonfinite, baselines,
-                                                    time.perf_counter() - started), step=epoch)
-            if args.log_audio_every and epoch % args.log_audio_every == 0:
-                folder = write_audio_examples(ctx, epoch)
-                if sent:     # a server that just failed would only make the next uploads wait too
-                    uploads.append(uploader.submit(logger.log_artifacts, folder, f"samples/epoch_{epoch:04d}"))
+            is_best = progress.record(epoch, train, val)
+            if reporter is not None:   # after this epoch's collectives: the others wait for it in the next one
+                reporter.epoch(epoch, train, val, nonfinite, baselines, progress, is_best,
+                               time.perf_counter() - started)
         status = "FINISHED"
     except Interrupted:
         status = "KILLED"
         raise
     finally:
-        if logger is not None:
-            if wait(uploads, timeout=ARTIFACT_WAIT_SECONDS).not_done:
-                warn(f"MLflow artifact uploads still running after {ARTIFACT_WAIT_SECONDS} s; the files stay on disk")
-            uploader.shutdown(wait=False, cancel_futures=True)
-            logger.finish(status)
+        if reporter is not None:
+            reporter.close(status)
     # Every rank ends here together: no rank tears the process group down while rank 0 still uses it.
     dist.barrier()
     dist.destroy_process_group()
-    if best_val_loss == float("inf"):
+    if progress.best_val_loss == math.inf:
         raise TrainingError("validation was non-finite in every epoch (the warnings above name the examples); "
                             "no best.pt was written")
     if ctx.rank == 0:
-        print(summary_line(best_val_loss, best, baselines, args.checkpoint_dir), flush=True)
+        print(summary_line(progress, baselines, args.checkpoint_dir), flush=True)
 
 
 # ------------------------------------------------------------------------------------- failures

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import sys
 import urllib.request
+import warnings
 from pathlib import Path
 
+# atomic_path's temporary files: hidden ".STEM.tmp-PID.SUFFIX" beside the target (group 1: the writer's pid),
+# so a killed writer's leftovers can be recognised and removed.
+TEMPORARY_NAME = re.compile(r"^\..+\.tmp-(\d+)(\.[^.]+)?$")
 MLFLOW_PROBE_TIMEOUT = 5.0   # seconds: a tracking server that does not answer /health by then is taken as down
 
 
@@ -37,6 +42,18 @@ def one_line(error: BaseException) -> str:
     """The first line of an error's message (its type name if it has none), for one-line user errors."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def run_command(body, args, user_errors: tuple) -> int:
+    """A command-line tool's body(args) -> exit code, with a user error (one of `user_errors`) as one line and
+    exit status 2. The encodec package's FutureWarning (deprecated weight_norm) is not the user's to act on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            return body(args)
+        except user_errors as error:
+            print(f"error: {one_line(error)}", file=sys.stderr)
+            return 2
 
 
 def warn(message: str) -> None:

@@ -95,7 +95,8 @@ def bench_prepare(args, work: Path) -> Path:
     prepare_subprocess(work / "one", work / "one_compact", "compact")
     compact, full = cache_bytes_per_second(work / "one_compact"), cache_bytes_per_second(work / "one_float32")
     print(f"cache bytes per second of audio: compact {compact:.0f}, float32 {full:.0f} (compact = "
-          f"{100 * compact / full:.1f} %); the prepared cache: {cache_bytes_per_second(work / 'compact'):.0f}", flush=True)
+          f"{100 * compact / full:.1f} %); the prepared cache: {cache_bytes_per_second(work / 'compact'):.0f}",
+          flush=True)
     return work / "compact"
 
 

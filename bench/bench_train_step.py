@@ -17,7 +17,6 @@ peak is its own. The codec is the random one: timings do not depend on the weigh
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import resource
 import statistics
@@ -189,7 +188,11 @@ def bench_loader(args, segment_seconds: float) -> dict:
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
                                          num_workers=args.num_workers, drop_last=True,
                                          persistent_workers=args.num_workers > 0)
-    batches = itertools.cycle(loader) if len(loader) < args.batches else iter(loader)
+    def fresh_batches():
+        # a new pass whenever one ends: itertools.cycle would replay stored batches and time nothing
+        while True:
+            yield from loader
+    batches = fresh_batches()
     next(batches)                                   # worker start-up is not part of the steady rate
     started = time.perf_counter()
     for _ in range(args.batches):

@@ -183,11 +183,12 @@ def test_target_window_follows_input_window(prepared, random_codec):
             continue
         starts.append(start)
         item = dataset[index]
-        n = SEGMENT * HOP_LENGTH
-        np.testing.assert_array_equal(item["input_audio"][0].numpy(), samples[start * HOP_LENGTH: start * HOP_LENGTH + n])
-        np.testing.assert_array_equal(item["target_audio"][0].numpy(), samples[start * HOP_LENGTH + n: start * HOP_LENGTH + 2 * n])
+        n, first = SEGMENT * HOP_LENGTH, start * HOP_LENGTH
+        np.testing.assert_array_equal(item["input_audio"][0].numpy(), samples[first: first + n])
+        np.testing.assert_array_equal(item["target_audio"][0].numpy(), samples[first + n: first + 2 * n])
         np.testing.assert_allclose(item["input_latent"].numpy(), whole[:, start: start + SEGMENT], atol=1e-3)
-        np.testing.assert_allclose(item["target_latent"].numpy(), whole[:, start + SEGMENT: start + 2 * SEGMENT], atol=1e-3)
+        np.testing.assert_allclose(item["target_latent"].numpy(), whole[:, start + SEGMENT: start + 2 * SEGMENT],
+                                   atol=1e-3)
         if start == 0:
             # the encoder is causal: encoding just input+target audio gives the same frames
             both = torch.cat([item["input_audio"], item["target_audio"]], dim=-1).numpy()[0]
@@ -595,7 +596,7 @@ def test_long_tracks_stream_in_blocks_like_whole_files(tmp_path, monkeypatch, ra
     whole-file path: resampling within float32 rounding, encoding exactly codec.encode's chunked result."""
     block, context = 30, 10                                     # frames: 0.4 s blocks, 0.13 s warm-up
     monkeypatch.setattr(prepare_data, "BLOCK_FRAMES", block)
-    monkeypatch.setattr(prepare_data, "CONTEXT_FRAMES", context)
+    monkeypatch.setattr(prepare_data, "ENCODER_CONTEXT_FRAMES", context)
     audio_dir = tmp_path / "audio"
     audio_dir.mkdir()
     rng = np.random.default_rng(3)
@@ -716,7 +717,8 @@ def test_format_version_1_cache_is_read_as_float32_and_resumes(prepared, tmp_pat
     manifest["format_version"] = 1
     del manifest["cache_dtype"]
     (old / "manifest.json").write_text(json.dumps(manifest))
-    current, reference = data.ContinuationDataset(old, "train", SEGMENT), data.ContinuationDataset(cache32, "train", SEGMENT)
+    current = data.ContinuationDataset(old, "train", SEGMENT)
+    reference = data.ContinuationDataset(cache32, "train", SEGMENT)
     assert current.cache_dtype == "float32"
     torch.testing.assert_close(current[3], reference[3], rtol=0, atol=0)
 
@@ -759,3 +761,24 @@ def test_latents_beyond_float16_are_refused_in_compact_caches(tmp_path, monkeypa
     manifest = prepare_data.prepare(audio_dir, tmp_path / "c32", encodec_weights="random", device="cpu",
                                     min_seconds=MIN_SECONDS, workers=1, progress=False, cache_dtype="float32")
     assert len(manifest["tracks"]) == 1
+
+
+def test_bench_scale_simulated_manifest(prepared, tmp_path, capsys):
+    """The manifest-scale part of bench/bench_scale.py at a small size (a whole run takes minutes, so the
+    script itself is not run here): N entries over hard links of one track, read by a fresh dataset."""
+    import argparse
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_scale", REPO / "bench" / "bench_scale.py")
+    bench_scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_scale)
+    _, cache, manifest = prepared
+    bench_scale.simulated_manifest(cache, tmp_path / "many", 300)
+    dataset = data.ContinuationDataset(tmp_path / "many", "train", SEGMENT)
+    real = manifest["tracks"][0]
+    per_track = (real["frames"] - 2 * SEGMENT) // SEGMENT + 1
+    assert len(dataset.tracks) == 300 and len(dataset) == 300 * per_track
+    torch.testing.assert_close(dataset[299 * per_track], dataset[0], rtol=0, atol=0)     # the same file
+    bench_scale.rss_child(argparse.Namespace(rss_child=str(tmp_path / "many"), touch=50, segment_frames=SEGMENT))
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["touched_tracks"] == 50 and figures["touched"] >= figures["imports"] > 0
+    assert len(dataset._open_tracks) <= data.MAX_OPEN_TRACKS

@@ -505,8 +505,8 @@ def test_non_finite_losses_in_a_row_stop_every_rank(tiny_cache, tmp_path):
 def test_unity_test_drives_the_loss_down(tiny_cache, tmp_path):
     result = run_launcher(["--data_dir", tiny_cache, "--nproc", 1, "--batch_size", 4, "--epochs", 6,
                            "--unity_test", "true", "--checkpoint_dir", tmp_path / "ck", "--mlflow_tracking_uri",
-                           f"sqlite:///{tmp_path / 'mlflow.db'}"] + TINY + ["--lr", 3e-3, "--dropout", 0.0],
-                          cwd=tmp_path)
+                           f"sqlite:///{tmp_path / 'mlflow.db'}", "--target_audio", "original"]
+                          + TINY + ["--lr", 3e-3, "--dropout", 0.0], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     blocks = epoch_blocks(result.stdout)
     first, last = blocks[1]["val"][0], blocks[6]["val"][0]
@@ -552,3 +552,26 @@ def test_torchrun_and_the_launcher_train_the_same_weights(tiny_cache, tmp_path):
     assert epoch_blocks(torchrun.stdout)[1] == epoch_blocks(spawned.stdout)[1]
     assert_same_weights(model_weights(tmp_path / "spawned"), model_weights(tmp_path / "torchrun"), atol=0.0)
     assert load_checkpoint(tmp_path / "torchrun" / "latest.pt")["world_size"] == 2
+
+
+def test_the_slurm_template_runs_torchrun_on_every_node(tiny_cache, tmp_path):
+    """cluster/train.sbatch on a one-node 'allocation': srun and scontrol are stand-ins, torchrun and the
+    training are real. It must start torchrun with the c10d rendezvous and pass every flag through."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/sh\n[ "$1" = "--kill-on-bad-exit=1" ] && shift\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 127.0.0.1\n")
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    environment = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    environment.update(PATH=f"{bin_dir}:{environment['PATH']}", PYTHON=sys.executable, SLURM_NNODES="1",
+                       SLURM_JOB_NODELIST="node1", SLURM_JOB_ID="4242", SLURM_GPUS_ON_NODE="2",
+                       SLURM_SUBMIT_DIR=str(ROOT), RDZV_PORT=str(free_port()))
+    argv = ["--data_dir", tiny_cache, "--epochs", 1, "--batch_size", 2, "--checkpoint_dir", tmp_path / "ck",
+            "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"] + TINY
+    result = subprocess.run(["bash", str(ROOT / "cluster" / "train.sbatch"), *map(str, argv)], cwd=tmp_path,
+                            env=environment, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(epoch_blocks(result.stdout)) == [1]
+    state = load_checkpoint(tmp_path / "ck" / "latest.pt")
+    assert state["world_size"] == 2 and state["args"]["resume"] == "auto"
