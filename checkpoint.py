@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from utils import atomic_path, one_line
+from utils import atomic_path, missing_keys, one_line
 
 LATEST_NAME = "latest.pt"
 BEST_NAME = "best.pt"
@@ -101,8 +101,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - truncated / foreign / corrupt files raise many types
         raise CheckpointError(f"{path}: not a readable checkpoint ({one_line(error)})") from None
-    required = ("model", "model_config", "epoch", "latent_mean", "latent_std", "codec_fingerprint")
-    missing = [key for key in required if not isinstance(state, dict) or key not in state]
+    missing = missing_keys(state, ("model", "model_config", "epoch", "latent_mean", "latent_std", "codec_fingerprint"))
     if missing:
         raise CheckpointError(f"{path}: not a training checkpoint (missing {', '.join(missing)})")
     return state

@@ -32,7 +32,7 @@ import torchaudio.functional
 from torch import nn
 
 from codec import FRAME_RATE, HOP_LENGTH, LATENT_DIM, SAMPLE_RATE
-from utils import one_line
+from utils import missing_keys, one_line
 
 MANIFEST_NAME = "manifest.json"
 TRACKS_DIR = "tracks"
@@ -240,8 +240,8 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CacheError(f"{path}: not a readable JSON manifest ({error})") from None
-    required = ("codec_fingerprint", "encodec_weights", "sample_rate", "hop_length", "latent_dim", "tracks")
-    missing = [key for key in required if not isinstance(manifest, dict) or key not in manifest]
+    missing = missing_keys(manifest, ("codec_fingerprint", "encodec_weights", "sample_rate", "hop_length",
+                                      "latent_dim", "tracks"))
     if missing:
         raise CacheError(f"{path}: not a cache manifest (missing {', '.join(missing)})")
     made_for = (manifest["sample_rate"], manifest["hop_length"], manifest["latent_dim"])

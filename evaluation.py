@@ -299,7 +299,8 @@ def _batches(dataset, indices: list[int], batch_size: int, device, renormalize):
 
 
 def _renormalizer(dataset, normalizer):
-    """None if the cache's statistics are the checkpoint's; else a function cache-normalised -> checkpoint-normalised."""
+    """None if the cache's statistics are the checkpoint's, else a function mapping cache-normalised latents to
+    checkpoint-normalised ones."""
     mean, std = dataset.latent_mean.reshape(1, -1, 1), dataset.latent_std.reshape(1, -1, 1)
     if torch.equal(mean, normalizer.mean.cpu()) and torch.equal(std, normalizer.std.cpu()):
         return None

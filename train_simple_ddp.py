@@ -350,33 +350,21 @@ def supervise(ranks: list, reports, checkpoint_dir: str) -> int:
     """
     received = []
     previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in EXIT_FOR_SIGNAL}
-    done, errors = set(), []
+    done, errors, dead = set(), [], []
     try:
         for process in ranks:
             process.start()
-        while True:
-            while not reports.empty():
-                kind, rank, message = reports.get()
-                if kind == "done":
-                    done.add(rank)
-                else:
-                    errors.append(message)
-            dead = [(index, p.exitcode) for index, p in enumerate(ranks)
-                    if p.exitcode is not None and p.exitcode != 0 and index not in done]
-            if received or errors or dead:
-                break
+        while not (received or errors or dead):
             if all(p.exitcode is not None for p in ranks):
                 return 0
             multiprocessing.connection.wait([p.sentinel for p in ranks], timeout=0.5)
-        stop(ranks)
-        while not reports.empty():       # a rank's own error line is better than "it exited"
-            kind, rank, message = reports.get()
-            if kind == "error":
-                errors.append(message)
+            drain(reports, done, errors)
+            dead = failed(ranks, done)     # before stopping the others, whose exits are not the cause
     finally:
         stop(ranks)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    drain(reports, done, errors)       # after the stop too: a rank's own error line beats "it exited"
     if received:
         print(f"interrupted: {describe_latest(checkpoint_dir)}", file=sys.stderr, flush=True)
         return EXIT_FOR_SIGNAL[received[0]]
@@ -388,6 +376,22 @@ def supervise(ranks: list, reports, checkpoint_dir: str) -> int:
         print(f"error: training failed: rank {index} {how} without an error report "
               f"(out of memory? see the system log)", file=sys.stderr, flush=True)
     return 1
+
+
+def drain(reports, done: set, errors: list) -> None:
+    """Read the ranks' reports: ("done", rank, None) or ("error", rank, one-line message)."""
+    while not reports.empty():
+        kind, rank, message = reports.get()
+        if kind == "done":
+            done.add(rank)
+        else:
+            errors.append(message)
+
+
+def failed(ranks: list, done: set) -> list:
+    """(rank, exit code) of the ranks that exited non-zero without having reported success."""
+    return [(index, p.exitcode) for index, p in enumerate(ranks)
+            if p.exitcode is not None and p.exitcode != 0 and index not in done]
 
 
 def stop(ranks: list) -> None:

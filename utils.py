@@ -56,6 +56,11 @@ def run_command(body, args, user_errors: tuple) -> int:
             return 2
 
 
+def missing_keys(mapping, required: tuple) -> list:
+    """The keys of `required` that `mapping` lacks (all of them if it is not a dict): for one-line file errors."""
+    return [key for key in required if not isinstance(mapping, dict) or key not in mapping]
+
+
 def warn(message: str) -> None:
     """One 'warning: ...' line on stderr, flushed at once (progress bars and other ranks write there too)."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
