@@ -45,6 +45,9 @@ import threading  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from mlflow_logger import PARENT_TAG, git_commit  # noqa: E402  (light: no torch, no mlflow at import)
+from mlflow_logger import short as one_line  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent
 LAUNCHER = ROOT / "train_simple_ddp.py"
 
@@ -76,12 +79,11 @@ NOT_SETTINGS = {"checkpoint_dir", "resume", "mlflow_tracking_uri", "experiment_n
                 "num_workers", "compile", "decoder_checkpointing", "mlflow_parent_run_id", "mlflow_tag"}
 
 TAG_STUDY, TAG_CELL, TAG_SEED, TAG_HASH = "ablation_study", "ablation_cell", "ablation_seed", "ablation_hash"
-PARENT_TAG = "mlflow.parentRunId"
 CELL_FILE = "cell.json"                  # in each cell's folder: its name, seed, hash, settings and command
 EVAL_CACHE = "evaluation.json"           # in each cell's folder: the last evaluation of its best.pt
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 STOP_GRACE_SECONDS = 60.0                # after forwarding SIGINT: time for the launcher to stop its ranks
-BASELINES = ("silence", "repeat", "oracle")
+BASELINES = ("silence", "repeat", "oracle")   # = evaluation.BASELINES (not imported: it loads torch; a test pins it)
 HIGHER_IS_BETTER = {"rhythm", "chroma"}  # 'level' is best at 1; everything else is an error (lower is better)
 
 
@@ -254,14 +256,6 @@ def tracking_uri_of(shared: dict) -> str:
     return uri
 
 
-def git_commit() -> str:
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 class Study:
     """The study's MLflow parent run and its children."""
 
@@ -312,11 +306,6 @@ class Study:
                 self.client.set_terminated(self.run_id, status=status)
         except Exception as error:  # noqa: BLE001 - the study's result matters more than its status flag
             print(f"warning: could not mark the study's MLflow run {status} ({one_line(error)})", file=sys.stderr)
-
-
-def one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:300]
 
 
 def cell_status(cell: Cell, children: list) -> tuple[str, object]:
@@ -803,9 +792,41 @@ def main(argv=None) -> int:
 
 
 def study(runner: Runner, argv) -> int:
+    """The whole study: open (or find) it, train what is not finished, evaluate, report; the exit code."""
     plan = prepare(argv)
-    args, shared, out_dir, key = plan["args"], plan["shared"], plan["out_dir"], plan["key"]
+    args, out_dir = plan["args"], plan["out_dir"]
+    study_run, uri = open_study(runner, plan)
     selected = plan["selected"]
+    if args.print_commands:
+        return print_commands(selected, study_run, plan["key"], uri)
+    startup_seconds = time.perf_counter() - STARTED     # imports, checks, MLflow parent and children
+    train_seconds, failures = (0.0, []) if args.report_only else train_cells(runner, selected, study_run)
+    rows, missing, eval_seconds = evaluate_cells(runner, selected, study_run, plan["shared"].get("data_dir"),
+                                                 args, failures)
+    report_started = time.perf_counter()
+    report(rows, missing, failures, plan, study_run, uri)
+    if not args.report_only:
+        study_run.set_status("FAILED" if failures else "FINISHED")
+    elif not failures and not missing:
+        study_run.set_status("FINISHED")
+    now = time.perf_counter()
+    wall, report_seconds = now - STARTED, now - report_started
+    overhead = wall - train_seconds - eval_seconds
+    print(f"[ablate] training {train_seconds:.1f} s, evaluation {eval_seconds:.1f} s; "
+          f"overhead: {overhead:.1f} s of {wall:.1f} s ({100 * overhead / wall:.1f}%; "
+          f"start-up {startup_seconds:.1f} s, report {report_seconds:.1f} s)", flush=True)
+    if failures:
+        print(f"error: {len(failures)} failed: " + "; ".join(failures), file=sys.stderr, flush=True)
+        return 1
+    if not rows:
+        print(f"error: no cell has finished training in {out_dir}: nothing to report", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def open_study(runner: Runner, plan: dict) -> tuple[Study, str]:
+    """Lock OUT_DIR, probe MLflow, create or find the parent run, and give every cell its status and command."""
+    args, shared, out_dir, key = plan["args"], plan["shared"], plan["out_dir"], plan["key"]
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = open(out_dir / ".ablate.lock", "w")       # held until the process ends
     try:
@@ -833,67 +854,86 @@ def study(runner: Runner, argv) -> int:
     print(f"[ablate] study {key} in {out_dir}: MLflow run {study_run.run_id} "
           f"({'new' if study_run.created else 'continued'}) at {uri}", file=sys.stderr, flush=True)
     children = study_run.children()
-    for cell in selected:
+    for cell in plan["selected"]:
         cell.status, cell.run = cell_status(cell, children)
         cell.command = cell_command(cell, study_run.run_id, key, uri, resume=cell.status == "resume")
         if not args.report_only:
-            record = cell.folder / CELL_FILE
-            write_json(record, {"name": cell.name, "seed": cell.seed, "hash": cell.hash, "study": key,
-                                "settings": cell.settings, "command": shlex.join(cell.command)})
+            write_json(cell.folder / CELL_FILE, {"name": cell.name, "seed": cell.seed, "hash": cell.hash,
+                                                 "study": key, "settings": cell.settings,
+                                                 "command": shlex.join(cell.command)})
+    return study_run, uri
 
-    if args.print_commands:
-        done = [cell.label for cell in selected if cell.status in ("done", "complete")]
-        todo = [cell for cell in selected if cell.status not in ("done", "complete")]
-        for cell in todo:      # --resume auto: a requeued or preempted job continues where it stopped
-            print(shlex.join(cell_command(cell, study_run.run_id, key, uri, resume=True)), flush=True)
-        print(f"[ablate] {len(todo)} commands to run ({len(done)} cells already finished: "
-              f"{', '.join(done) or 'none'}); when they have run: the same ablate.py command with --report_only",
-              file=sys.stderr, flush=True)
-        return 0
 
-    startup_seconds = time.perf_counter() - STARTED     # imports, checks, MLflow parent and children
+def print_commands(selected: list, study_run: Study, key: str, uri: str) -> int:
+    """--print_commands: one shell-quoted launcher command per unfinished cell (with --resume auto, so a
+    requeued or preempted job continues where it stopped)."""
+    done = [cell.label for cell in selected if cell.status in ("done", "complete")]
+    todo = [cell for cell in selected if cell.status not in ("done", "complete")]
+    for cell in todo:
+        print(shlex.join(cell_command(cell, study_run.run_id, key, uri, resume=True)), flush=True)
+    print(f"[ablate] {len(todo)} commands to run ({len(done)} cells already finished: "
+          f"{', '.join(done) or 'none'}); when they have run: the same ablate.py command with --report_only",
+          file=sys.stderr, flush=True)
+    return 0
+
+
+def train_cells(runner: Runner, selected: list, study_run: Study) -> tuple[float, list]:
+    """Run every unfinished cell, one after another; (seconds spent training, failures)."""
     train_seconds, failures = 0.0, []
-    if not args.report_only:
-        study_run.set_status("RUNNING")
-        preloader = None
-        for index, cell in enumerate(selected, 1):
-            head = f"[ablate] cell {index}/{len(selected)} {cell.label} (hash {cell.hash})"
-            if cell.status == "done":
-                print(f"{head}: finished in run {cell.run.info.run_id}, skipped", file=sys.stderr, flush=True)
-                continue
-            if cell.status == "complete":      # its last epoch was saved, then the launcher was stopped
-                print(f"{head}: trained to the last epoch already, skipped (run {cell.run} marked FINISHED)",
-                      file=sys.stderr, flush=True)
-                if cell.run:
-                    try:
-                        study_run.client.set_terminated(cell.run, status="FINISHED")
-                    except Exception as error:  # noqa: BLE001
-                        print(f"warning: could not mark run {cell.run} FINISHED ({one_line(error)})",
-                              file=sys.stderr)
-                continue
-            verb = "resuming" if cell.status == "resume" else "starting"
-            runner.current = cell.label
-            if preloader is None:
-                preloader = threading.Thread(target=preload, daemon=True)
-                preloader.start()
-            said = f"{head}: {verb} in {cell.folder}"
-            code, last, seconds = runner.run(cell.command, cell.folder / "train.log", lambda pid, said=said: print(
-                f"{said} (launcher pid {pid})", file=sys.stderr, flush=True))
-            runner.current = None
-            train_seconds += seconds
-            if code != 0:
-                failures.append(f"{cell.label} (exit {code}: {last})")
-                print(f"[ablate] cell {cell.label} failed (exit {code}); going on with the others",
-                      file=sys.stderr, flush=True)
-        if preloader is not None:
-            preloader.join()
-            children = study_run.children()
-            for cell in selected:
-                cell.status, cell.run = cell_status(cell, children)
+    study_run.set_status("RUNNING")
+    preloader = None
+    for index, cell in enumerate(selected, 1):
+        head = f"[ablate] cell {index}/{len(selected)} {cell.label} (hash {cell.hash})"
+        if cell.status == "done":
+            print(f"{head}: finished in run {cell.run.info.run_id}, skipped", file=sys.stderr, flush=True)
+            continue
+        if cell.status == "complete":      # its last epoch was saved, then the launcher was stopped
+            print(f"{head}: trained to the last epoch already, skipped (run {cell.run} marked FINISHED)",
+                  file=sys.stderr, flush=True)
+            mark_finished(study_run, cell.run)
+            continue
+        if preloader is None:     # evaluation's imports load while the first cell trains
+            preloader = threading.Thread(target=preload, daemon=True)
+            preloader.start()
+        code, last, seconds = run_cell(runner, cell, head)
+        train_seconds += seconds
+        if code != 0:
+            failures.append(f"{cell.label} (exit {code}: {last})")
+            print(f"[ablate] cell {cell.label} failed (exit {code}); going on with the others",
+                  file=sys.stderr, flush=True)
+    if preloader is not None:
+        preloader.join()
+        children = study_run.children()
+        for cell in selected:
+            cell.status, cell.run = cell_status(cell, children)
+    return train_seconds, failures
 
-    # Evaluation of the best.pt of every cell that finished training, on the same validation windows.
+
+def mark_finished(study_run: Study, run_id) -> None:
+    if not run_id:
+        return
+    try:
+        study_run.client.set_terminated(run_id, status="FINISHED")
+    except Exception as error:  # noqa: BLE001 - MLflow bookkeeping must not stop the study
+        print(f"warning: could not mark run {run_id} FINISHED ({one_line(error)})", file=sys.stderr)
+
+
+def run_cell(runner: Runner, cell: Cell, head: str) -> tuple[int, str, float]:
+    verb = "resuming" if cell.status == "resume" else "starting"
+    said = f"{head}: {verb} in {cell.folder}"
+    runner.current = cell.label
+    try:
+        return runner.run(cell.command, cell.folder / "train.log", lambda pid: print(
+            f"{said} (launcher pid {pid})", file=sys.stderr, flush=True))
+    finally:
+        runner.current = None
+
+
+def evaluate_cells(runner: Runner, selected: list, study_run: Study, data_dir, args,
+                   failures: list) -> tuple[list, list, float]:
+    """Evaluate the best.pt of every cell that finished training, on the same validation windows;
+    (report rows, cells not finished, seconds). Evaluation errors are added to `failures`."""
     eval_seconds, rows, missing = 0.0, [], []
-    data_dir = shared.get("data_dir")
     for cell in selected:
         best = cell.folder / "best.pt"
         if cell.status not in ("done", "complete"):     # a failed or unfinished run is no result
@@ -915,13 +955,17 @@ def study(runner: Runner, argv) -> int:
             log_evaluation(study_run, run_id, result)
         rows.append({"cell": cell.name, "seed": cell.seed, "hash": cell.hash, "run_id": run_id, "result": result,
                      "unity": bool(cell.settings.get("unity_test"))})
+    return rows, missing, eval_seconds
 
-    report_started = time.perf_counter()
+
+def report(rows: list, missing: list, failures: list, plan: dict, study_run: Study, uri: str) -> None:
+    """Write results.csv / .md / .png, upload them to the parent run and print the Markdown table."""
+    out_dir, key, shared = plan["out_dir"], plan["key"], plan["shared"]
     if rows:
         report_dir = out_dir / "report"
         header = [f"# Loss ablation: {out_dir}", "",
                   f"Study {key}, MLflow parent run `{study_run.run_id}` ({uri}); {len(rows)} evaluated runs of "
-                  f"{len(selected)}; {rows[0]['result'].get('windows')} validation windows each "
+                  f"{len(plan['selected'])}; {rows[0]['result'].get('windows')} validation windows each "
                   f"(split val, target audio {rows[0]['result'].get('target_audio')}).",
                   f"Shared flags: `{shlex.join(tokens_of(shared)) or '(none)'}`."]
         if missing or failures:
@@ -936,24 +980,6 @@ def study(runner: Runner, argv) -> int:
         print(f"[ablate] report: {report_dir}/results.md, results.csv, results.png", file=sys.stderr, flush=True)
     if missing:
         print(f"[ablate] not finished yet (not in the report): {', '.join(missing)}", file=sys.stderr, flush=True)
-
-    if not args.report_only:
-        study_run.set_status("FAILED" if failures else "FINISHED")
-    elif not failures and not missing:
-        study_run.set_status("FINISHED")
-    now = time.perf_counter()
-    wall, report_seconds = now - STARTED, now - report_started
-    overhead = wall - train_seconds - eval_seconds
-    print(f"[ablate] training {train_seconds:.1f} s, evaluation {eval_seconds:.1f} s; "
-          f"overhead: {overhead:.1f} s of {wall:.1f} s ({100 * overhead / wall:.1f}%; "
-          f"start-up {startup_seconds:.1f} s, report {report_seconds:.1f} s)", flush=True)
-    if failures:
-        print(f"error: {len(failures)} failed: " + "; ".join(failures), file=sys.stderr, flush=True)
-        return 1
-    if not rows:
-        print("error: no cell has finished training: nothing to report", file=sys.stderr, flush=True)
-        return 1
-    return 0
 
 
 def log_evaluation(study_run: Study, run_id: str, result: dict) -> None:

@@ -187,13 +187,14 @@ def train_step(model, decoder, normalizer, loss_fn, optimizer, scheduler, batche
     total, components = 0.0, dict.fromkeys(LOSS_COMPONENTS, 0.0)
     for index, (batch, size) in enumerate(zip(batches, sizes)):
         last = index == len(batches) - 1
+        # DDP decides in the forward whether the backward all-reduces: both go inside no_sync
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with autocast_ctx():
-            references = reference_audio(batch, decoder, normalizer, target_audio)   # no autograd inside
-            output_audio = predict_audio(model, normalizer, decoder, batch["input_latent"])
-        micro_total, micro_components = loss_fn(output_audio, *references)    # fp32 inside
         share = size / sum(sizes)
         with sync:
+            with autocast_ctx():
+                references = reference_audio(batch, decoder, normalizer, target_audio)   # no autograd inside
+                output_audio = predict_audio(model, normalizer, decoder, batch["input_latent"])
+            micro_total, micro_components = loss_fn(output_audio, *references)    # fp32 inside
             # every rank always runs backward, so DDP's gradient all-reduce stays in lock-step
             (micro_total * share).backward()
         total = total + micro_total.detach() * share

@@ -120,6 +120,11 @@ def test_bad_grids_flags_and_names_are_one_line_errors_before_anything_runs(grid
     assert not (tmp_path / "out").exists()
 
 
+def test_the_study_names_the_figures_and_baselines_as_evaluation_does():
+    import evaluation
+    assert ablate.BASELINES == evaluation.BASELINES and set(ablate.figure_names()) <= set(evaluation.SCORE_NAMES)
+
+
 def test_default_grid_has_the_five_cells():
     grid = ablate.load_grid(None)
     assert [cell["name"] for cell in grid] == ["continuation", "continuation_spectral", "balanced",

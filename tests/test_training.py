@@ -518,16 +518,21 @@ def test_unity_test_drives_the_loss_down(tiny_cache, tmp_path):
 def test_gradient_accumulation_matches_the_larger_batch(tiny_cache, tmp_path):
     """--batch_size 2 --grad_accum_steps 2 takes the steps --batch_size 4 takes (the default weights are per-example
     RMS terms, so the objective is a mean over examples either way): same weights up to float32 rounding, the
-    same number of optimiser steps and LR, and epoch figures that mean the same."""
-    common = ["--data_dir", tiny_cache, "--epochs", 2, "--dropout", 0.0, "--nproc", 1,
+    same number of optimiser steps and LR, and epoch figures that mean the same. So do 2 ranks accumulating
+    micro-batches of 1 (DDP all-reduces on the last micro-batch only): the same 4 examples per step."""
+    common = ["--data_dir", tiny_cache, "--epochs", 2, "--dropout", 0.0,
               "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"] + TINY
-    big = run_launcher(common + ["--batch_size", 4, "--checkpoint_dir", tmp_path / "big"], tmp_path)
-    accumulated = run_launcher(common + ["--batch_size", 2, "--grad_accum_steps", 2, "--checkpoint_dir",
-                                         tmp_path / "accum"], tmp_path)
-    assert big.returncode == 0 and accumulated.returncode == 0, (big.stderr[-2000:], accumulated.stderr[-2000:])
-    assert_same_training(model_weights(tmp_path / "big"), model_weights(tmp_path / "accum"), initial_weights())
+    big = run_launcher(common + ["--nproc", 1, "--batch_size", 4, "--checkpoint_dir", tmp_path / "big"], tmp_path)
+    accumulated = run_launcher(common + ["--nproc", 1, "--batch_size", 2, "--grad_accum_steps", 2,
+                                         "--checkpoint_dir", tmp_path / "accum"], tmp_path)
+    ranks = run_launcher(common + ["--nproc", 2, "--batch_size", 1, "--grad_accum_steps", 2,
+                                   "--checkpoint_dir", tmp_path / "ranks"], tmp_path)
+    for result in (big, accumulated, ranks):
+        assert result.returncode == 0, result.stderr[-2000:]
+    for folder in ("accum", "ranks"):
+        assert_same_training(model_weights(tmp_path / "big"), model_weights(tmp_path / folder), initial_weights())
     steps = steps_per_epoch(tiny_cache, nproc=1, batch_size=4)
-    for folder in ("big", "accum"):
+    for folder in ("big", "accum", "ranks"):
         state = load_checkpoint(tmp_path / folder / "latest.pt")
         assert state["scheduler"]["last_epoch"] == 2 * steps and state["schedule_steps"] == 2 * steps
     for epoch in (1, 2):
