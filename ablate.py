@@ -51,18 +51,22 @@ from mlflow_logger import short as one_line  # noqa: E402
 ROOT = Path(__file__).resolve().parent
 LAUNCHER = ROOT / "train_simple_ddp.py"
 
+# The launcher's loss-weight flags in losses.LOSSES order (input, target, spectral, mel); not imported from
+# there because losses loads torch, which the start-up avoids (a test pins the two together).
+LOSS_WEIGHT_FLAGS = ("loss_weight_input", "loss_weight_target", "loss_weight_spectral", "loss_weight_mel")
+
+
+def loss_weights(*weights: float) -> dict:
+    return dict(zip(LOSS_WEIGHT_FLAGS, weights))
+
+
 # The default grid: the README's four loss ablations and the unity sanity check.
 DEFAULT_GRID = [
-    {"name": "continuation", "flags": {"loss_weight_input": 0.0, "loss_weight_target": 1.0,
-                                       "loss_weight_spectral": 0.0, "loss_weight_mel": 0.0}},
-    {"name": "continuation_spectral", "flags": {"loss_weight_input": 0.0, "loss_weight_target": 0.5,
-                                                "loss_weight_spectral": 0.5, "loss_weight_mel": 0.0}},
-    {"name": "balanced", "flags": {"loss_weight_input": 0.0, "loss_weight_target": 0.4,
-                                   "loss_weight_spectral": 0.3, "loss_weight_mel": 0.3}},
-    {"name": "reconstruction_continuation_spectral", "flags": {"loss_weight_input": 0.3, "loss_weight_target": 0.4,
-                                                               "loss_weight_spectral": 0.3, "loss_weight_mel": 0.0}},
-    {"name": "unity", "flags": {"loss_weight_input": 0.0, "loss_weight_target": 1.0, "loss_weight_spectral": 0.0,
-                                "loss_weight_mel": 0.0, "unity_test": True}},
+    {"name": "continuation", "flags": loss_weights(0.0, 1.0, 0.0, 0.0)},
+    {"name": "continuation_spectral", "flags": loss_weights(0.0, 0.5, 0.5, 0.0)},
+    {"name": "balanced", "flags": loss_weights(0.0, 0.4, 0.3, 0.3)},
+    {"name": "reconstruction_continuation_spectral", "flags": loss_weights(0.3, 0.4, 0.3, 0.0)},
+    {"name": "unity", "flags": {**loss_weights(0.0, 1.0, 0.0, 0.0), "unity_test": True}},
 ]
 
 # Launcher flags ablate.py sets itself, per cell.

@@ -39,8 +39,8 @@ Beside the model, where the real continuation is known, the same figures for eva
 silence (zeros), repeat (the context's latents decoded as its own continuation) and oracle (the true
 next window's latents decoded). A cache holds the target latents; for an input file the real
 continuation is encoded with the codec, from the start of the file as prepare_data.py does. The
-reference audio is the real audio (--target_audio original, what the page plays as the target) or
-the true latents decoded (codec, where the oracle scores 0; auto = codec with the random codec).
+reference audio is the checkpoint's --target_audio unless told otherwise: the real audio (original,
+what the page plays as the target) or the true latents decoded (codec, where the oracle scores 0).
 Without a known continuation only the model's rms_input is computed, and no baselines. The means
 are the means over examples of each figure (examples without it left out).
 
@@ -395,9 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=8, help="examples generated together")
     parser.add_argument("--blind", action="store_true", help="label the two players A/B in random order per example; "
                                                              "the key goes to blind_key.json")
-    parser.add_argument("--target_audio", default="original", choices=TARGET_AUDIO_CHOICES,
+    parser.add_argument("--target_audio", default=None, choices=TARGET_AUDIO_CHOICES,
                         help="what the figures compare with: the real audio (what the page plays), or 'codec': "
-                             "the true latents decoded (the oracle then scores 0); auto = codec with the random codec")
+                             "the true latents decoded (the oracle then scores 0); auto = codec with the random "
+                             "codec (default: the checkpoint's --target_audio; original if it records none)")
     parser.add_argument("--encodec_weights", default=None,
                         help="EnCodec weights (default: as recorded in the checkpoint); must match the checkpoint")
     parser.add_argument("--mlflow", action="store_true", help="log the output folder to the checkpoint's MLflow run")
@@ -472,7 +473,8 @@ def run(args) -> int:
     segment_frames = segment_frames_of(state, args.checkpoint)
     segment_samples = segment_frames * HOP_LENGTH
     codec, weights, codec_print = load_codec_for(args, state)
-    target_audio = evaluation.resolve_target_audio(args.target_audio, weights)
+    recorded = (state.get("args") or {}).get("target_audio", "original")   # older checkpoints record none
+    target_audio = evaluation.resolve_target_audio(args.target_audio or recorded, weights)
     continuation_samples = (segment_samples if args.continue_seconds is None
                             else int(round(args.continue_seconds * SAMPLE_RATE)))
     windows = max(1, math.ceil(continuation_samples / segment_samples))

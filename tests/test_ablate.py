@@ -123,6 +123,8 @@ def test_bad_grids_flags_and_names_are_one_line_errors_before_anything_runs(grid
 def test_the_study_names_the_figures_and_baselines_as_evaluation_does():
     import evaluation
     assert ablate.BASELINES == evaluation.BASELINES and set(ablate.figure_names()) <= set(evaluation.SCORE_NAMES)
+    from losses import LOSSES
+    assert ablate.LOSS_WEIGHT_FLAGS == tuple(component.flag[2:] for component in LOSSES)
 
 
 def test_default_grid_has_the_five_cells():

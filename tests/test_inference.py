@@ -275,6 +275,19 @@ def test_codec_reference_makes_the_oracle_score_zero(setup, tmp_path, capsys):
     assert oracle["level"] == pytest.approx(1.0) and oracle["chroma"] == pytest.approx(1.0)
 
 
+def test_the_reference_follows_the_checkpoint_unless_told(setup, tmp_path, capsys):
+    """A run trained against codec audio is scored against codec audio; an older checkpoint (no
+    --target_audio recorded) against the original audio; the flag overrides either."""
+    trained = make_checkpoint(tmp_path / "codec.pt", setup["manifest"],
+                              args={"segment_frames": SEGMENT_FRAMES, "target_audio": "codec"})
+    for checkpoint, extra, expected in ((trained, [], "codec"), (setup["checkpoint"], [], "original"),
+                                        (trained, ["--target_audio", "original"], "original")):
+        out = tmp_path / f"out_{expected}_{len(extra)}"
+        code, _, err = run_main(base_argv(setup, checkpoint, out) + extra, capsys)
+        assert code == 0, err
+        assert json.loads((out / "metrics.json").read_text())["settings"]["target_audio"] == expected
+
+
 class PageParser(HTMLParser):
     """Collects links and checks that every non-void element is closed in order."""
     VOID = {"meta", "img", "br", "hr", "input", "link", "source", "wbr"}
