@@ -570,17 +570,40 @@ def fmt(value, digits: int = 4) -> str:
     return f"{value:.{digits}f}"
 
 
+MARKDOWN_LEGEND = (
+    "Mean ± standard deviation over seeds (sample std, n-1; none with one seed; per-seed values in results.csv). "
+    "Best cell in each column in **bold**: lowest for the loss components and latent_mse, closest to 1 for "
+    "level, highest for rhythm, chroma and skill. `loss` is each cell's own weighted total, so it is not "
+    "comparable across cells (not marked): compare the components. Unity cells (`--unity_test`: target = "
+    "input) are the pipeline's sanity check, not a contender: never marked. A baseline figure is one value when it "
+    "is the same for every cell, else its range over the cells (`loss` follows each cell's weights; a unity "
+    "cell's target is its input; the plot then marks each cell's own baseline over its bar).")
+
+
 def write_report(rows: list[dict], cells_in_order: list[str], report_dir: Path, header: list[str]) -> str:
     """results.csv, results.md and results.png from the evaluated rows; returns the Markdown."""
+    from utils import atomic_path
     names = figure_names()
     report_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, names, report_dir / "results.csv")
+    by_cell = {name: [r for r in rows if r["cell"] == name] for name in cells_in_order}
+    by_cell = {name: group for name, group in by_cell.items() if group}
+    markdown = markdown_report(rows, by_cell, names, header)
+    with atomic_path(report_dir / "results.md") as tmp:
+        tmp.write_text(markdown)
+    summary = {name: {n: spread([r["result"]["model"].get(n) for r in group]) for n in names}
+               for name, group in by_cell.items()}
+    plot(summary, baselines_per_cell(rows, list(by_cell), names), names, report_dir / "results.png")
+    return markdown
 
-    # results.csv: one row per cell x seed, every figure.
+
+def write_csv(rows: list[dict], names, path: Path) -> None:
+    """results.csv: one row per cell x seed with every figure, its skill and the baselines' figures."""
+    from utils import atomic_path
     columns = ["cell", "seed", "hash", "run_id", "epoch", "windows", "target_audio", "weights"]
     columns += [f"{n}" for n in names] + [f"skill_{n}" for n in names]
     columns += [f"{b}_{n}" for b in BASELINES for n in names]
-    from utils import atomic_path
-    with atomic_path(report_dir / "results.csv") as tmp:
+    with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=columns)
             writer.writeheader()
@@ -597,9 +620,9 @@ def write_report(rows: list[dict], cells_in_order: list[str], report_dir: Path, 
                         line[f"{b}_{n}"] = csvnum(result["baselines"][b].get(n))
                 writer.writerow(line)
 
-    # Per cell: mean and std over seeds.
-    by_cell = {name: [r for r in rows if r["cell"] == name] for name in cells_in_order}
-    by_cell = {name: group for name, group in by_cell.items() if group}
+
+def markdown_report(rows: list[dict], by_cell: dict, names, header: list[str]) -> str:
+    """results.md: per cell the mean ± std over seeds of every figure, the baselines, then the skill table."""
     summary = {name: {n: spread([r["result"]["model"].get(n) for r in group]) for n in names}
                for name, group in by_cell.items()}
     skills = {name: {n: spread([(r["result"].get("skill") or {}).get(n) for r in group]) for n in names}
@@ -607,65 +630,52 @@ def write_report(rows: list[dict], cells_in_order: list[str], report_dir: Path, 
     skill_names = [n for n in names if any(skills[c][n][0] is not None for c in skills)]
     baselines = {b: {n: spread_same([r["result"]["baselines"][b].get(n) for r in rows]) for n in names}
                  for b in BASELINES}
-
     unity = {r["cell"] for r in rows if r.get("unity")}     # a sanity check (target = input): not a contender
-
-    def best_of(table, columns_, skip=(), skill=False):
-        marks = {}
-        for n in columns_:
-            if n in skip:
-                continue
-            candidates = [(c, table[c][n][0]) for c in table if table[c][n][0] is not None and c not in unity]
-            if len(candidates) > 1:
-                top = candidates[0]
-                for candidate in candidates[1:]:
-                    if better(n, candidate[1], top[1], skill):
-                        top = candidate
-                marks[n] = top[0]
-        return marks
-
-    def cell_text(table, marks, c, n):
-        mean, std = table[c][n]
-        text = fmt(mean) + ("" if std is None else f" ± {std:.2g}")
-        return f"**{text}**" if marks.get(n) == c else text
-
-    def weights_of(group):
-        weights = group[0]["result"].get("weights") or {}
-        return "/".join(f"{weights.get(k, 0):g}" for k in ("rms_input", "rms_target", "spectral", "mel"))
-
-    marks = best_of(summary, names, skip=("loss",))
-    lines = header + [
-        "",
-        "Mean ± standard deviation over seeds (sample std, n-1; none with one seed; per-seed values in results.csv). "
-        "Best cell in each column in **bold**: lowest for the loss components and latent_mse, closest to 1 for "
-        "level, highest for rhythm, chroma and skill. `loss` is each cell's own weighted total, so it is not "
-        "comparable across cells (not marked): compare the components. Unity cells (`--unity_test`: target = "
-        "input) are the pipeline's sanity check, not a contender: never marked. A baseline figure is one value when it "
-        "is the same for every cell, else its range over the cells (`loss` follows each cell's weights; a unity "
-        "cell's target is its input; the plot then marks each cell's own baseline over its bar).",
-        "",
-        "| cell | weights in/tgt/spec/mel | seeds | " + " | ".join(names) + " |",
-        "|---|---|---|" + "---|" * len(names),
-    ]
+    marks = best_of(summary, names, unity, skip=("loss",))
+    lines = header + ["", MARKDOWN_LEGEND, "",
+                      "| cell | weights in/tgt/spec/mel | seeds | " + " | ".join(names) + " |",
+                      "|---|---|---|" + "---|" * len(names)]
     for c, group in by_cell.items():
         lines.append(f"| {c} | {weights_of(group)} | {len(group)} | "
                      + " | ".join(cell_text(summary, marks, c, n) for n in names) + " |")
     for b in BASELINES:
         lines.append(f"| *{b}* | | | " + " | ".join(baselines[b][n] for n in names) + " |")
     if skill_names:
-        skill_marks = best_of(skills, skill_names, skip=("loss",), skill=True)
+        skill_marks = best_of(skills, skill_names, unity, skip=("loss",), skill=True)
         lines += ["", "Skill per figure, (repeat - model) / (repeat - oracle): 1 = as good as the oracle, "
                   "0 = no better than repeating the context (mean ± std over seeds; best in **bold**).", "",
                   "| cell | " + " | ".join(f"skill {n}" for n in skill_names) + " |",
                   "|---|" + "---|" * len(skill_names)]
         for c in by_cell:
             lines.append(f"| {c} | " + " | ".join(cell_text(skills, skill_marks, c, n) for n in skill_names) + " |")
-    markdown = "\n".join(lines) + "\n"
-    with atomic_path(report_dir / "results.md") as tmp:
-        tmp.write_text(markdown)
+    return "\n".join(lines) + "\n"
 
-    plot(summary, baselines_per_cell(rows, list(by_cell), names), names, report_dir / "results.png")
-    return markdown
+
+def best_of(table: dict, columns, unity: set, skip=(), skill: bool = False) -> dict:
+    """{column: the cell with the best mean} (unity cells never; a column needs two contenders)."""
+    marks = {}
+    for n in columns:
+        if n in skip:
+            continue
+        candidates = [(c, table[c][n][0]) for c in table if table[c][n][0] is not None and c not in unity]
+        if len(candidates) > 1:
+            top = candidates[0]
+            for candidate in candidates[1:]:
+                if better(n, candidate[1], top[1], skill):
+                    top = candidate
+            marks[n] = top[0]
+    return marks
+
+
+def cell_text(table: dict, marks: dict, c: str, n: str) -> str:
+    mean, std = table[c][n]
+    text = fmt(mean) + ("" if std is None else f" ± {std:.2g}")
+    return f"**{text}**" if marks.get(n) == c else text
+
+
+def weights_of(group: list) -> str:
+    weights = group[0]["result"].get("weights") or {}
+    return "/".join(f"{weights.get(k, 0):g}" for k in ("rms_input", "rms_target", "spectral", "mel"))
 
 
 def csvnum(value):
