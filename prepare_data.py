@@ -405,14 +405,7 @@ def prepare(audio_dir, out_dir, encodec_weights: str = "pretrained", val_fractio
     """
     audio_dir = Path(audio_dir).expanduser().resolve()
     out_dir = Path(out_dir).expanduser().resolve()
-    if not audio_dir.is_dir():
-        raise FileNotFoundError(f"--audio_dir {audio_dir}: no such directory")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"--val_fraction must be in [0, 1), got {val_fraction}")
-    if min_seconds < 0:
-        raise ValueError(f"--min_seconds must be >= 0, got {min_seconds}")
-    if cache_dtype not in CACHE_DTYPES:
-        raise ValueError(f"--cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {cache_dtype!r}")
+    _check_arguments(audio_dir, val_fraction, min_seconds, cache_dtype)
     device = torch.device(device or default_device())
     workers = workers or default_workers(device)
     files, duplicates = find_files(audio_dir, exclude=out_dir)
@@ -451,10 +444,43 @@ def prepare(audio_dir, out_dir, encodec_weights: str = "pretrained", val_fractio
         return _encode_track(codec, path, relative[path], out_dir, device, min_seconds, cache_dtype)
 
     started = time.perf_counter()
+    with _single_threaded_ops(device):
+        encoded_seconds = _encode_all(todo, job, relative, manifest, out_dir, workers, progress)
+
+    if not manifest["tracks"]:
+        reasons = "; ".join(f"{s['source']}: {s['reason']}" for s in manifest["skipped"][:3])
+        more = f" (and {len(manifest['skipped']) - 3} more)" if len(manifest["skipped"]) > 3 else ""
+        raise NoUsableAudioError(f"--audio_dir {audio_dir}: no usable audio "
+                                 f"({len(files)} files found{': ' + reasons + more if reasons else ''})")
+
+    _finish(manifest, out_dir, val_fraction, seed)
+    elapsed = time.perf_counter() - started
+    manifest["settings"]["last_run"] = {
+        "encoded_tracks": len(todo) - len(manifest["skipped"]), "encoded_seconds": round(encoded_seconds, 3),
+        "wall_seconds": round(elapsed, 3), "device": str(device), "workers": workers}
+    write_manifest_atomic(out_dir, manifest)
+    return manifest
+
+
+def _check_arguments(audio_dir: Path, val_fraction: float, min_seconds: float, cache_dtype: str) -> None:
+    if not audio_dir.is_dir():
+        raise FileNotFoundError(f"--audio_dir {audio_dir}: no such directory")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+    if min_seconds < 0:
+        raise ValueError(f"--min_seconds must be >= 0, got {min_seconds}")
+    if cache_dtype not in CACHE_DTYPES:
+        raise ValueError(f"--cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {cache_dtype!r}")
+
+
+def _encode_all(todo: list, job, relative: dict, manifest: dict, out_dir: Path, workers: int,
+                progress: bool) -> float:
+    """Encode the `todo` files in `workers` threads, adding each track (or its skip reason) to the manifest
+    and rewriting it after every file; returns the seconds of audio encoded."""
     encoded_seconds = 0.0
     bar = tqdm(total=len(todo), desc="encoding", unit="track", disable=not progress or not todo, file=sys.stderr)
     # closing(): on Ctrl-C the queued jobs are cancelled at once, not when the generator is collected
-    with _single_threaded_ops(device), contextlib.closing(_run_in_threads(todo, job, workers)) as outcomes:
+    with contextlib.closing(_run_in_threads(todo, job, workers)) as outcomes:
         for path, outcome in outcomes:
             source = relative[path]
             bar.update()
@@ -473,20 +499,7 @@ def prepare(audio_dir, out_dir, encodec_weights: str = "pretrained", val_fractio
             write_manifest_atomic(out_dir, manifest)     # from here on, a crash keeps this track
             bar.set_postfix_str(source[-40:], refresh=False)
     bar.close()
-
-    if not manifest["tracks"]:
-        reasons = "; ".join(f"{s['source']}: {s['reason']}" for s in manifest["skipped"][:3])
-        more = f" (and {len(manifest['skipped']) - 3} more)" if len(manifest["skipped"]) > 3 else ""
-        raise NoUsableAudioError(f"--audio_dir {audio_dir}: no usable audio "
-                                 f"({len(files)} files found{': ' + reasons + more if reasons else ''})")
-
-    _finish(manifest, out_dir, val_fraction, seed)
-    elapsed = time.perf_counter() - started
-    manifest["settings"]["last_run"] = {
-        "encoded_tracks": len(todo) - len(manifest["skipped"]), "encoded_seconds": round(encoded_seconds, 3),
-        "wall_seconds": round(elapsed, 3), "device": str(device), "workers": workers}
-    write_manifest_atomic(out_dir, manifest)
-    return manifest
+    return encoded_seconds
 
 
 def _run_in_threads(items: list, job, workers: int):
