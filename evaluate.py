@@ -84,10 +84,8 @@ def main(argv=None) -> int:
     from codec import CodecLoadError
     from data import CacheError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_flags(parser, args)
-    return run_command(run, args, (CheckpointError, CodecLoadError, CacheError, ValueError, OSError))
+    return run_command(build_parser(), check_flags, run, argv,
+                       (CheckpointError, CodecLoadError, CacheError, ValueError, OSError))
 
 
 if __name__ == "__main__":

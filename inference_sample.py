@@ -519,10 +519,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_flags(parser, args)
-    return run_command(run, args, (InferenceError, CodecLoadError, EvaluationError))
+    return run_command(build_parser(), check_flags, run, argv, (InferenceError, CodecLoadError, EvaluationError))
 
 
 if __name__ == "__main__":

@@ -44,9 +44,12 @@ def one_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def run_command(body, args, user_errors: tuple) -> int:
-    """A command-line tool's body(args) -> exit code, with a user error (one of `user_errors`) as one line and
-    exit status 2. The encodec package's FutureWarning (deprecated weight_norm) is not the user's to act on."""
+def run_command(parser, check_flags, body, argv, user_errors: tuple) -> int:
+    """A command-line tool: parse argv, check_flags(parser, args) (parser.error for bad flags), then body(args)
+    -> exit code, with a user error (one of `user_errors`) as one line and exit status 2. The encodec
+    package's FutureWarning (deprecated weight_norm) is not the user's to act on."""
+    args = parser.parse_args(argv)
+    check_flags(parser, args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         try:
