@@ -370,9 +370,8 @@ def validate(ctx: Context) -> tuple[dict | None, int]:
         keep = status == 0
         bad += [(index, int(code)) for index, code in zip(indices, status.tolist()) if code]
         if keep.any():
-            rows = {name: tensor[keep] for name, tensor in batch.items()}
             sums.add(output_audio[keep], (references[0][keep], references[1][keep]), ctx.loss_fn,
-                     prediction[keep], rows["target_latent"])
+                     prediction[keep], batch["target_latent"][keep])
     model.train()
     counts = all_reduce_sum(torch.cat([sums.vector(), torch.tensor([float(len(bad))], dtype=torch.float64,
                                                                      device=ctx.device)]))
