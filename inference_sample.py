@@ -14,7 +14,8 @@ and lead-in where a track has such windows. The model predicts the next window; 
 time. The predicted latents are denormalised and decoded by the frozen EnCodec decoder in one pass
 (so there is no seam between windows), then trimmed to --continue_seconds.
 
-Written to OUT_DIR/<example>/, all 24 kHz mono 32-bit float WAV, never normalised (levels compare):
+Written to OUT_DIR/<example>/, all 24 kHz mono 32-bit float WAV, never normalised (levels compare as
+they are):
     lead_in.wav       the REAL audio of the --lead_in_seconds before the context (clipped at the start
                       of the track or file; absent when the context starts there)
     context.wav       the REAL audio of the context window (not the decoded latents)
@@ -23,7 +24,9 @@ Written to OUT_DIR/<example>/, all 24 kHz mono 32-bit float WAV, never normalise
                       after the context (--target_audio original) or the frozen decoder's audio of its
                       true latents, decoded in one pass from the seam as the prediction is (codec)
     original.wav      the real audio after the context, when the target is the codec's decoding
-    player_<ending>.wav   lead_in + context + <ending> (continuation, target, original): the players
+    player_<ending>.wav   lead_in + context + <ending> (continuation, target, original): the players,
+                      all of an example's by one gain (<= 1) that keeps the loudest below full scale
+                      (PLAYER_PEAK; a browser clips above it): metrics.json's player_gain
     spectrogram.png   one row per player, one colour scale, the seam marked (plots.plot_continuations)
 target.wav and original.wav exist where the real continuation is known: always for a cache (clipped at
 the track's end), for a file when it holds at least one segment after the context. OUT_DIR/metrics.json
@@ -94,6 +97,8 @@ from losses import CombinedLoss, rms_loss
 from plots import plot_continuations
 from utils import atomic_path, check_mlflow_server, one_line, run_command, warn
 
+PLAYER_PEAK = 0.99      # the loudest sample of an example's players: just below a player's full scale
+
 
 class InferenceError(RuntimeError):
     """Nothing can be generated (bad checkpoint, codec mismatch, bad cache); one-line message."""
@@ -115,6 +120,7 @@ class Example:
     metrics: dict = field(default_factory=dict)
     baselines: dict | None = None              # {baseline: figures} where the target is known
     blind: dict | None = None                  # {"A": ending, "B": ending} with --blind (listening_page.ENDINGS)
+    player_gain: float = 1.0                   # the players' gain (<= 1), by write_example
 
 
 @dataclass
@@ -399,8 +405,13 @@ def write_example(out_dir: Path, example: Example, continuation_samples: int, se
     segments = example_segments(example, continuation_samples, target_audio)
     before = torch.cat([example.lead_in, example.context_audio], dim=-1)
     endings = [ending for ending in ENDINGS if ending in segments]
+    players = {player(ending): torch.cat([before, segments[ending]], dim=-1) for ending in endings}
+    # A browser clips at full scale, and decoded audio can peak above it: one gain for all the players of
+    # the example keeps the loudest below clipping and every level ratio as it is.
+    peak = max(float(samples.abs().max()) for samples in players.values())
+    example.player_gain = min(1.0, PLAYER_PEAK / peak) if peak > 0 else 1.0
     audio = {role: samples for role, samples in segments.items() if samples.shape[-1] > 0}   # no empty lead-in
-    audio.update({player(ending): torch.cat([before, segments[ending]], dim=-1) for ending in endings})
+    audio.update({role: samples * example.player_gain for role, samples in players.items()})
     files = {}
     for role, samples in audio.items():
         write_wav(folder / f"{role}.wav", samples)
@@ -553,8 +564,8 @@ def write_reports(out_dir: Path, args, state: dict, entries: list, failures: lis
         "settings": settings,
         "metrics_on": "first predicted segment against the target's first segment (rms_input: the context); "
                       "baselines silence / repeat / oracle scored the same way (inference_sample.py docstring)",
-        "examples": [{"name": e.name, "source": e.source, "files": files, "metrics": e.metrics,
-                      "baselines": e.baselines} for e, files in entries],
+        "examples": [{"name": e.name, "source": e.source, "files": files, "player_gain": e.player_gain,
+                      "metrics": e.metrics, "baselines": e.baselines} for e, files in entries],
         "mean": means, "mean_baselines": mean_baselines, "failed": failures, "timing": timing})
     if key is not None:
         write_json_atomic(out_dir / "blind_key.json", {

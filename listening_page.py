@@ -20,6 +20,7 @@ similarities (higher), level is the RMS ratio output / target (1 is right).
 from __future__ import annotations
 
 import html
+import math
 import urllib.parse
 
 from evaluation import BASELINES, SCORE_NAMES
@@ -118,7 +119,8 @@ def _intro(blind: bool, target_audio: str) -> str:
             "differs, and the target player is what a perfect latent prediction would sound like in the model's "
             "place.")
     return (f"<p>{players} {same} Nothing is normalised: the table's <code>level</code> is the RMS of the "
-            f"model's continuation over the target's, the two endings you hear.</p>")
+            f"model's continuation over the target's, the two endings you hear (where the loudest player would "
+            f"clip, all of the example's players play at one lower gain).</p>")
 
 
 def _players(example, files: dict, target_audio: str) -> tuple[list[tuple[str, str]], str]:
@@ -134,6 +136,9 @@ def _example_section(example, files: dict, target_audio: str) -> str:
     parts = [f"<section><h2>{html.escape(example.name)}</h2><p class=\"note\">{html.escape(example.source)}</p>"]
     parts += [f"<div class=\"player\"><audio controls preload=\"none\" src=\"{url(relative)}\"></audio>"
               f"<span>{html.escape(label)}</span></div>" for label, relative in players]
+    if example.player_gain < 1:
+        parts.append(f"<p class=\"note\">Players at {20 * math.log10(example.player_gain):.1f} dB, all by the same "
+                     f"gain, so that the loudest does not clip.</p>")
     parts.append(f"<p><img src=\"{url(image)}\" alt=\"log-mel spectrograms of {html.escape(example.name)}\"></p>")
     parts.append(metrics_html(figure_rows(example.metrics, example.baselines)))
     if example.blind is None:
@@ -149,7 +154,7 @@ def render_page(title: str, settings: dict, entries: list, means: dict, mean_bas
     """The page's HTML.
 
     entries: [(example, files)] where example has .name, .source, .blind ({"A": ending, "B": ending} or
-    None), .metrics and .baselines ({baseline: figures} or None), and files maps roles and A/B to paths
+    None), .player_gain, .metrics and .baselines ({baseline: figures} or None), and files maps roles and A/B to paths
     relative to the page (SEGMENTS, player(ending) for ENDINGS, "spectrogram", and with --blind "A", "B",
     "spectrogram_ab"). target_audio: "codec" or "original", what the figures score against.
     """

@@ -51,10 +51,10 @@ def time_extent(frames: int) -> tuple[float, float]:
 def _x_label(context_start, window_joins) -> str:
     marks = ["dashed: the seam, where the ending begins"]
     if context_start is not None:
-        marks.append("solid: where the model's context begins")
+        marks.append("solid: the context begins")
     if window_joins:
-        marks.append("dotted: where the model's autoregressive windows join")
-    return f"seconds ({'; '.join(marks)})"
+        marks.append("dotted: the model's windows join")
+    return "seconds\n" + "; ".join(marks)
 
 
 def plot_continuations(path, before_seam, endings: list[tuple[str, object]], context_start: int | None = None,

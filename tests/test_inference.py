@@ -135,6 +135,10 @@ def file_run(setup, tmp_path_factory):
             "corrupt": corrupt, "start": 0.1, "continue_seconds": 0.5, "lead_in": 1200}
 
 
+def player_gains(out: Path) -> dict:
+    return {entry["name"]: entry["player_gain"] for entry in json.loads((out / "metrics.json").read_text())["examples"]}
+
+
 def example_dirs(out: Path) -> list[Path]:
     return sorted(path for path in out.iterdir() if path.is_dir())
 
@@ -155,6 +159,7 @@ def test_cache_examples_play_lead_in_context_and_each_ending(setup, cache_run):
     # 8 windows of 2 x 16 frames start at 0, 16, ..., 112; 0.5 s (38 frames) after the context fits up to 96
     starts = [int(folder.name.rsplit("_f", 1)[1]) for folder in dirs]
     assert starts == [0, 96] and 96 + SEGMENT_FRAMES + math.ceil(CONTINUE_SAMPLES / HOP_LENGTH) <= frames
+    gains = player_gains(out)
     for folder, start in zip(dirs, starts):
         first, seam = max(0, start * HOP_LENGTH - LEAD_IN_SAMPLES), (start + SEGMENT_FRAMES) * HOP_LENGTH
         assert (folder / "lead_in.wav").exists() == (start > 0)       # the lead-in is clipped at the track start
@@ -163,11 +168,16 @@ def test_cache_examples_play_lead_in_context_and_each_ending(setup, cache_run):
         context = read_wav(folder / "context.wav")
         assert np.array_equal(context, audio[start * HOP_LENGTH: seam])
         assert np.array_equal(read_wav(folder / "original.wav"), audio[seam: seam + CONTINUE_SAMPLES])
+        players = {}
         for ending in ("continuation", "target", "original"):
             samples = read_wav(folder / f"{ending}.wav")
             assert samples.shape == (CONTINUE_SAMPLES,), (folder, ending)
-            player = read_wav(folder / f"player_{ending}.wav")
-            assert np.array_equal(player, np.concatenate([lead_in, context, samples]))
+            players[ending] = np.concatenate([lead_in, context, samples])
+        # one gain for every player of the example: the loudest peaks at 0.99 (a browser clips above 1)
+        gain = min(1.0, 0.99 / max(np.abs(samples).max() for samples in players.values()))
+        assert gains[folder.name] == pytest.approx(gain, rel=1e-6)
+        for ending, samples in players.items():     # float32 products: within one rounding of the gain
+            np.testing.assert_allclose(read_wav(folder / f"player_{ending}.wav"), samples * gain, rtol=1e-6, atol=0)
         assert (folder / "spectrogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -393,6 +403,7 @@ def test_blind_page_hides_the_key_and_the_key_maps_back(blind_run):
     links = check_page(out)
     key = json.loads((out / "blind_key.json").read_text())["examples"]
     assert len(key) == 2
+    gains = player_gains(out)
     page = (out / "index.html").read_text()
     for name, entry in key.items():
         folder = out / name
@@ -400,8 +411,8 @@ def test_blind_page_hides_the_key_and_the_key_maps_back(blind_run):
         for label in ("A", "B"):
             assert np.array_equal(read_wav(folder / f"{label}.wav"), read_wav(folder / f"player_{entry[label]}.wav"))
         model_label = entry["model"]
-        assert np.array_equal(read_wav(folder / f"{model_label}.wav")[-SEGMENT_SAMPLES:],
-                              read_wav(folder / "continuation.wav"))
+        np.testing.assert_allclose(read_wav(folder / f"{model_label}.wav")[-SEGMENT_SAMPLES:],
+                                   read_wav(folder / "continuation.wav") * gains[name], rtol=1e-6, atol=0)
         assert f"{name}/A.wav" in links and f"{name}/B.wav" in links
     # nothing on the page points at (or names) the files that would give the answer away
     for giveaway in ("player_", "continuation.wav", "target.wav", "original.wav", "spectrogram.png",
@@ -610,8 +621,9 @@ def test_files_autoregressive_lengths_context_and_continuation(setup, file_run):
         assert np.array_equal(lead_in, audio[start_frame * HOP_LENGTH - file_run["lead_in"]: start_frame * HOP_LENGTH])
         continuation = read_wav(folder / "continuation.wav")
         assert continuation.shape == (continuation_samples,)
-        assert np.array_equal(read_wav(folder / "player_continuation.wav"),
-                              np.concatenate([lead_in, context, continuation]))
+        gain = player_gains(file_run["out"])[folder.name]
+        np.testing.assert_allclose(read_wav(folder / "player_continuation.wav"),
+                                   np.concatenate([lead_in, context, continuation]) * gain, rtol=1e-6, atol=0)
         context_end = (start_frame + SEGMENT_FRAMES) * HOP_LENGTH
         real_after = audio[context_end: context_end + continuation_samples]
         assert np.array_equal(read_wav(folder / "target.wav"), real_after)   # original targets: the real audio
