@@ -1,35 +1,42 @@
 """Continuations for listening tests: WAVs, spectrograms, objective metrics and a listening page.
 
     python inference_sample.py --checkpoint runs/x/best.pt --input song.flac other.mp3 --out_dir samples/x \
-        [--start 30] [--continue_seconds 8] [--blind] [--mlflow]
+        [--start 30] [--continue_seconds 8] [--lead_in_seconds 4] [--blind] [--mlflow]
     python inference_sample.py --checkpoint runs/x/best.pt --from_cache data_cache/demo --split val \
-        --num_samples 8 --out_dir samples/x
+        --num_samples 8 --continue_seconds 4 --out_dir samples/x
 
 For each example the context is `segment_frames` latent frames (the model's input window) starting
 at --start (rounded to the 13.3 ms latent frame grid) of an input file, or one window of a prepared
-cache (evenly spaced over the split's windows; --start applies to --input only). The model predicts
-the next window; longer --continue_seconds continue autoregressively, the model reading its own last
-predicted window each time. The predicted latents are denormalised and decoded by the frozen EnCodec
-decoder in one pass (so there is no seam between windows), then trimmed to --continue_seconds.
+cache (--start applies to --input only). Cache windows are spread over the split's tracks (they take
+turns) and evenly spaced within each, over the windows that leave room for the whole continuation
+and lead-in where a track has such windows. The model predicts the next window; longer
+--continue_seconds continue autoregressively, the model reading its own last predicted window each
+time. The predicted latents are denormalised and decoded by the frozen EnCodec decoder in one pass
+(so there is no seam between windows), then trimmed to --continue_seconds.
 
-Written to OUT_DIR/<example>/, all 24 kHz mono 32-bit float WAV:
-    context.wav                     the REAL audio of the context window (from the file / the cache),
-                                    not the decoded latents: it is what the model was shown
-    continuation.wav                the decoded prediction
-    context_plus_continuation.wav   context.wav followed by continuation.wav (its first samples are
-                                    exactly those of context.wav): what a listener hears
-    target.wav, context_plus_target.wav   when the real continuation is known (always for a cache;
-                                    for a file, when it holds at least one segment after the context)
-    spectrogram.png                 log-mel of context+continuation above context+target, one colour
-                                    scale, the seam marked (plots.plot_spectrograms)
-OUT_DIR/metrics.json (per example and mean), OUT_DIR/index.html (the listening page, listening_page.py)
-and, with --blind, OUT_DIR/blind_key.json (which of A/B is the model) plus A.wav / B.wav /
-spectrogram_ab.png per example.
+Written to OUT_DIR/<example>/, all 24 kHz mono 32-bit float WAV, never normalised (levels compare as
+they are):
+    lead_in.wav       the REAL audio of the --lead_in_seconds before the context (clipped at the start
+                      of the track or file; absent when the context starts there)
+    context.wav       the REAL audio of the context window (not the decoded latents)
+    continuation.wav  the decoded prediction
+    target.wav        what the figures score against, as long as the continuation: the real audio
+                      after the context (--target_audio original) or the frozen decoder's audio of its
+                      true latents, decoded in one pass from the seam as the prediction is (codec)
+    original.wav      the real audio after the context, when the target is the codec's decoding
+    player_<ending>.wav   lead_in + context + <ending> (continuation, target, original): the players,
+                      all of an example's by one gain (<= 1) that keeps the loudest below full scale
+                      (PLAYER_PEAK; a browser clips above it): metrics.json's player_gain
+    spectrogram.png   one row per player, one colour scale, the seam marked (plots.plot_continuations)
+target.wav and original.wav exist where the real continuation is known: always for a cache (clipped at
+the track's end), for a file when it holds at least one segment after the context. OUT_DIR/metrics.json
+(per example and mean), OUT_DIR/index.html (the listening page, listening_page.py) and, with --blind,
+OUT_DIR/blind_key.json (which of A/B is the model) plus A.wav / B.wav / spectrogram_ab.png per example.
 
 Metrics are evaluation.py's figures (evaluation.SCORE_NAMES, one definition for validation,
 evaluate.py and this page), computed on the FIRST predicted segment: the continuation's first
-segment_frames * 320 samples against the target segment and the context (an autoregressive run is
-scored on that first window too, since the cache holds one target window):
+segment_frames * 320 samples against the target's first segment and the context (an autoregressive
+run is scored on that first window too):
     loss, rms_input, rms_target, spectral, mel   losses.CombinedLoss with the checkpoint's loss weights
     latent_mse                             the first predicted window's normalised latents against the
                                            true next window's
@@ -37,16 +44,15 @@ scored on that first window too, since the cache holds one target window):
     rhythm, chroma                         listening_metrics.py (definitions there)
 Beside the model, where the real continuation is known, the same figures for evaluation.BASELINES:
 silence (zeros), repeat (the context's latents decoded as its own continuation) and oracle (the true
-next window's latents decoded). A cache holds the target latents; for an input file the real
-continuation is encoded with the codec, from the start of the file as prepare_data.py does. The
-reference audio is the checkpoint's --target_audio unless told otherwise: the real audio (original,
-what the page plays as the target) or the true latents decoded (codec, where the oracle scores 0).
-Without a known continuation only the model's rms_input is computed, and no baselines. The means
-are the means over examples of each figure (examples without it left out).
+next window's latents decoded). A cache holds the true latents; for an input file the audio is
+encoded with the codec from the start of the file, as prepare_data.py does. The target is the
+checkpoint's --target_audio unless told otherwise. Without a known continuation only the model's
+rms_input is computed, and no baselines. The means are the means over examples of each figure
+(examples without it left out).
 
 Exit status: 0 when every example was written; 1 when some inputs failed (the others are still
-written); 2 when nothing can run (bad checkpoint, codec mismatch, bad cache or flags, or a model
-whose output is not finite).
+written) or all of them did (then nothing is written); 2 when nothing can run (a missing --input file,
+bad checkpoint, codec mismatch, bad cache or flags, or a model whose output is not finite).
 """
 from __future__ import annotations
 
@@ -76,10 +82,22 @@ from codec import (
     load_codec,
 )
 from evaluation import BASELINES, TARGET_AUDIO_CHOICES, EvaluationError, ScoreSums
-from listening_page import METRIC_NAMES, MODEL_ROW, PLAYED, PLAYER_TITLES, figure_rows, format_value, render_page
+from listening_page import (
+    ENDINGS,
+    METRIC_NAMES,
+    MODEL_ROW,
+    TARGET_WHAT,
+    ending_title,
+    figure_rows,
+    format_value,
+    player,
+    render_page,
+)
 from losses import CombinedLoss, rms_loss
-from plots import plot_spectrograms
+from plots import plot_continuations
 from utils import atomic_path, check_mlflow_server, one_line, run_command, warn
+
+PLAYER_PEAK = 0.99      # the loudest sample of an example's players: just below a player's full scale
 
 
 class InferenceError(RuntimeError):
@@ -93,13 +111,23 @@ class Example:
     source: str
     context_latent: torch.Tensor               # [128, T]
     context_audio: torch.Tensor                # [1, T * 320], the real audio of the context window
-    target_audio: torch.Tensor | None = None   # the real audio after the context (>= one segment) or None
-    target_latent: torch.Tensor | None = None  # [128, T], the latents of the target's first segment
+    lead_in: torch.Tensor                      # [1, L], the real audio before the context (L may be 0)
+    original: torch.Tensor | None = None       # [1, M], the real audio after the context (M >= T * 320) or None
+    target_latent: torch.Tensor | None = None  # [128, ceil(M / 320)], the true latents of `original`
+    target: torch.Tensor | None = None         # [1, M], what the figures score against, by score()
     continuation: torch.Tensor | None = None   # [1, windows * T * 320], filled by generate()
     predicted_latent: torch.Tensor | None = None   # [128, T] normalised first predicted window, by generate()
     metrics: dict = field(default_factory=dict)
     baselines: dict | None = None              # {baseline: figures} where the target is known
-    blind: dict | None = None                  # {"A": "context_plus_...", "B": ...} with --blind
+    blind: dict | None = None                  # {"A": ending, "B": ending} with --blind (listening_page.ENDINGS)
+    player_gain: float = 1.0                   # the players' gain (<= 1), by write_example
+
+
+@dataclass
+class Span:
+    """What an example needs of a track or file beyond its context window (lengths in samples)."""
+    lead_in: int           # real audio before the context
+    after: int             # real audio (and its latents) after the context: the continuation's length
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -129,12 +157,33 @@ def segment_frames_of(state: dict, checkpoint: str) -> int:
     return int(frames)
 
 
-def examples_from_files(paths: list[str], codec, segment_frames: int, start_seconds: float,
-                        target_samples: int, device) -> tuple[list[Example], list[dict]]:
+def window_example(name: str, source: str, read_latents, read_audio, frames: int, start_frame: int,
+                   segment_frames: int, span: Span) -> Example:
+    """The example of the context window at `start_frame` of a track of `frames` latent frames.
+
+    read_latents(first, last) -> raw latents [128, last - first] of those frames; read_audio(first, last)
+    -> real audio [1, last - first] of those samples (frame f is samples [f * 320, (f + 1) * 320)).
+    The original continuation is up to span.after samples, clipped at the track's end, and known only
+    when at least one segment follows the context.
+    """
+    context_start, context_end = start_frame * HOP_LENGTH, (start_frame + segment_frames) * HOP_LENGTH
+    after_frames = min(math.ceil(span.after / HOP_LENGTH), frames - start_frame - segment_frames)
+    example = Example(name=name, source=source,
+                      context_latent=read_latents(start_frame, start_frame + segment_frames),
+                      context_audio=read_audio(context_start, context_end),
+                      lead_in=read_audio(max(0, context_start - span.lead_in), context_start))
+    if after_frames >= segment_frames:
+        example.original = read_audio(context_end, context_end + min(span.after, after_frames * HOP_LENGTH))
+        example.target_latent = read_latents(start_frame + segment_frames, start_frame + segment_frames + after_frames)
+    return example
+
+
+def examples_from_files(paths: list[str], codec, segment_frames: int, start_seconds: float, span: Span,
+                        device) -> tuple[list[Example], list[dict]]:
     """Context windows of audio files; a file that cannot be used goes to the failures, with the reason."""
     from data import AudioLoadError, load_audio
     start_frame = int(round(start_seconds * FRAME_RATE))
-    context_start, context_end = start_frame * HOP_LENGTH, (start_frame + segment_frames) * HOP_LENGTH
+    context_end = (start_frame + segment_frames) * HOP_LENGTH
     examples, failures = [], []
     for index, path in enumerate(paths):
         try:
@@ -149,48 +198,76 @@ def examples_from_files(paths: list[str], codec, segment_frames: int, start_seco
                 f"{context_end / SAMPLE_RATE:.2f} s")})
             continue
         # Encode from the start of the file, as prepare_data.py does, so the latents of the context
-        # window are exactly those the model would have seen in a cache of this file.
-        latents = _encoded_window(codec, audio, start_frame, segment_frames, device)
-        after = audio[:, context_end: context_end + target_samples]
-        known = after.shape[-1] >= segment_frames * HOP_LENGTH
-        examples.append(Example(
-            name=f"{index:02d}_{safe_name(Path(path).stem)}", source=str(path), context_latent=latents,
-            context_audio=audio[:, context_start:context_end].clone(), target_audio=after.clone() if known else None,
-            target_latent=_encoded_window(codec, audio, start_frame + segment_frames, segment_frames, device)
-            if known else None))
+        # window are exactly those the model would have seen in a cache of this file; once, up to the
+        # end of the continuation (the encoder is causal: what follows does not change earlier frames).
+        end_frame = min(audio.shape[-1] // HOP_LENGTH,
+                        start_frame + segment_frames + math.ceil(span.after / HOP_LENGTH))
+        latents = encode(codec, audio[:, : end_frame * HOP_LENGTH].unsqueeze(0).to(device))[0].float().cpu()
+        examples.append(window_example(
+            f"{index:02d}_{safe_name(Path(path).stem)}", str(path), lambda a, b, z=latents: z[:, a:b],
+            lambda a, b, x=audio: x[:, a:b].clone(), end_frame, start_frame, segment_frames, span))
     return examples, failures
 
 
-def _encoded_window(codec, audio: torch.Tensor, start_frame: int, frames: int, device) -> torch.Tensor:
-    """Raw latents [128, frames] of audio[start_frame:], encoding audio from its start up to the window's end."""
-    end = (start_frame + frames) * HOP_LENGTH
-    return encode(codec, audio[:, :end].unsqueeze(0).to(device))[0, :, start_frame:].float().cpu()
+def choose_windows(dataset, count: int, before_frames: int, after_frames: int) -> list[tuple[dict, int]]:
+    """Up to `count` windows (track, first context frame) of a ContinuationDataset, spread over its tracks.
+
+    The tracks take turns (evenly spaced tracks when there are fewer examples than tracks). Within a
+    track the windows are evenly spaced (first and last included) over those with room for
+    `after_frames` after the context and `before_frames` before it, else over those with room after
+    it, else over all of the track's windows (the references are then clipped at the track's end).
+    """
+    starts = {}
+    for index in range(len(dataset)):
+        track_id, start = dataset.window_location(index)
+        starts.setdefault(track_id, []).append(start)
+    tracks = [track for track in dataset.tracks if track["id"] in starts]
+    if count < len(tracks):
+        tracks = [tracks[i] for i in sorted({int(i) for i in np.linspace(0, len(tracks) - 1, count).round()})]
+    chosen = []
+    for turn, track in enumerate(tracks):
+        share = len(range(turn, count, len(tracks)))
+        room_after = [s for s in starts[track["id"]] if s + dataset.segment_frames + after_frames <= track["frames"]]
+        pool = [s for s in room_after if s >= before_frames] or room_after or starts[track["id"]]
+        picks = sorted({int(i) for i in np.linspace(0, len(pool) - 1, min(share, len(pool))).round()})
+        chosen += [(track, pool[i]) for i in picks]
+    return chosen
 
 
-def examples_from_cache(cache_dir: str, split: str, segment_frames: int, num_samples: int,
+def open_track(cache_dir: str, track_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """Memory maps of a cached track's (latents [128, F], audio [F * 320]); InferenceError naming a bad file."""
+    from data import track_paths
+    arrays = []
+    for path in track_paths(cache_dir, track_id):
+        try:
+            arrays.append(np.load(path, mmap_mode="r"))
+        except (OSError, ValueError) as error:
+            raise InferenceError(f"{path}: cannot read the cached array ({one_line(error)}); "
+                                 f"re-run prepare_data.py") from None
+    return arrays[0], arrays[1]
+
+
+def examples_from_cache(cache_dir: str, split: str, segment_frames: int, num_samples: int, span: Span,
                         codec_print: str) -> list[Example]:
-    """`num_samples` windows evenly spaced over the split (first and last included)."""
-    from data import ContinuationDataset, LatentNormalizer
+    """`num_samples` windows of the split (choose_windows), with their lead-in and continuation."""
+    from data import ContinuationDataset, audio_to_float
     try:
         dataset = ContinuationDataset(cache_dir, split, segment_frames)
         check_fingerprint(dataset.codec_fingerprint, codec_print, f"--from_cache {cache_dir}")
     except (ValueError, CodecLoadError) as error:
         raise InferenceError(one_line(error)) from None
-    count = min(num_samples, len(dataset))
-    indices = sorted({int(i) for i in np.linspace(0, len(dataset) - 1, count).round()})
-    sources = {track["id"]: track["source"] for track in dataset.manifest["tracks"]}
-    # The cache normalises with its own statistics; undo them (the model's own are applied later).
-    cache_normalizer = LatentNormalizer(dataset.latent_mean, dataset.latent_std)
+    windows = choose_windows(dataset, num_samples, math.ceil(span.lead_in / HOP_LENGTH),
+                             math.ceil(span.after / HOP_LENGTH))
     examples = []
-    for number, index in enumerate(indices):
-        item = dataset[index]
-        track_id, frame = dataset.window_location(index)
-        raw = cache_normalizer.denormalize(torch.stack([item["input_latent"], item["target_latent"]]))
-        source = sources.get(track_id, track_id)
-        examples.append(Example(
-            name=f"{number:02d}_{safe_name(Path(source).stem)}_f{frame}",
-            source=f"{cache_dir} [{split}] {source} @ {frame / FRAME_RATE:.2f} s", context_latent=raw[0],
-            context_audio=item["input_audio"], target_audio=item["target_audio"], target_latent=raw[1]))
+    for number, (track, frame) in enumerate(windows):
+        latents, audio = open_track(cache_dir, track["id"])
+        source = track.get("source", track["id"])
+        examples.append(window_example(
+            f"{number:02d}_{safe_name(Path(source).stem)}_f{frame}",
+            f"{cache_dir} [{split}] {source} @ {frame / FRAME_RATE:.2f} s",
+            lambda a, b, z=latents: torch.from_numpy(np.array(z[:, a:b], dtype=np.float32)),
+            lambda a, b, x=audio: torch.from_numpy(audio_to_float(x[a:b]))[None],
+            track["frames"], frame, segment_frames, span))
     return examples
 
 
@@ -243,17 +320,23 @@ class Scorer:
 
 @torch.no_grad()
 def score(example: Example, segment_samples: int, scorer: Scorer) -> None:
-    """Fill example.metrics (and .baselines where the target is known) on the first predicted segment."""
+    """Fill example.target, .metrics and .baselines (where the target is known) on the first predicted segment.
+
+    The target played is the target scored: the original audio, or (codec) the true latents decoded in
+    one pass from the seam, as the continuation is. The decoder is causal, so the first segment of that
+    decoding is the window scorer decodes alone (evaluation.reference_audio) up to float rounding.
+    """
     output = example.continuation[None, :, :segment_samples]
-    if example.target_audio is None:
+    if example.original is None:
         example.metrics = dict.fromkeys(METRIC_NAMES)
         example.metrics["rms_input"] = float(rms_loss(output, example.context_audio[None]))
         return
-    normalizer, device = scorer.normalizer, scorer.device
+    normalizer, device, frames = scorer.normalizer, scorer.device, segment_samples // HOP_LENGTH
+    target_latent = normalizer.normalize(example.target_latent[None].to(device))
     batch = {"input_latent": normalizer.normalize(example.context_latent[None].to(device)),
-             "target_latent": normalizer.normalize(example.target_latent[None].to(device)),
+             "target_latent": target_latent[..., :frames],
              "input_audio": example.context_audio[None].to(device),
-             "target_audio": example.target_audio[None, :, :segment_samples].to(device)}
+             "target_audio": example.original[None, :, :segment_samples].to(device)}
     decoded = evaluation.decode_windows(batch, scorer.decoder, normalizer)
     references = evaluation.reference_audio(batch, scorer.decoder, normalizer, scorer.target_audio, decoded)
     model_sums = ScoreSums(device, f"{example.name}: model").add(
@@ -263,6 +346,11 @@ def score(example: Example, segment_samples: int, scorer: Scorer) -> None:
                                                      scorer.target_audio, musical=True, decoded=decoded)
     example.metrics = model_sums.means()
     example.baselines = {name: baseline_sums[name].means() for name in BASELINES}
+    if scorer.target_audio == "original":
+        example.target = example.original
+    else:
+        decoded_target = evaluation.decode_latents(scorer.decoder, normalizer, target_latent)
+        example.target = decoded_target[0, :, : example.original.shape[-1]].float().cpu()
 
 
 def mean_figures(figure_dicts: list[dict]) -> dict:
@@ -298,50 +386,66 @@ def write_wav(path: Path, audio: torch.Tensor) -> None:
         soundfile.write(str(tmp_path), audio.reshape(-1).numpy().astype(np.float32), SAMPLE_RATE, subtype="FLOAT")
 
 
-def write_example(out_dir: Path, example: Example, continuation_samples: int) -> dict:
-    """The WAVs and spectrogram(s) of one example; returns {role: relative path}."""
+def example_segments(example: Example, continuation_samples: int, target_audio: str) -> dict:
+    """{segment: audio} of one example (listening_page.SEGMENTS), the endings cut to the continuation's length."""
+    segments = {"lead_in": example.lead_in, "context": example.context_audio,
+                "continuation": example.continuation[:, :continuation_samples]}
+    if example.target is not None:
+        segments["target"] = example.target[:, :continuation_samples]
+        if target_audio == "codec":       # else the target is the original audio
+            segments["original"] = example.original[:, :continuation_samples]
+    return segments
+
+
+def write_example(out_dir: Path, example: Example, continuation_samples: int, segment_samples: int,
+                  target_audio: str) -> dict:
+    """The WAVs and spectrogram(s) of one example (module docstring); returns {role: relative path}."""
     folder = out_dir / example.name
     folder.mkdir(parents=True, exist_ok=True)
-    continuation = example.continuation[:, :continuation_samples]
-    audio = {"context": example.context_audio, "continuation": continuation,
-             "context_plus_continuation": torch.cat([example.context_audio, continuation], dim=-1)}
-    if example.target_audio is not None:
-        target = example.target_audio[:, :continuation_samples]
-        audio["target"] = target
-        audio["context_plus_target"] = torch.cat([example.context_audio, target], dim=-1)
+    segments = example_segments(example, continuation_samples, target_audio)
+    before = torch.cat([example.lead_in, example.context_audio], dim=-1)
+    endings = [ending for ending in ENDINGS if ending in segments]
+    players = {player(ending): torch.cat([before, segments[ending]], dim=-1) for ending in endings}
+    # A browser clips at full scale, and decoded audio can peak above it: one gain for all the players of
+    # the example keeps the loudest below clipping and every level ratio as it is.
+    peak = max(float(samples.abs().max()) for samples in players.values())
+    example.player_gain = min(1.0, PLAYER_PEAK / peak) if peak > 0 else 1.0
+    audio = {role: samples for role, samples in segments.items() if samples.shape[-1] > 0}   # no empty lead-in
+    audio.update({role: samples * example.player_gain for role, samples in players.items()})
     files = {}
     for role, samples in audio.items():
         write_wav(folder / f"{role}.wav", samples)
         files[role] = f"{example.name}/{role}.wav"
-    seam = example.context_audio.shape[-1] / SAMPLE_RATE
-    segment_seconds = example.context_audio.shape[-1] / SAMPLE_RATE       # context and window have one length
-    joins = tuple(seam + k * segment_seconds for k in range(1, math.ceil(continuation.shape[-1] / segment_seconds
-                                                                          / SAMPLE_RATE - 1e-9)))
-    rows = [(PLAYER_TITLES[role], audio[role]) for role in PLAYED if role in audio]
-    plot_spectrograms(folder / "spectrogram.png", rows, seam_seconds=seam, window_marks=joins)
+    marks = {"context_start": example.lead_in.shape[-1] or None,
+             "window_joins": tuple(range(segment_samples, continuation_samples, segment_samples))}
+    plot_continuations(folder / "spectrogram.png", before,
+                       [(ending_title(ending, target_audio), segments[ending]) for ending in endings], **marks)
     files["spectrogram"] = f"{example.name}/spectrogram.png"
     if example.blind is not None:
-        for label, role in example.blind.items():
-            write_wav(folder / f"{label}.wav", audio[role])
+        for label, ending in example.blind.items():
+            write_wav(folder / f"{label}.wav", audio[player(ending)])
             files[label] = f"{example.name}/{label}.wav"
-        plot_spectrograms(folder / "spectrogram_ab.png",
-                          [(label, audio[role]) for label, role in example.blind.items()], seam_seconds=seam)
+        plot_continuations(folder / "spectrogram_ab.png", before,
+                           [(label, segments[ending]) for label, ending in example.blind.items()], **marks)
         files["spectrogram_ab"] = f"{example.name}/spectrogram_ab.png"
     return files
 
 
+BLIND_ENDINGS = ("continuation", "target")      # A and B: the model's and the target the figures score against
+
+
 def assign_blind_labels(examples: list[Example], seed: int) -> dict:
-    """Per example, shuffle (continuation, target) into A/B with a seeded generator; returns the key."""
+    """Per example, shuffle BLIND_ENDINGS into A/B with a seeded generator; returns the key."""
     rng = np.random.default_rng(seed)
     key = {}
     for example in examples:
-        if example.target_audio is None:
+        if example.original is None:
             continue          # nothing to compare against: the page plays the continuation openly
-        roles = list(PLAYED)
+        endings = list(BLIND_ENDINGS)
         if rng.random() < 0.5:
-            roles.reverse()
-        example.blind = {"A": roles[0], "B": roles[1]}
-        key[example.name] = {"A": roles[0], "B": roles[1], "model": "A" if roles[0] == PLAYED[0] else "B"}
+            endings.reverse()
+        example.blind = {"A": endings[0], "B": endings[1]}
+        key[example.name] = {"A": endings[0], "B": endings[1], "model": "A" if endings[0] == "continuation" else "B"}
     return key
 
 
@@ -390,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds into each --input file where the context starts")
     parser.add_argument("--continue_seconds", type=float, default=None,
                         help="length of the continuation (default: one segment); longer is autoregressive")
+    parser.add_argument("--lead_in_seconds", type=float, default=4.0,
+                        help="real audio played before the context, so a listener knows the music before the seam")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0, help="seeds torch and the --blind shuffle")
     parser.add_argument("--batch_size", type=int, default=8, help="examples generated together")
@@ -416,6 +522,13 @@ def check_flags(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--start must be >= 0, got {args.start}")
     if args.continue_seconds is not None and not args.continue_seconds > 0:
         parser.error(f"--continue_seconds must be > 0, got {args.continue_seconds}")
+    if not args.lead_in_seconds >= 0:
+        parser.error(f"--lead_in_seconds must be >= 0, got {args.lead_in_seconds}")
+    for path in args.input or ():
+        if not Path(path).exists():
+            parser.error(f"--input {path}: no such file")
+        if Path(path).is_dir():
+            parser.error(f"--input {path}: is a directory, not an audio file")
 
 
 def load_codec_for(args, state: dict):
@@ -430,11 +543,14 @@ def load_codec_for(args, state: dict):
 def collect_examples(args, codec, codec_print: str, segment_frames: int, continuation_samples: int):
     """(examples, failures) from --input or --from_cache; every failure is also printed on one line."""
     failures = []
+    # at least one segment after the context: the figures need the whole first target window
+    span = Span(lead_in=int(round(args.lead_in_seconds * SAMPLE_RATE)),
+                after=max(continuation_samples, segment_frames * HOP_LENGTH))
     if args.input:
-        examples, failures = examples_from_files(args.input, codec, segment_frames, args.start,
-                                                 max(continuation_samples, segment_frames * HOP_LENGTH), args.device)
+        examples, failures = examples_from_files(args.input, codec, segment_frames, args.start, span, args.device)
     else:
-        examples = examples_from_cache(args.from_cache, args.split, segment_frames, args.num_samples, codec_print)
+        examples = examples_from_cache(args.from_cache, args.split, segment_frames, args.num_samples, span,
+                                       codec_print)
     for failure in failures:
         print(f"error: {failure['error']}", file=sys.stderr)
     return examples, failures
@@ -446,23 +562,27 @@ def write_reports(out_dir: Path, args, state: dict, entries: list, failures: lis
     means, mean_baselines = mean_metrics([example for example, _ in entries])
     write_json_atomic(out_dir / "metrics.json", {
         "settings": settings,
-        "metrics_on": "first predicted segment against the real one (rms_input: the context); baselines "
-                      "silence / repeat / oracle scored the same way (inference_sample.py docstring)",
-        "examples": [{"name": e.name, "source": e.source, "files": files, "metrics": e.metrics,
-                      "baselines": e.baselines} for e, files in entries],
+        "metrics_on": "first predicted segment against the target's first segment (rms_input: the context); "
+                      "baselines silence / repeat / oracle scored the same way (inference_sample.py docstring)",
+        "examples": [{"name": e.name, "source": e.source, "files": files, "player_gain": e.player_gain,
+                      "metrics": e.metrics, "baselines": e.baselines} for e, files in entries],
         "mean": means, "mean_baselines": mean_baselines, "failed": failures, "timing": timing})
     if key is not None:
         write_json_atomic(out_dir / "blind_key.json", {
-            "meaning": "EXAMPLE/A.wav and EXAMPLE/B.wav are copies of EXAMPLE/<named>.wav; 'model' is the "
-                       "label of the model's continuation", "seed": args.seed, "examples": key})
+            "meaning": "EXAMPLE/A.wav and EXAMPLE/B.wav are copies of EXAMPLE/player_<named>.wav; 'model' is "
+                       "the label of the model's continuation", "seed": args.seed, "examples": key})
     windows = settings["windows"]
     page_settings = {"checkpoint": args.checkpoint, "epoch": state.get("epoch"),
+                     "lead-in": f"up to {settings['lead_in_seconds']:.2f} s",
                      "context": f"{settings['segment_seconds']:.2f} s",
                      "continuation": f"{settings['continue_seconds']:.2f} s"
                      + (f" ({windows} windows, autoregressive)" if windows > 1 else ""),
-                     "metrics against": settings["target_audio"] + " audio"}
-    write_text_atomic(out_dir / "index.html", render_page(f"Continuations: {out_dir.name}", page_settings, entries,
-                                                          means, mean_baselines, failures, bool(args.blind)))
+                     "target": f"{TARGET_WHAT[settings['target_audio']]} (--target_audio {settings['target_audio']})",
+                     "codec": settings["encodec_weights"]}
+    page = render_page(f"Continuations: {out_dir.name}", page_settings, entries, means, mean_baselines, failures,
+                       blind=bool(args.blind), target_audio=settings["target_audio"],
+                       random_codec=settings["encodec_weights"] == "random")
+    write_text_atomic(out_dir / "index.html", page)
     return means, mean_baselines
 
 
@@ -479,6 +599,10 @@ def run(args) -> int:
                             else int(round(args.continue_seconds * SAMPLE_RATE)))
     windows = max(1, math.ceil(continuation_samples / segment_samples))
     examples, failures = collect_examples(args, codec, codec_print, segment_frames, continuation_samples)
+    if not examples:
+        print(f"error: none of the {len(failures)} input(s) could be used (listed above); nothing written",
+              file=sys.stderr)
+        return 1
 
     decoder = FrozenDecoder(codec)
     del codec
@@ -491,22 +615,23 @@ def run(args) -> int:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     key = assign_blind_labels(examples, args.seed) if args.blind else None
-    entries = [(example, write_example(out_dir, example, continuation_samples)) for example in examples]
+    entries = [(example, write_example(out_dir, example, continuation_samples, segment_samples, target_audio))
+               for example in examples]
     timing = {"generated_seconds": generated_seconds, "generation_wall_seconds": round(wall, 4),
               "seconds_per_generated_second": round(wall / generated_seconds, 4) if generated_seconds else None,
               "device": str(args.device), "batch_size": args.batch_size}
     settings = {"checkpoint": str(args.checkpoint), "segment_frames": segment_frames,
                 "segment_seconds": segment_frames / FRAME_RATE, "continue_seconds": continuation_samples / SAMPLE_RATE,
-                "windows": windows, "encodec_weights": weights, "codec_fingerprint": codec_print,
+                "windows": windows, "lead_in_seconds": args.lead_in_seconds,
+                "encodec_weights": weights, "codec_fingerprint": codec_print,
                 "start": args.start if args.input else None, "seed": args.seed, "blind": bool(args.blind),
                 "epoch": state.get("epoch"), "target_audio": target_audio,
                 "loss_weights": dict(loss_fn.weights)}
     means, mean_baselines = write_reports(out_dir, args, state, entries, failures, settings, timing, key)
 
-    if examples:
-        print(metrics_table(examples, means, mean_baselines))
-        print(f"generated {generated_seconds:.2f} s of audio in {wall:.2f} s on {args.device} "
-              f"({wall / generated_seconds:.3f} s per generated second)")
+    print(metrics_table(examples, means, mean_baselines))
+    print(f"generated {generated_seconds:.2f} s of audio in {wall:.2f} s on {args.device} "
+          f"({wall / generated_seconds:.3f} s per generated second)")
     print(f"wrote {len(examples)} example(s) to {out_dir}; open {out_dir / 'index.html'}"
           + (f"; key in {out_dir / 'blind_key.json'}" if key is not None else ""))
     if args.mlflow:

@@ -1,27 +1,38 @@
-"""The one spectrogram figure, shared by the training samples and the listening page.
+"""The one spectrogram figure, shared by the listening page and the training samples.
 
-    plot_spectrograms(path, [(title, audio), ...], seam_seconds=None, window_marks=(), title=None)
+    plot_continuations(path, before_seam, [(title, ending), ...], context_start=None, window_joins=(), title=None)
 
-Each row is the log-mel spectrogram of one mono 24 kHz signal ([N] or [1, N], tensor or numpy), in
-the framing the mel loss uses (listening_metrics.log_mel: 1024-point STFT, hop 256, 80 mel bands,
-0-8 kHz), so the picture shows what the loss sees. Rows are stacked on one time axis in seconds and
-share one colour scale (the colour bar, natural-log mel magnitude), spanning SPECTROGRAM_RANGE below
-the loudest cell of all rows: a quiet continuation looks quiet next to a loud target.
+One row per ending: the log-mel spectrogram of `before_seam` followed by that ending (mono 24 kHz
+signals, [N] or [1, N], tensor or numpy), so every row holds the same audio up to the seam and only
+the ending differs. The framing is the mel loss's (listening_metrics.log_mel: 1024-point STFT, hop
+256, centred frames, 80 mel bands, 0-8 kHz), so the picture shows what the loss sees. The time axis
+comes from the STFT frame centres (frame f is centred on sample f * 256, so its cell spans
+(f +- 1/2) * 256 samples), and the seam is drawn at the exact sample where the ending begins: a frame
+whose 1024-sample window reaches over the seam shows some of the ending up to 21 ms before it.
+All rows share one colour scale (the colour bar, natural-log mel magnitude), spanning
+SPECTROGRAM_RANGE below the loudest cell of all rows: a quiet continuation looks quiet next to a loud
+target.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from codec import SAMPLE_RATE
-from listening_metrics import log_mel
+from listening_metrics import log_mel, mel_module
 from utils import atomic_path
 
 SPECTROGRAM_RANGE = math.log(1e4)   # colour range: 80 dB of magnitude below the peak (log(1e-5) floor is -11.5)
 ROW_INCHES = 2.2                    # height of one row
 DPI = 80
+
+
+def _mono(audio) -> torch.Tensor:
+    """A mono signal [N] or [1, N] (tensor or numpy) as a float32 tensor [N]."""
+    return torch.as_tensor(np.asarray(audio, dtype=np.float32)).reshape(-1)
 
 
 def _colour_limits(specs: list) -> tuple[float, float]:
@@ -31,49 +42,56 @@ def _colour_limits(specs: list) -> tuple[float, float]:
     return vmin, vmax
 
 
-def _seconds(audio) -> float:
-    """Duration of a mono 24 kHz signal [N] or [1, N]."""
-    return int(audio.shape[-1]) / SAMPLE_RATE
+def time_extent(frames: int) -> tuple[float, float]:
+    """(left, right) seconds of `frames` centred STFT frames drawn as cells: frame f spans (f -+ 1/2) * hop."""
+    hop = mel_module().stft.hop_size
+    return -0.5 * hop / SAMPLE_RATE, (frames - 0.5) * hop / SAMPLE_RATE
 
 
-def _x_label(seam_seconds, window_marks) -> str:
-    marks = []
-    if seam_seconds is not None:
-        marks.append("dashed line: end of the context")
-    if window_marks:
-        marks.append("dotted: where the model's autoregressive windows join")
-    return "seconds" + (f" ({'; '.join(marks)})" if marks else "")
+def _x_label(context_start, window_joins) -> str:
+    marks = ["dashed: the seam, where the ending begins"]
+    if context_start is not None:
+        marks.append("solid: the context begins")
+    if window_joins:
+        marks.append("dotted: the model's windows join")
+    return "seconds\n" + "; ".join(marks)
 
 
-def plot_spectrograms(path, rows: list[tuple[str, torch.Tensor]], seam_seconds: float | None = None,
-                      window_marks: tuple[float, ...] = (), title: str | None = None) -> Path:
-    """Write a PNG of the rows' log-mel spectrograms, stacked (module docstring); returns the path.
+def plot_continuations(path, before_seam, endings: list[tuple[str, object]], context_start: int | None = None,
+                       window_joins: tuple[int, ...] = (), title: str | None = None) -> Path:
+    """Write a PNG of one row per ending (module docstring); returns the path.
 
-    seam_seconds: a dashed line on every row (where the context ends); window_marks: dotted lines on
-    every row (seconds); title: above the figure. Written atomically (utils.atomic_path).
+    before_seam: the audio every row starts with (the lead-in and the context); the seam, a dashed line
+    on every row, is at its last sample. context_start: the sample of before_seam where the model's
+    context begins (a solid line; None when there is no lead-in). window_joins: samples after the seam
+    where autoregressive windows join (dotted). Written atomically (utils.atomic_path).
     """
-    if not rows:
-        raise ValueError("plot_spectrograms: no rows to draw")
+    if not endings:
+        raise ValueError("plot_continuations: no endings to draw")
     import matplotlib
     matplotlib.use("Agg")      # no display on training nodes
     import matplotlib.pyplot as plt
 
+    before = _mono(before_seam)
+    seam = before.shape[0]
+    rows = [(row_title, torch.cat([before, _mono(ending)])) for row_title, ending in endings]
     specs = [log_mel(audio).numpy() for _, audio in rows]
     vmin, vmax = _colour_limits(specs)
-    durations = [_seconds(audio) for _, audio in rows]
+    right = max(audio.shape[0] for _, audio in rows) / SAMPLE_RATE
     fig, axes = plt.subplots(len(rows), 1, figsize=(10, ROW_INCHES * len(rows) + (0.4 if title else 0.0)),
                              squeeze=False, sharex=True, layout="constrained")   # room for titles and the bar
-    for ax, (row_title, _), spec, seconds in zip(axes[:, 0], rows, specs, durations):
+    for ax, (row_title, _), spec in zip(axes[:, 0], rows, specs):
         image = ax.imshow(spec, origin="lower", aspect="auto", cmap="magma", vmin=vmin, vmax=vmax,
-                          extent=(0.0, seconds, 0, spec.shape[0]), interpolation="nearest")
-        if seam_seconds is not None:
-            ax.axvline(seam_seconds, color="cyan", linewidth=1.5, linestyle="--")
-        for mark in window_marks:
-            ax.axvline(mark, color="white", linewidth=0.8, linestyle=":")
-        ax.set_xlim(0.0, max(durations))
+                          extent=(*time_extent(spec.shape[1]), 0, spec.shape[0]), interpolation="nearest")
+        ax.axvline(seam / SAMPLE_RATE, color="cyan", linewidth=1.5, linestyle="--")
+        if context_start is not None:
+            ax.axvline(context_start / SAMPLE_RATE, color="cyan", linewidth=1.0)
+        for join in window_joins:
+            ax.axvline((seam + join) / SAMPLE_RATE, color="white", linewidth=0.8, linestyle=":")
+        ax.set_xlim(0.0, right)
         ax.set_title(row_title, fontsize=10, loc="left")
         ax.set_ylabel("mel band")
-    axes[-1, 0].set_xlabel(_x_label(seam_seconds, window_marks))
+    axes[-1, 0].set_xlabel(_x_label(context_start, window_joins))
     if title:
         fig.suptitle(title)
     fig.colorbar(image, ax=axes[:, 0].tolist(), label="log mel magnitude", pad=0.01, fraction=0.03)
@@ -86,4 +104,4 @@ def plot_spectrograms(path, rows: list[tuple[str, torch.Tensor]], seam_seconds: 
     return path
 
 
-__all__ = ["SPECTROGRAM_RANGE", "plot_spectrograms"]
+__all__ = ["SPECTROGRAM_RANGE", "plot_continuations", "time_extent"]

@@ -1,7 +1,8 @@
 """Specification of losses.py, checked against independent re-computations.
 
     python -m pytest -q test_spectral_losses.py   # one small named test per property
-    python test_spectral_losses.py                # the same tests, one ✓ line per group, exit 1 if any fails
+    python test_spectral_losses.py                # the same tests: one ✓ line per group (the guide's five
+                                                  # lines), then the counts; exit 1 if any fails
 
 The references are written another way on purpose: framing, windowing and FFT in float64 NumPy for the
 loss values (not torch.stft), the Slaney mel filterbank from its formula (and librosa where installed),
@@ -720,25 +721,31 @@ class _GroupReport:
             self.passed[group] += 1
 
 
+def summary_lines(report: _GroupReport) -> tuple[list[str], bool]:
+    """(the lines to print, whether everything passed): a ✓ line per group exactly as the guide gives them,
+    or ✗ with the failures, then the test counts on a line of their own."""
+    lines, ok = [f"✗ {nodeid}: belongs to no group" for nodeid in sorted(set(report.ungrouped))], not report.ungrouped
+    for group, label in GROUPS.items():
+        failures = report.failures[group]
+        if failures or not report.passed[group]:
+            ok = False
+            lines += [f"--- {failure.nodeid} ({failure.when})\n{failure.longreprtext}\n" for failure in failures]
+            lines.append(f"✗ {label.split(':')[0]}: FAILED ({len(failures)} failing, {report.passed[group]} passing: "
+                         f"{', '.join(f.nodeid.rsplit('::', 1)[-1] for f in failures) or 'no test ran'})")
+        else:
+            lines.append(f"✓ {label}")
+    lines.append("(tests passed per group: " + ", ".join(f"{group} {report.passed[group]}" for group in GROUPS) + ")")
+    return lines, ok
+
+
 def main() -> int:
     report, output = _GroupReport(), io.StringIO()
     with contextlib.redirect_stdout(output):      # pytest's own report; this prints one line per group instead
         code = pytest.main([str(Path(__file__).resolve()), "-p", "no:cacheprovider"], plugins=[report])
     if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):   # usage or collection error
         print(output.getvalue())
-    ok = not report.ungrouped
-    for nodeid in sorted(set(report.ungrouped)):
-        print(f"✗ {nodeid}: belongs to no group")
-    for group, label in GROUPS.items():
-        failures = report.failures[group]
-        if failures or not report.passed[group]:
-            ok = False
-            for failure in failures:
-                print(f"--- {failure.nodeid} ({failure.when})\n{failure.longreprtext}\n")
-            print(f"✗ {label.split(':')[0]}: FAILED ({len(failures)} failing, {report.passed[group]} passing: "
-                  f"{', '.join(f.nodeid.rsplit('::', 1)[-1] for f in failures) or 'no test ran'})")
-        else:
-            print(f"✓ {label}  ({report.passed[group]} tests)")
+    lines, ok = summary_lines(report)
+    print("\n".join(lines))
     return 0 if ok else 1
 
 

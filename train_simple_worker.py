@@ -416,29 +416,41 @@ def format_epoch_block(epoch: int, epochs: int, train: dict, val: dict, lr: floa
 
 @torch.no_grad()
 def write_audio_examples(ctx: Context, epoch: int) -> Path:
-    """A few validation examples as WAV (input, output, target) and one spectrogram comparison PNG."""
+    """A few validation examples as WAV and, per example, the listening page's figure.
+
+    exampleK_input.wav is the real audio of the input window, exampleK_output.wav the model's
+    continuation, exampleK_target.wav what validation scores it against (--target_audio) and, with
+    codec targets, exampleK_original.wav the real audio that follows the input. exampleK_spectrogram.png
+    is plots.plot_continuations, as on the listening page: the input followed by each of them, the
+    seam marked.
+    """
     import soundfile
 
-    from plots import plot_spectrograms
+    from listening_page import ending_title
+    from plots import plot_continuations
 
     folder = Path(ctx.args.checkpoint_dir) / "samples" / f"epoch_{epoch:04d}"
     folder.mkdir(parents=True, exist_ok=True)
     count = min(AUDIO_EXAMPLES, len(ctx.val_set))
     indices = np.linspace(0, len(ctx.val_set) - 1, count).round().astype(int)
+    target_audio = ctx.args.target_audio
+    endings = {"output": "continuation", "target": "target", "original": "original"}   # clip -> the page's ending
     model = ctx.raw_model
     model.eval()
-    rows = []
     for row, index in enumerate(indices):
         example = {name: tensor.unsqueeze(0).to(ctx.device) for name, tensor in ctx.val_set[int(index)].items()}
         with ctx.autocast():
-            references = reference_audio(example, ctx.decoder, ctx.normalizer, ctx.args.target_audio)
+            references = reference_audio(example, ctx.decoder, ctx.normalizer, target_audio)
             output = predict_audio(model, ctx.normalizer, ctx.decoder, example["input_latent"])
-        clips = {"input": references[0], "output": output, "target": references[1]}
+        clips = {"input": example["input_audio"], "output": output, "target": references[1]}
+        if target_audio == "codec":
+            clips["original"] = example["target_audio"]
+        clips = {name: audio[0, 0].float().cpu() for name, audio in clips.items()}
         for name, audio in clips.items():
-            audio = audio[0, 0].float().cpu()
             soundfile.write(folder / f"example{row}_{name}.wav", audio.clamp(-1, 1).numpy(), SAMPLE_RATE)
-            rows.append((f"val example {index}: {name}", audio))
-    plot_spectrograms(folder / "spectrograms.png", rows, title=f"epoch {epoch}: validation examples")
+        plot_continuations(folder / f"example{row}_spectrogram.png", clips["input"],
+                           [(ending_title(ending, target_audio), clips[name]) for name, ending in endings.items()
+                            if name in clips], title=f"epoch {epoch}: validation example {index}")
     model.train()
     return folder
 

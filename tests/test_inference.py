@@ -30,7 +30,13 @@ from utils import free_port  # noqa: E402
 
 SEGMENT_FRAMES = 16                       # 0.21 s: the smallest window the 2048-point STFT losses accept
 SEGMENT_SAMPLES = SEGMENT_FRAMES * HOP_LENGTH
-PLAYED = ("context_plus_continuation", "context_plus_target")
+CONTINUE_SAMPLES = 12_000                 # the cache run's --continue_seconds 0.5: 3 autoregressive windows
+LEAD_IN_SAMPLES = 4 * SAMPLE_RATE         # --lead_in_seconds' default
+# The page's labels, written out here as a user reads them (listening_page.ending_title makes them).
+LABELS = {"continuation": "model: its continuation",
+          "codec": "target, what the figures score against: the codec's decoding of the true continuation",
+          "original": "target, what the figures score against: the original audio",
+          "second": "original audio (a second reference, not scored)"}
 
 
 # --------------------------------------------------------------------------------------- fixtures
@@ -55,8 +61,11 @@ def setup(tiny_cache, tmp_path_factory):
     from data import read_manifest
     manifest = read_manifest(tiny_cache)
     root = tmp_path_factory.mktemp("inference")
-    return {"root": root, "cache": tiny_cache, "manifest": manifest,
-            "checkpoint": make_checkpoint(root / "model.pt", manifest)}
+    val_track = next(track for track in manifest["tracks"] if track["split"] == "val")
+    return {"root": root, "cache": tiny_cache, "manifest": manifest, "val_track": val_track,
+            "checkpoint": make_checkpoint(root / "model.pt", manifest),       # records no --target_audio: original
+            "codec_checkpoint": make_checkpoint(root / "codec.pt", manifest,     # trained against codec audio
+                                                args={"segment_frames": SEGMENT_FRAMES, "target_audio": "codec"})}
 
 
 def run_main(argv: list, capsys) -> tuple[int, str, str]:
@@ -72,10 +81,32 @@ def read_wav(path: Path) -> np.ndarray:
     return samples
 
 
+def track_audio(setup) -> np.ndarray:
+    """The val track's real audio as the cache stores it, read without inference_sample."""
+    from data import audio_to_float, track_paths
+    return audio_to_float(np.load(track_paths(setup["cache"], setup["val_track"]["id"])[1]))
+
+
+def track_latents(setup) -> torch.Tensor:
+    from data import track_paths
+    return torch.from_numpy(np.load(track_paths(setup["cache"], setup["val_track"]["id"])[0]).astype(np.float32))
+
+
 @pytest.fixture(scope="module")
 def cache_run(setup, tmp_path_factory):
-    """--from_cache --blind: writes every per-example file plus the A/B copies and the key."""
+    """--from_cache, codec targets (as the demo trains), 0.5 s autoregressive, the default lead-in."""
     out = tmp_path_factory.mktemp("cache_run") / "samples"
+    code = inference_sample.main(["--checkpoint", str(setup["codec_checkpoint"]), "--from_cache", str(setup["cache"]),
+                                  "--split", "val", "--num_samples", "2", "--out_dir", str(out),
+                                  "--continue_seconds", str(CONTINUE_SAMPLES / SAMPLE_RATE), "--device", "cpu",
+                                  "--batch_size", "2"])
+    return code, out
+
+
+@pytest.fixture(scope="module")
+def blind_run(setup, tmp_path_factory):
+    """--from_cache --blind, original targets, one window: the A/B copies and the key."""
+    out = tmp_path_factory.mktemp("blind_run") / "samples"
     code = inference_sample.main(["--checkpoint", str(setup["checkpoint"]), "--from_cache", str(setup["cache"]),
                                   "--split", "val", "--num_samples", "2", "--out_dir", str(out), "--blind",
                                   "--seed", "3", "--device", "cpu", "--batch_size", "2"])
@@ -93,14 +124,19 @@ def file_run(setup, tmp_path_factory):
     corrupt.write_bytes(b"RIFF this is not audio")
     out = folder / "samples"
     argv = ["--checkpoint", setup["checkpoint"], "--input", sources[0], short, corrupt, sources[1],
-            "--start", 0.1, "--continue_seconds", 0.5, "--out_dir", out, "--device", "cpu", "--batch_size", 1]
+            "--start", 0.1, "--continue_seconds", 0.5, "--lead_in_seconds", 0.05, "--out_dir", out, "--device", "cpu",
+            "--batch_size", 1]
     import io
     from contextlib import redirect_stderr
     err = io.StringIO()
     with redirect_stderr(err):
         code = inference_sample.main([str(arg) for arg in argv])
     return {"code": code, "out": out, "sources": sources, "stderr": err.getvalue(), "short": short,
-            "corrupt": corrupt, "start": 0.1, "continue_seconds": 0.5}
+            "corrupt": corrupt, "start": 0.1, "continue_seconds": 0.5, "lead_in": 1200}
+
+
+def player_gains(out: Path) -> dict:
+    return {entry["name"]: entry["player_gain"] for entry in json.loads((out / "metrics.json").read_text())["examples"]}
 
 
 def example_dirs(out: Path) -> list[Path]:
@@ -114,63 +150,101 @@ def expected_context(audio: torch.Tensor, start_seconds: float) -> tuple[int, to
 
 # ------------------------------------------------------------------------------ generation: cache
 
-def test_cache_outputs_have_rate_and_lengths(cache_run):
+def test_cache_examples_play_lead_in_context_and_each_ending(setup, cache_run):
+    """Windows with room for the whole continuation; every player = real lead-in + real context + its ending."""
     code, out = cache_run
     assert code == 0
+    audio, frames = track_audio(setup), setup["val_track"]["frames"]
     dirs = example_dirs(out)
-    assert len(dirs) == 2
-    expected = {"context": SEGMENT_SAMPLES, "continuation": SEGMENT_SAMPLES, "target": SEGMENT_SAMPLES,
-                "context_plus_continuation": 2 * SEGMENT_SAMPLES, "context_plus_target": 2 * SEGMENT_SAMPLES}
-    for folder in dirs:
-        for role, length in expected.items():
-            assert read_wav(folder / f"{role}.wav").shape == (length,), (folder, role)
+    # 8 windows of 2 x 16 frames start at 0, 16, ..., 112; 0.5 s (38 frames) after the context fits up to 96
+    starts = [int(folder.name.rsplit("_f", 1)[1]) for folder in dirs]
+    assert starts == [0, 96] and 96 + SEGMENT_FRAMES + math.ceil(CONTINUE_SAMPLES / HOP_LENGTH) <= frames
+    gains = player_gains(out)
+    for folder, start in zip(dirs, starts):
+        first, seam = max(0, start * HOP_LENGTH - LEAD_IN_SAMPLES), (start + SEGMENT_FRAMES) * HOP_LENGTH
+        assert (folder / "lead_in.wav").exists() == (start > 0)       # the lead-in is clipped at the track start
+        lead_in = read_wav(folder / "lead_in.wav") if start > 0 else np.zeros(0, np.float32)
+        assert np.array_equal(lead_in, audio[first: start * HOP_LENGTH])
+        context = read_wav(folder / "context.wav")
+        assert np.array_equal(context, audio[start * HOP_LENGTH: seam])
+        assert np.array_equal(read_wav(folder / "original.wav"), audio[seam: seam + CONTINUE_SAMPLES])
+        players = {}
+        for ending in ("continuation", "target", "original"):
+            samples = read_wav(folder / f"{ending}.wav")
+            assert samples.shape == (CONTINUE_SAMPLES,), (folder, ending)
+            players[ending] = np.concatenate([lead_in, context, samples])
+        # one gain for every player of the example: the loudest peaks at 0.99 (a browser clips above 1)
+        gain = min(1.0, 0.99 / max(np.abs(samples).max() for samples in players.values()))
+        assert gains[folder.name] == pytest.approx(gain, rel=1e-6)
+        for ending, samples in players.items():     # float32 products: within one rounding of the gain
+            np.testing.assert_allclose(read_wav(folder / f"player_{ending}.wav"), samples * gain, rtol=1e-6, atol=0)
         assert (folder / "spectrogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        context, continuation = read_wav(folder / "context.wav"), read_wav(folder / "continuation.wav")
-        joined = read_wav(folder / "context_plus_continuation.wav")
-        assert np.array_equal(joined[:SEGMENT_SAMPLES], context)
-        assert np.array_equal(joined[SEGMENT_SAMPLES:], continuation)
-        assert np.array_equal(read_wav(folder / "context_plus_target.wav")[SEGMENT_SAMPLES:],
-                              read_wav(folder / "target.wav"))
 
 
-def test_cache_context_is_real_audio_and_continuation_is_the_decoded_prediction(setup, cache_run):
-    from checkpoint import load_model_for_inference
-    from data import ContinuationDataset
+def test_codec_target_is_what_is_scored_and_what_is_played(setup, cache_run, hand):
+    """target.wav is the true continuation's latents decoded from the seam, and `level` compares it with what
+    the model player plays (before, the page played the original audio beside a codec-scored level)."""
     _, out = cache_run
+    latents = track_latents(setup)
+    report = {entry["name"]: entry for entry in json.loads((out / "metrics.json").read_text())["examples"]}
+    for folder in example_dirs(out):
+        seam_frame = int(folder.name.rsplit("_f", 1)[1]) + SEGMENT_FRAMES
+        true = latents[None, :, seam_frame: seam_frame + math.ceil(CONTINUE_SAMPLES / HOP_LENGTH)]
+        with torch.no_grad():
+            decoded = hand["decoder"](true)[0, 0, :CONTINUE_SAMPLES].numpy()
+        target = read_wav(folder / "target.wav")
+        # the same decoder on the same latents, once through the normaliser and back: float32 rounding
+        np.testing.assert_allclose(target, decoded, atol=1e-5)
+        continuation = read_wav(folder / "continuation.wav")
+        rms = lambda x: float(np.sqrt(np.mean(x[:SEGMENT_SAMPLES].astype(np.float64) ** 2)))    # noqa: E731
+        # scored: the first target window decoded alone; played: decoded with what follows. The decoder
+        # is causal, so the two agree to float32 rounding (measured 1.5e-6 of a peak of 3)
+        assert report[folder.name]["metrics"]["level"] == pytest.approx(rms(continuation) / rms(target), rel=1e-4)
+
+
+def test_cache_continuation_is_the_decoded_prediction(setup, cache_run, hand):
+    from data import ContinuationDataset
     dataset = ContinuationDataset(setup["cache"], "val", SEGMENT_FRAMES)
-    first, last = example_dirs(out)[0], example_dirs(out)[-1]     # evenly spaced: windows 0 and len - 1
-    for folder, index in ((first, 0), (last, len(dataset) - 1)):
-        item = dataset[index]
-        assert np.array_equal(read_wav(folder / "context.wav"), item["input_audio"][0].numpy())
-        assert np.array_equal(read_wav(folder / "target.wav"), item["target_audio"][0].numpy())
-    model, normalizer, _ = load_model_for_inference(setup["checkpoint"], "cpu")
-    decoder = FrozenDecoder(load_codec("random"))
-    item = dataset[0]
+    item = dataset[0]                                      # the first example's window starts at frame 0
     raw = item["input_latent"] * dataset.latent_std[:, None] + dataset.latent_mean[:, None]
+    normalise = lambda z: (z[None] - hand["mean"]) / hand["std"]      # noqa: E731
     with torch.no_grad():
-        audio = decoder(normalizer.denormalize(model(normalizer.normalize(raw[None]))))[0, 0].numpy()
-    np.testing.assert_allclose(read_wav(first / "continuation.wav"), audio, atol=1e-5)
+        audio = hand["decoder"](hand["model"](normalise(raw)) * hand["std"] + hand["mean"])[0, 0].numpy()
+    # the first of 3 windows decoded in one pass against one window alone: causal decoder, float32 rounding
+    continuation = read_wav(example_dirs(cache_run[1])[0] / "continuation.wav")
+    np.testing.assert_allclose(continuation[:SEGMENT_SAMPLES], audio, atol=1e-5)
 
 
-def test_metrics_json_matches_recomputation(cache_run, file_run):
+def test_metrics_json_matches_recomputation(setup, cache_run, file_run, hand):
+    """The figures of metrics.json from the written WAVs: the model's continuation against target.wav (what the
+    target player plays) and, for rms_input, the context (with codec targets: its latents decoded)."""
     from losses import CombinedLoss
-    combined = CombinedLoss()
-    for out in (cache_run[1], file_run["out"]):
+    combined, latents = CombinedLoss(), track_latents(setup)
+    # file_run scores against the original audio: the WAVs are the very tensors scored. cache_run scores
+    # against the first target window decoded alone, and target.wav decodes it with what follows: the same to
+    # float32 rounding (causal decoder), which moves the losses by ~1e-6 of their value.
+    for out, rel in ((file_run["out"], 1e-5), (cache_run[1], 1e-4)):
         report = json.loads((out / "metrics.json").read_text())
-        assert len(report["examples"]) == 2
+        codec_targets = report["settings"]["target_audio"] == "codec"
+        assert codec_targets == (out == cache_run[1]) and len(report["examples"]) == 2
         for entry in report["examples"]:
             folder = out / entry["name"]
             load = {role: torch.from_numpy(read_wav(folder / f"{role}.wav"))[None, None]
                     for role in ("context", "continuation", "target")}
+            context = load["context"]
+            if codec_targets:
+                start = int(folder.name.rsplit("_f", 1)[1])
+                with torch.no_grad():
+                    context = hand["decoder"](latents[None, :, start: start + SEGMENT_FRAMES])
             continuation = load["continuation"][..., :SEGMENT_SAMPLES]     # the first segment is scored
             target = load["target"][..., :SEGMENT_SAMPLES]
-            _, components = combined(continuation, load["context"], target)
+            _, components = combined(continuation, context, target)
             for name, value in components.items():
-                assert entry["metrics"][name] == pytest.approx(float(value), rel=1e-5, abs=1e-7), name
+                assert entry["metrics"][name] == pytest.approx(float(value), rel=rel, abs=1e-7), name
             assert entry["metrics"]["rhythm"] == pytest.approx(
-                listening_metrics.rhythm_similarity(continuation, target), abs=1e-9)
+                listening_metrics.rhythm_similarity(continuation, target), abs=rel)
             assert entry["metrics"]["chroma"] == pytest.approx(
-                listening_metrics.chroma_similarity(continuation, target), abs=1e-9)
+                listening_metrics.chroma_similarity(continuation, target), abs=rel)
         for name, mean in report["mean"].items():
             assert mean == pytest.approx(np.mean([e["metrics"][name] for e in report["examples"]]), rel=1e-9)
 
@@ -198,11 +272,11 @@ def assert_figures(figures: dict, output: torch.Tensor, context: torch.Tensor, t
     assert figures["chroma"] == pytest.approx(listening_metrics.chroma_similarity(output, target), abs=1e-5)
 
 
-def test_cache_baselines_match_hand_decoding(setup, cache_run, hand):
+def test_cache_baselines_match_hand_decoding(setup, blind_run, hand):
     """silence = zeros, repeat = the context's latents decoded, oracle = the next window's latents decoded."""
     from data import ContinuationDataset
     dataset = ContinuationDataset(setup["cache"], "val", SEGMENT_FRAMES)
-    report = json.loads((cache_run[1] / "metrics.json").read_text())
+    report = json.loads((blind_run[1] / "metrics.json").read_text())   # one window each: the first and last
     normalise = lambda raw: (raw[None] - hand["mean"]) / hand["std"]      # noqa: E731
     for entry, index in zip(report["examples"], (0, len(dataset) - 1)):
         item = dataset[index]
@@ -323,24 +397,26 @@ def check_page(out: Path) -> list[str]:
     return parser.links
 
 
-def test_blind_page_hides_the_key_and_the_key_maps_back(cache_run):
-    _, out = cache_run
+def test_blind_page_hides_the_key_and_the_key_maps_back(blind_run):
+    code, out = blind_run
+    assert code == 0
     links = check_page(out)
     key = json.loads((out / "blind_key.json").read_text())["examples"]
     assert len(key) == 2
+    gains = player_gains(out)
     page = (out / "index.html").read_text()
     for name, entry in key.items():
         folder = out / name
-        assert {entry["A"], entry["B"]} == set(PLAYED)
+        assert {entry["A"], entry["B"]} == {"continuation", "target"}
         for label in ("A", "B"):
-            assert np.array_equal(read_wav(folder / f"{label}.wav"), read_wav(folder / f"{entry[label]}.wav"))
+            assert np.array_equal(read_wav(folder / f"{label}.wav"), read_wav(folder / f"player_{entry[label]}.wav"))
         model_label = entry["model"]
-        assert np.array_equal(read_wav(folder / f"{model_label}.wav")[SEGMENT_SAMPLES:],
-                              read_wav(folder / "continuation.wav"))
+        np.testing.assert_allclose(read_wav(folder / f"{model_label}.wav")[-SEGMENT_SAMPLES:],
+                                   read_wav(folder / "continuation.wav") * gains[name], rtol=1e-6, atol=0)
         assert f"{name}/A.wav" in links and f"{name}/B.wav" in links
     # nothing on the page points at (or names) the files that would give the answer away
-    for giveaway in ("context_plus_continuation", "context_plus_target", "continuation.wav", "target.wav",
-                     "spectrogram.png", "blind_key.json\"", "(model)", "(real)"):
+    for giveaway in ("player_", "continuation.wav", "target.wav", "original.wav", "spectrogram.png",
+                     "blind_key.json\"", LABELS["continuation"], LABELS["original"]):
         assert giveaway not in page, giveaway
 
 
@@ -384,13 +460,13 @@ def test_page_tables_put_the_baselines_beside_the_model(cache_run):
     assert set(listening_page.BETTER) == set(listening_page.METRIC_NAMES)
 
 
-def test_plot_spectrograms_writes_one_png_atomically(tmp_path):
-    from plots import plot_spectrograms
+def test_plot_continuations_writes_one_png_atomically(tmp_path):
+    from plots import plot_continuations
     t = np.arange(SAMPLE_RATE // 2) / SAMPLE_RATE
     tone = np.sin(2 * np.pi * 440 * t).astype(np.float32)
-    rows = [("numpy [N]", tone), ("tensor [1, N]", torch.from_numpy(tone)[None]),
-            ("shorter", torch.zeros(SAMPLE_RATE // 4))]
-    path = plot_spectrograms(tmp_path / "figure.png", rows, seam_seconds=0.25, window_marks=(0.3,), title="t")
+    endings = [("numpy [N]", tone), ("tensor [1, N]", torch.from_numpy(tone)[None]), ("shorter", torch.zeros(100))]
+    path = plot_continuations(tmp_path / "figure.png", tone[:2400], endings, context_start=1200, window_joins=(600,),
+                              title="t")
     assert path == tmp_path / "figure.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["figure.png"]          # no temporary file left
@@ -398,13 +474,37 @@ def test_plot_spectrograms_writes_one_png_atomically(tmp_path):
     width, height = Image.open(path).size
     assert width == 800 and height > 3 * 150                               # three stacked rows
     with pytest.raises(ValueError):
-        plot_spectrograms(tmp_path / "empty.png", [])
+        plot_continuations(tmp_path / "empty.png", tone, [])
     assert not (tmp_path / "empty.png").exists()
+
+
+def test_plot_marks_the_seam_at_its_sample_on_the_frame_centre_axis(tmp_path, monkeypatch):
+    """The seam line sits on the sample where the ending begins, and the cell of STFT frame f is centred on
+    frame f's centre: torch.stft(center=True) frame f covers samples f * hop -+ n_fft / 2."""
+    import matplotlib.pyplot as plt
+
+    import plots
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))     # keep the figure to inspect it
+    seam, ending = 3 * SEGMENT_SAMPLES + 77, np.ones(SEGMENT_SAMPLES, np.float32)
+    plots.plot_continuations(tmp_path / "f.png", np.zeros(seam, np.float32), [("e", ending)], context_start=1000)
+    (ax,) = figures[0].axes[:1]
+    lines = sorted(float(line.get_xdata()[0]) for line in ax.lines)
+    assert lines == [1000 / SAMPLE_RATE, seam / SAMPLE_RATE]
+    hop, length = 256, seam + SEGMENT_SAMPLES                                  # the mel loss's STFT (README)
+    frames = torch.stft(torch.zeros(length), 1024, hop, window=torch.hann_window(1024), center=True,
+                        return_complex=True).shape[-1]
+    left, right, _, _ = ax.images[0].get_extent()
+    cell = (right - left) / frames
+    centres = left + cell * (np.arange(frames) + 0.5)
+    np.testing.assert_allclose(centres, np.arange(frames) * hop / SAMPLE_RATE, atol=1e-12)
+    close(figures[0])
 
 
 def test_blind_shuffle_is_seeded():
     examples = [inference_sample.Example(name=f"e{i}", source="", context_latent=torch.zeros(1),
-                                         context_audio=torch.zeros(1, 1), target_audio=torch.zeros(1, 1))
+                                         context_audio=torch.zeros(1, 1), lead_in=torch.zeros(1, 0),
+                                         original=torch.zeros(1, 1))
                 for i in range(40)]
     first = inference_sample.assign_blind_labels(examples, seed=7)
     again = inference_sample.assign_blind_labels(examples, seed=7)
@@ -412,6 +512,94 @@ def test_blind_shuffle_is_seeded():
     assert first == again and first != other
     models = [entry["model"] for entry in first.values()]
     assert 5 < models.count("A") < 35        # both orders occur
+
+
+class FakeSplit:
+    """What choose_windows reads of a ContinuationDataset: windows of 2 x T frames every T frames."""
+
+    def __init__(self, frames: list[int], segment_frames: int = SEGMENT_FRAMES):
+        self.segment_frames = segment_frames
+        self.tracks = [{"id": f"t{i}", "frames": n} for i, n in enumerate(frames)]
+        self.windows = [(track["id"], start) for track in self.tracks
+                        for start in range(0, track["frames"] - 2 * segment_frames + 1, segment_frames)]
+
+    def __len__(self):
+        return len(self.windows)
+
+    def window_location(self, index):
+        return self.windows[index]
+
+
+def test_choose_windows_spreads_examples_over_the_tracks():
+    """A long track does not take the examples of the short ones (evenly spaced over all windows it would:
+    here windows 0, 60 and 119 of 120 are tracks 0, 0 and 2)."""
+    split = FakeSplit([100 * SEGMENT_FRAMES + SEGMENT_FRAMES, 11 * SEGMENT_FRAMES, 11 * SEGMENT_FRAMES])
+    assert [track["id"] for track, _ in inference_sample.choose_windows(split, 3, 0, SEGMENT_FRAMES)] == \
+        ["t0", "t1", "t2"]
+    six = inference_sample.choose_windows(split, 6, 0, SEGMENT_FRAMES)
+    assert [track["id"] for track, _ in six] == ["t0", "t0", "t1", "t1", "t2", "t2"]
+    assert [start for track, start in six if track["id"] == "t1"] == [0, 9 * SEGMENT_FRAMES]   # first and last
+    assert [track["id"] for track, _ in inference_sample.choose_windows(split, 2, 0, SEGMENT_FRAMES)] == ["t0", "t2"]
+
+
+def test_choose_windows_leaves_room_for_the_continuation_and_the_lead_in():
+    split = FakeSplit([20 * SEGMENT_FRAMES])       # windows start at 0, T, ..., 18 T
+    before, after = 3 * SEGMENT_FRAMES, 5 * SEGMENT_FRAMES
+    chosen = [start for _, start in inference_sample.choose_windows(split, 3, before, after)]
+    assert chosen[0] == before and chosen[-1] + SEGMENT_FRAMES + after == 20 * SEGMENT_FRAMES
+    # no room for the lead-in anywhere: the continuation still fits; no room for either: every window
+    assert [s for _, s in inference_sample.choose_windows(split, 2, 10 ** 6, after)] == [0, 14 * SEGMENT_FRAMES]
+    assert [s for _, s in inference_sample.choose_windows(split, 2, 0, 10 ** 6)] == [0, 18 * SEGMENT_FRAMES]
+    assert len(inference_sample.choose_windows(split, 50, 0, 0)) == 19          # no more than there are
+
+
+class Players(HTMLParser):
+    """Per <section>: the (src, label) of each player (an <audio> followed by its label <span>)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sections, self.src, self.label = [], None, None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "section":
+            self.sections.append([])
+        elif tag == "audio":
+            self.src = unquote(dict(attrs)["src"])
+        elif tag == "span" and self.src is not None:
+            self.label = ""
+
+    def handle_data(self, data):
+        if self.label is not None:
+            self.label += data
+
+    def handle_endtag(self, tag):
+        if tag == "span" and self.label is not None:
+            self.sections[-1].append((self.src, self.label))
+            self.src = self.label = None
+
+
+def page_players(out: Path) -> tuple[str, list[list[tuple[str, str]]]]:
+    check_page(out)
+    page = (out / "index.html").read_text()
+    parser = Players()
+    parser.feed(page)
+    return page, [players for players in parser.sections if players]
+
+
+def test_page_plays_the_target_it_scores_against_and_the_original_labelled(cache_run, file_run):
+    """Codec targets: model, target (the codec's decoding) and original players; original targets: model and
+    target (the original audio). Each points to its WAV; the random codec is explained in one line."""
+    for out, expected in ((cache_run[1], [("continuation", LABELS["continuation"]), ("target", LABELS["codec"]),
+                                          ("original", LABELS["second"])]),
+                          (file_run["out"], [("continuation", LABELS["continuation"]),
+                                             ("target", LABELS["original"])])):
+        page, sections = page_players(out)
+        dirs = example_dirs(out)
+        assert len(sections) == len(dirs)
+        for folder, players in zip(dirs, sections):
+            assert players == [(f"{folder.name}/player_{ending}.wav", label) for ending, label in expected]
+            assert all((out / src).is_file() for src, _ in players)
+        assert page.count("id=\"random-codec\"") == 1 and "sounds like noise" in page
 
 
 # ------------------------------------------------------------------------------- generation: files
@@ -426,16 +614,20 @@ def test_files_autoregressive_lengths_context_and_continuation(setup, file_run):
     for folder, source in zip(dirs, file_run["sources"]):
         assert source.stem.replace("#", "_") in folder.name
         context = read_wav(folder / "context.wav")
+        audio = load_audio(source)[0].numpy()
         start_frame, expected = expected_context(load_audio(source), file_run["start"])
         assert np.array_equal(context, expected[0].numpy())        # the real audio of the file
+        lead_in = read_wav(folder / "lead_in.wav")                 # --lead_in_seconds 0.05 before --start
+        assert np.array_equal(lead_in, audio[start_frame * HOP_LENGTH - file_run["lead_in"]: start_frame * HOP_LENGTH])
         continuation = read_wav(folder / "continuation.wav")
         assert continuation.shape == (continuation_samples,)
-        joined = read_wav(folder / "context_plus_continuation.wav")
-        assert joined.shape == (SEGMENT_SAMPLES + continuation_samples,)
-        assert np.array_equal(joined[:SEGMENT_SAMPLES], context)
+        gain = player_gains(file_run["out"])[folder.name]
+        np.testing.assert_allclose(read_wav(folder / "player_continuation.wav"),
+                                   np.concatenate([lead_in, context, continuation]) * gain, rtol=1e-6, atol=0)
         context_end = (start_frame + SEGMENT_FRAMES) * HOP_LENGTH
-        real_after = load_audio(source)[0, context_end: context_end + continuation_samples].numpy()
-        assert np.array_equal(read_wav(folder / "target.wav"), real_after)
+        real_after = audio[context_end: context_end + continuation_samples]
+        assert np.array_equal(read_wav(folder / "target.wav"), real_after)   # original targets: the real audio
+        assert not (folder / "original.wav").exists()
     check_page(file_run["out"])
 
     # Autoregression, by hand: encode the file from its start, then each window is the model's
@@ -480,6 +672,29 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
 def base_argv(setup, checkpoint, out):
     return ["--checkpoint", checkpoint, "--from_cache", setup["cache"], "--num_samples", 1, "--out_dir", out,
             "--device", "cpu"]
+
+
+def test_missing_input_is_refused_up_front(setup, tmp_path, capsys):
+    """One line naming the file, before anything loads (it was soundfile's 'System error.')."""
+    missing = tmp_path / "nope.flac"
+    with pytest.raises(SystemExit) as exit_info:
+        inference_sample.main([str(arg) for arg in ["--checkpoint", setup["checkpoint"], "--input", missing,
+                                                    "--out_dir", tmp_path / "out"]])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].endswith(f"error: --input {missing}: no such file")
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_all_inputs_failed_exits_1_and_writes_no_page(setup, file_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run_main(["--checkpoint", setup["checkpoint"], "--input", file_run["short"],
+                                  file_run["corrupt"], "--out_dir", out, "--device", "cpu"], capsys)
+    assert code == 1
+    assert not out.exists() and "index.html" not in stdout + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 3     # one per input, then
+    assert lines[-1] == "error: none of the 2 input(s) could be used (listed above); nothing written"
 
 
 def test_missing_checkpoint(setup, tmp_path, capsys):

@@ -424,7 +424,7 @@ def test_two_process_run_prints_epoch_blocks_and_logs_to_mlflow(reference_run, m
     assert {"epochs", "batch_size", "lr", "segment_frames", "d_model", "unity_test", "nproc", "resume"} <= set(params)
     artifacts = {a.path for a in client.list_artifacts(run_id, "samples/epoch_0002")}
     assert {f"samples/epoch_0002/example0_{kind}.wav" for kind in ("input", "output", "target")} <= artifacts
-    assert "samples/epoch_0002/spectrograms.png" in artifacts
+    assert "samples/epoch_0002/example0_spectrogram.png" in artifacts
     assert not client.list_artifacts(run_id, "samples/epoch_0001")          # --log_audio_every 2
     best = load_checkpoint(reference_run["checkpoints"] / "best.pt")
     assert best["val_loss"] == best["best_val_loss"] == min(b["val"][0] for b in blocks.values()) or \
