@@ -311,7 +311,7 @@ class GrowingNpy:
     memory, which would then grow with the track's length; written with pwrite they are only the page cache.
     """
 
-    def __init__(self, descriptor: int, dtype: np.dtype, row_shape: tuple[int, ...] = (), name: Path = None):
+    def __init__(self, descriptor: int, dtype: np.dtype, row_shape: tuple[int, ...], name: Path):
         self.descriptor, self.dtype, self.row_shape, self.name = descriptor, np.dtype(dtype), row_shape, name
         self.row_bytes = self.dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))
         self.rows = 0
@@ -497,8 +497,8 @@ def _new_manifest(audio_dir: Path, fingerprint: str, encodec_weights: str, dtype
 
 
 def _load_existing(out_dir: Path, audio_dir: Path, fingerprint: str, dtype: str) -> dict | None:
-    """The manifest of an earlier run into out_dir, after checking it is the same codec, source folder and
-    array types; it is upgraded to this format version (version 1 is a float32 cache)."""
+    """The manifest of an earlier run into out_dir (its tracks are reused), after checking it is of the same codec,
+    source folder and array types (version 1 is a float32 cache)."""
     if not manifest_path(out_dir).exists():
         return None
     manifest = read_manifest(out_dir)
@@ -510,7 +510,6 @@ def _load_existing(out_dir: Path, audio_dir: Path, fingerprint: str, dtype: str)
     if existing != dtype:
         raise CacheError(f"{manifest_path(out_dir)}: this cache was made with --cache_dtype {existing}, not "
                          f"{dtype}; pass --cache_dtype {existing} to resume it, or use another --out_dir")
-    manifest.update(format_version=CACHE_FORMAT_VERSION, cache_dtype=dtype)
     return manifest
 
 
@@ -864,8 +863,8 @@ def _encode_track(codec, path: Path, source: str, out_dir: Path, device: torch.d
     latent_dtype, audio_dtype = CACHE_DTYPES[dtype]
     with open_audio(path) as handle, _npy_temporary(paths["audio"]) as audio_file, \
             _scratch_file(out_dir / TRACKS_DIR, paths["latents"]) as scratch:
-        audio = GrowingNpy(audio_file, audio_dtype, name=paths["audio"])
-        latents = GrowingNpy(scratch, latent_dtype, (LATENT_DIM,), name=paths["latents"])
+        audio = GrowingNpy(audio_file, audio_dtype, (), paths["audio"])
+        latents = GrowingNpy(scratch, latent_dtype, (LATENT_DIM,), paths["latents"])
         moments = _encode_blocks(codec, _source_blocks(handle, path), audio, latents, device, path, min_seconds)
         audio.finish(latents.rows * HOP_LENGTH)          # whole frames: drops the last partial frame
         with _npy_temporary(paths["latents"]) as latent_file:

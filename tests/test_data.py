@@ -350,6 +350,16 @@ def test_no_usable_audio_exits_non_zero(tmp_path, capsys):
     assert exit_info.value.code != 0 and "--audio_dir is required" in capsys.readouterr().err
 
 
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_data, "prepare", interrupted)
+    assert prepare_data.main(["--audio_dir", str(tmp_path), "--out_dir", str(tmp_path / "cache")]) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "interrupted: the tracks finished so far are kept; run the same command again to resume"]
+
+
 # --------------------------------------------------------------------------------------- resume
 
 class CountingEncode:
