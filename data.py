@@ -7,6 +7,9 @@ The cache (written by prepare_data.py) is a folder:
     CACHE/tracks/<id>.audio.npy         [F * HOP_LENGTH]  the matching 24 kHz mono audio
     CACHE/tracks/<id>.stats.npy         float64 [2, LATENT_DIM]  per-channel mean and sum of squared
                                         deviations of the track's unrounded latents (for the statistics)
+    CACHE/shards/shard-I-of-N.json      while a preparation runs: the progress of shard I of N (its tracks and
+                                        skipped files); the merge writes the manifest from them and deletes them,
+                                        so a cache that still has one is not ready for training
 
 The arrays' types are the manifest's "cache_dtype" (format_version 2): "compact" stores latents as float16
 and audio as int16 PCM (sample / AUDIO_INT16_SCALE), half the bytes of "float32". Format version 1 (no
@@ -36,6 +39,7 @@ from utils import missing_keys, one_line
 
 MANIFEST_NAME = "manifest.json"
 TRACKS_DIR = "tracks"
+SHARDS_DIR = "shards"        # per-shard progress files of a preparation that has not been merged yet
 CACHE_FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)   # 1: float32 arrays and no cache_dtype field
 # cache_dtype -> (latents dtype, audio dtype) as stored on disk
@@ -230,10 +234,28 @@ def cache_dtype(manifest: dict, cache_dir: str | os.PathLike) -> str:
     return dtype
 
 
+def shard_progress_path(cache_dir: str | os.PathLike, index: int, count: int) -> Path:
+    """The progress file of shard `index` of `count` (prepare_data.py --shard index/count; a plain run is 0/1)."""
+    return Path(cache_dir) / SHARDS_DIR / f"shard-{index}-of-{count}.json"
+
+
+def pending_shards(cache_dir: str | os.PathLike) -> list[Path]:
+    """The progress files of shards not merged into the manifest yet (the merge deletes them)."""
+    return sorted((Path(cache_dir) / SHARDS_DIR).glob("shard-*-of-*.json"))
+
+
+def _unmerged(cache_dir: str | os.PathLike) -> str:
+    return (f"preparation has not finished ({len(pending_shards(cache_dir))} shard progress file(s) in "
+            f"{Path(cache_dir) / SHARDS_DIR} are not merged): re-run prepare_data.py with the same flags to resume; "
+            f"once every --shard has finished, `python prepare_data.py --merge --out_dir {cache_dir}` merges them")
+
+
 def read_manifest(cache_dir: str | os.PathLike) -> dict:
     """The cache's manifest; raises CacheError('CACHE/manifest.json: ...') if it is missing or unreadable."""
     path = manifest_path(cache_dir)
     if not path.is_file():
+        if pending_shards(cache_dir):
+            raise CacheError(f"{path}: not written yet; {_unmerged(cache_dir)}")
         raise CacheError(f"{path}: no such file; make the cache with "
                          f"`python prepare_data.py --audio_dir DIR --out_dir {cache_dir}` (or --demo)")
     try:
@@ -258,7 +280,10 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict:
 
 
 def require_complete(manifest: dict, cache_dir: str | os.PathLike) -> None:
-    """A cache whose preparation was interrupted has no split or statistics yet: refuse it with the fix."""
+    """A cache whose preparation was interrupted, or whose shards are not merged yet, has no (or a stale) split
+    and statistics: refuse it with the fix."""
+    if pending_shards(cache_dir):
+        raise CacheError(f"{manifest_path(cache_dir)}: {_unmerged(cache_dir)}")
     if not manifest.get("complete") or manifest.get("latent_mean") is None:
         raise CacheError(f"{manifest_path(cache_dir)}: preparation did not finish; re-run prepare_data.py "
                          f"with the same --audio_dir and --out_dir to resume it")

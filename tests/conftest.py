@@ -82,3 +82,24 @@ def _stop_process_group(process: subprocess.Popen) -> None:
             os.killpg(process.pid, 0)
         except ProcessLookupError:
             return
+
+
+_RANDOM_CODECS: dict = {}
+
+
+@pytest.fixture
+def reuse_random_codec(monkeypatch):
+    """prepare_data.load_codec gives one 'random' codec per device for the whole session (building it takes
+    1-3 s): for tests that prepare many tiny caches in-process. The codec is never changed by encoding."""
+    import prepare_data
+    real = prepare_data.load_codec
+
+    def load_codec(weights, device=None):
+        if weights != "random":
+            return real(weights, device)
+        key = str(device or "cpu")
+        if key not in _RANDOM_CODECS:
+            _RANDOM_CODECS[key] = real(weights, device)
+        return _RANDOM_CODECS[key]
+
+    monkeypatch.setattr(prepare_data, "load_codec", load_codec)
