@@ -132,7 +132,7 @@ def segment_frames_of(state: dict, checkpoint: str) -> int:
 def examples_from_files(paths: list[str], codec, segment_frames: int, start_seconds: float,
                         target_samples: int, device) -> tuple[list[Example], list[dict]]:
     """Context windows of audio files; a file that cannot be used goes to the failures, with the reason."""
-    from data import AudioLoadError, load_audio
+    from audio_io import AudioLoadError, load_audio
     start_frame = int(round(start_seconds * FRAME_RATE))
     context_start, context_end = start_frame * HOP_LENGTH, (start_frame + segment_frames) * HOP_LENGTH
     examples, failures = [], []

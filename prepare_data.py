@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from audio_io import AudioLoadError, iter_mono_blocks, open_audio, resampled_length
 from codec import (
     ENCODER_CONTEXT_FRAMES,
     FRAME_RATE,
@@ -50,15 +51,11 @@ from data import (
     CACHE_FORMAT_VERSION,
     DEFAULT_CACHE_DTYPE,
     TRACKS_DIR,
-    AudioLoadError,
     CacheError,
     audio_to_int16,
     cache_dtype,
-    iter_mono_blocks,
     manifest_path,
-    open_audio,
     read_manifest,
-    resampled_length,
     track_paths,
     track_stats_path,
 )
