@@ -23,6 +23,7 @@ import hashlib
 import itertools
 import json
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -61,7 +62,13 @@ from data import (
 )
 from utils import TEMPORARY_NAME, atomic_path
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".w64", ".caf")
+# Files an audio folder holds besides music, skipped by name without being read; every other file is decided
+# by its content (audio_io.open_audio), so a track with a wrong extension or none is still found.
+NOT_AUDIO_EXTENSIONS = frozenset(
+    ".txt .md .nfo .log .cue .lrc .pdf .rtf .doc .docx .htm .html .xml .json .yaml .yml .csv .ini "   # text
+    ".m3u .m3u8 .pls .xspf .sfv .md5 .ffp .accurip .db "                                            # lists, sums
+    ".jpg .jpeg .png .gif .bmp .webp .tif .tiff .heic .ico .svg "                                    # images
+    ".zip .rar .7z .tar .gz .bz2 .xz".split())                                                      # archives
 DEFAULT_MIN_SECONDS = 4.0    # one training example at the default segment: 2 x 150 frames = 2 x 2 s
 DEFAULT_VAL_FRACTION = 0.1
 STD_FLOOR = 1e-5             # latent std is clamped to this so normalising never divides by ~0
@@ -342,11 +349,14 @@ def _is_done(track: dict, path: Path, out_dir: Path, dtype: str) -> bool:
 
 
 def _check_source(path: Path) -> None:
-    """AudioLoadError unless the path looks like a non-empty audio file."""
-    if path.suffix.lower() not in AUDIO_EXTENSIONS:
-        raise AudioLoadError(f"{path}: not an audio file (extension {path.suffix or 'none'!r}; "
-                             f"supported: {' '.join(AUDIO_EXTENSIONS)})")
-    if path.stat().st_size == 0:
+    """AudioLoadError for what is not audio without reading it: a known non-audio extension, anything but a
+    regular file (a pipe would block the reader), 0 bytes. The rest is decided by content (open_audio)."""
+    if path.suffix.lower() in NOT_AUDIO_EXTENSIONS:
+        raise AudioLoadError(f"{path}: not an audio file (extension {path.suffix!r})")
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise AudioLoadError(f"{path}: not a regular file")
+    if info.st_size == 0:
         raise AudioLoadError(f"{path}: empty file (0 bytes)")
 
 
