@@ -1,4 +1,4 @@
-"""Every format a player decodes: real encodings made here with PyAV's encoders (AAC, Opus, FLAC, MP2), read
+"""Every format a player decodes: real encodings made here with PyAV's encoders (AAC, Opus, FLAC), read
 through audio_io (libsndfile for what it reads, FFmpeg for the rest, chosen by content) and prepare_data.
 
 The source is a stereo sweep (left 0.5, right 0.25 of a 220 -> 3520 Hz chirp), so the mono mix is 0.375 x the
@@ -35,10 +35,11 @@ LOSSY = {
 }
 
 
-def chirp(rate: int, seconds: float = SECONDS, delay: float = 0.0) -> np.ndarray:
-    """sin(2 pi (f0 t + (f1 - f0) t^2 / 2T)) at t = n / rate - delay (zero before the delay)."""
+def chirp(rate: int, seconds: float = SECONDS, delay: float = 0.0, f0: float = 220.0, f1: float = 3520.0):
+    """sin(2 pi (f0 t + (f1 - f0) t^2 / 2T)) at t = n / rate - delay (zero before the delay), float32."""
     t = np.arange(round((seconds + delay) * rate)) / rate - delay
-    return np.where(t >= 0, np.sin(2 * np.pi * (220.0 * t + 3300.0 * t ** 2 / (2 * seconds))), 0).astype(np.float32)
+    phase = 2 * np.pi * (f0 * t + (f1 - f0) * t ** 2 / (2 * seconds))
+    return np.where(t >= 0, np.sin(phase), 0).astype(np.float32)
 
 
 def encode(path: Path, encoder: str, rate: int, container: str | None = None, seconds: float = SECONDS,
@@ -220,7 +221,9 @@ def test_prepare_data_reads_a_folder_of_real_encodings(tmp_path, capfd):
     audio_dir = tmp_path / "music"
     audio_dir.mkdir()
     for name, (encoder, container, rate, _, _) in LOSSY.items():
-        if name != "adts_aac.mp3":         # raw AAC's length estimate comes from its bit rate (data's issue)
+        # raw AAC's header length is FFmpeg's guess from the bit rate, so until preparation trusts the decoded
+        # length (issue 16 item 1, the "data" branch) whether the two agree on whole frames is luck
+        if name != "adts_aac.mp3":
             encode(audio_dir / name, encoder, rate, container)
     encode(audio_dir / "really_m4a.mp3", "aac", 44_100, "mp4")                 # a renamed purchase
     (audio_dir / "cover.mp3").write_bytes(png_bytes())
