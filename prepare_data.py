@@ -23,7 +23,6 @@ import hashlib
 import itertools
 import json
 import os
-import stat
 import sys
 import time
 from pathlib import Path
@@ -349,14 +348,11 @@ def _is_done(track: dict, path: Path, out_dir: Path, dtype: str) -> bool:
 
 
 def _check_source(path: Path) -> None:
-    """AudioLoadError for what is not audio without reading it: a known non-audio extension, anything but a
-    regular file (a pipe would block the reader), 0 bytes. The rest is decided by content (open_audio)."""
+    """AudioLoadError for what is not audio without opening it: a known non-audio extension, or 0 bytes (also
+    what a named pipe reports, which opening would block on). The rest is decided by content (open_audio)."""
     if path.suffix.lower() in NOT_AUDIO_EXTENSIONS:
         raise AudioLoadError(f"{path}: not an audio file (extension {path.suffix!r})")
-    info = path.stat()
-    if not stat.S_ISREG(info.st_mode):
-        raise AudioLoadError(f"{path}: not a regular file")
-    if info.st_size == 0:
+    if path.stat().st_size == 0:
         raise AudioLoadError(f"{path}: empty file (0 bytes)")
 
 

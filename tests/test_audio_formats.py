@@ -229,9 +229,9 @@ def test_prepare_data_reads_a_folder_of_real_encodings(tmp_path, capfd):
     (audio_dir / "cover.mp3").write_bytes(png_bytes())
     (audio_dir / "cover.jpg").write_bytes(png_bytes())
     (audio_dir / "notes.m4a").write_text("not audio\n" * 50)
-    os.mkfifo(audio_dir / "pipe.wav")                                          # reading it would block
+    os.mkfifo(audio_dir / "pipe.wav")                               # opening it to read its content would block
     skipped = {"cover.mp3": "not audio (FFmpeg finds video", "cover.jpg": "not an audio file (extension '.jpg')",
-               "notes.m4a": "unreadable or not audio", "pipe.wav": "not a regular file"}
+               "notes.m4a": "unreadable or not audio", "pipe.wav": "empty file (0 bytes)"}
 
     cache = tmp_path / "cache"
     manifest = prepare_data.prepare(audio_dir, cache, encodec_weights="random", device="cpu", min_seconds=1.0,
