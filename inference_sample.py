@@ -181,7 +181,7 @@ def window_example(name: str, source: str, read_latents, read_audio, frames: int
 def examples_from_files(paths: list[str], codec, segment_frames: int, start_seconds: float, span: Span,
                         device) -> tuple[list[Example], list[dict]]:
     """Context windows of audio files; a file that cannot be used goes to the failures, with the reason."""
-    from data import AudioLoadError, load_audio
+    from audio_io import AudioLoadError, load_audio
     start_frame = int(round(start_seconds * FRAME_RATE))
     context_end = (start_frame + segment_frames) * HOP_LENGTH
     examples, failures = [], []

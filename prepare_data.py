@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from audio_io import AudioLoadError, iter_mono_blocks, open_audio, resampled_length
 from codec import (
     ENCODER_CONTEXT_FRAMES,
     FRAME_RATE,
@@ -62,23 +63,25 @@ from data import (
     DEFAULT_CACHE_DTYPE,
     SHARDS_DIR,
     TRACKS_DIR,
-    AudioLoadError,
     CacheError,
     audio_to_int16,
     cache_dtype,
-    iter_mono_blocks,
     manifest_path,
-    open_audio,
     pending_shards,
     read_manifest,
-    resampled_length,
     shard_progress_path,
     track_paths,
     track_stats_path,
 )
 from utils import TEMPORARY_NAME, atomic_path, missing_keys, one_line, run_command
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".w64", ".caf")
+# Files an audio folder holds besides music, skipped by name without being read; every other file is decided
+# by its content (audio_io.open_audio), so a track with a wrong extension or none is still found.
+NOT_AUDIO_EXTENSIONS = frozenset(
+    ".txt .md .nfo .log .cue .lrc .pdf .rtf .doc .docx .htm .html .xml .json .yaml .yml .csv .ini "   # text
+    ".m3u .m3u8 .pls .xspf .sfv .md5 .ffp .accurip .db "                                            # lists, sums
+    ".jpg .jpeg .png .gif .bmp .webp .tif .tiff .heic .ico .svg "                                    # images
+    ".zip .rar .7z .tar .gz .bz2 .xz".split())                                                      # archives
 DEFAULT_MIN_SECONDS = 4.0    # one training example at the default segment: 2 x 150 frames = 2 x 2 s
 DEFAULT_VAL_FRACTION = 0.1
 STD_FLOOR = 1e-5             # latent std is clamped to this so normalising never divides by ~0
@@ -590,10 +593,10 @@ def _npy_problem(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> str | N
 
 
 def _check_source(path: Path) -> None:
-    """AudioLoadError unless the path looks like a non-empty audio file."""
-    if path.suffix.lower() not in AUDIO_EXTENSIONS:
-        raise AudioLoadError(f"{path}: not an audio file (extension {path.suffix or 'none'!r}; "
-                             f"supported: {' '.join(AUDIO_EXTENSIONS)})")
+    """AudioLoadError for what is not audio without opening it: a known non-audio extension, or 0 bytes (also
+    what a named pipe reports, which opening would block on). The rest is decided by content (open_audio)."""
+    if path.suffix.lower() in NOT_AUDIO_EXTENSIONS:
+        raise AudioLoadError(f"{path}: not an audio file (extension {path.suffix!r})")
     if path.stat().st_size == 0:
         raise AudioLoadError(f"{path}: empty file (0 bytes)")
 

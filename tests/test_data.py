@@ -686,18 +686,18 @@ def add_xing_frames(path: Path, extra: int) -> None:
 
 
 def pyav_decode(path: Path) -> np.ndarray:
-    """The whole file decoded by FFmpeg (PyAV): a decoder independent of libsndfile's mpg123. [C, N] float32."""
+    """The whole file decoded by FFmpeg with PyAV's own conversion (not audio_io's reader). [C, N] float32."""
     import av
     with av.open(str(path)) as container:
         return np.concatenate([frame.to_ndarray() for frame in container.decode(audio=0)], axis=1)
 
 
 def whole_file_mono_24k(path: Path) -> np.ndarray:
-    """The reference of the stored audio: the whole file read at once (soundfile), mixed, resampled whole."""
-    samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
-    mono = torch.from_numpy(samples.mean(axis=1, dtype=np.float32))[None]
-    if rate != SAMPLE_RATE:
-        mono = torchaudio.functional.resample(mono, rate, SAMPLE_RATE)
+    """The reference of the stored audio: the whole MP3 decoded at once by FFmpeg (PyAV's own conversion, not
+    audio_io's reader), mixed, resampled whole."""
+    samples = pyav_decode(path)
+    mono = torch.from_numpy(samples.mean(axis=0, dtype=np.float32))[None]
+    mono = torchaudio.functional.resample(mono, MP3_RATE, SAMPLE_RATE)
     return mono[0].numpy()
 
 
@@ -775,9 +775,6 @@ def test_header_that_under_promises_loses_no_audio(reuse_random_codec, tmp_path,
             np.testing.assert_array_equal(stored, reference)
 
 
-@pytest.mark.xfail(strict=True, reason="libsndfile stops reading at its header's frame count (sf_readf clamps to "
-                                       "sf.frames), so it drops the second stream; data.open_audio must read such "
-                                       "MP3s through FFmpeg for this to pass")
 def test_concatenated_mp3_streams_are_stored_whole(reuse_random_codec, tmp_path):
     """Two MP3 streams in one file: the first stream's Info header counts only its own frames (under-promises)."""
     audio_dir = tmp_path / "audio"

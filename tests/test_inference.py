@@ -305,7 +305,7 @@ def test_cache_baselines_match_hand_decoding(setup, blind_run, hand):
 
 def test_file_oracle_is_the_encoded_real_continuation(setup, file_run, hand):
     """For an input file the target latents are the real continuation encoded from the file's start."""
-    from data import load_audio
+    from audio_io import load_audio
     report = json.loads((file_run["out"] / "metrics.json").read_text())
     audio = load_audio(file_run["sources"][0])
     start_frame, context = expected_context(audio, file_run["start"])
@@ -605,8 +605,8 @@ def test_page_plays_the_target_it_scores_against_and_the_original_labelled(cache
 # ------------------------------------------------------------------------------- generation: files
 
 def test_files_autoregressive_lengths_context_and_continuation(setup, file_run):
+    from audio_io import load_audio
     from checkpoint import load_model_for_inference
-    from data import load_audio
     assert file_run["code"] == 1                      # two inputs failed ...
     dirs = example_dirs(file_run["out"])
     assert len(dirs) == 2                             # ... and the other two were written
