@@ -221,6 +221,16 @@ class ContinuationDataset(torch.utils.data.Dataset):
                 f"({span / FRAME_RATE:.2f} s); use a smaller segment or longer tracks")
         self._open_tracks: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._owner_pid = os.getpid()
+        self.references = None     # a references.ReferenceSet: items then carry the decoded segments too
+
+    def use_references(self, references) -> None:
+        """Attach decoded references (references.ReferenceSet of this cache, segment length and stride): every
+        item then also has "input_reference" and "target_reference" [1, T * 320], the frozen decoder's audio of
+        its two latent windows, read instead of decoded (evaluation.decode_windows uses them)."""
+        if references.segment_frames != self.segment_frames or references.stride_frames != self.stride_frames:
+            raise ValueError(f"references of T {references.segment_frames}, S {references.stride_frames} do not "
+                             f"fit windows of T {self.segment_frames}, S {self.stride_frames}")
+        self.references = references
 
     def __len__(self) -> int:
         return int(self._first_window[-1])
@@ -275,8 +285,14 @@ class ContinuationDataset(torch.utils.data.Dataset):
         else:
             target_latent = torch.from_numpy(windows[1])
             target_audio = torch.from_numpy(sound[:, length * HOP_LENGTH:])
-        return {"input_latent": input_latent, "target_latent": target_latent,
+        item = {"input_latent": input_latent, "target_latent": target_latent,
                 "input_audio": input_audio, "target_audio": target_audio}
+        if self.references is not None:
+            track_id = self.tracks[track_index]["id"]
+            item["input_reference"] = torch.from_numpy(np.array(self.references.segment(track_id, start)))[None]
+            item["target_reference"] = (item["input_reference"].clone() if self.unity_test else torch.from_numpy(
+                np.array(self.references.segment(track_id, start + length)))[None])
+        return item
 
     def _normalized(self, latents: np.ndarray) -> np.ndarray:
         """(latents - mean) / std in float32, in place on `latents`, a fresh copy (np.stack copied the map)."""

@@ -494,6 +494,16 @@ def build_loaders(args, rank: int, world_size: int, device: torch.device):
     return train_set, val_set, train_sampler, train_loader, val_loader, list(val_sampler)
 
 
+def attach_references(train_set, val_set, decoder, device) -> None:
+    """Build (or check, or resume) the cache's decoded references for these windows on every rank together,
+    and have both datasets hand them out (references.py)."""
+    from references import build_references
+    references = build_references(train_set.cache_dir, train_set.manifest, decoder, train_set.codec_fingerprint,
+                                  train_set.segment_frames, train_set.stride_frames, device)
+    train_set.use_references(references)
+    val_set.use_references(references)
+
+
 def build_context(args, resume_state: dict | None) -> Context:
     rank, local_rank, world_size, device = setup_distributed()
     if device.type == "cuda":
@@ -505,6 +515,8 @@ def build_context(args, resume_state: dict | None) -> Context:
     check_fingerprint(train_set.codec_fingerprint, codec_fingerprint(codec), f"the cache {args.data_dir}")
     decoder = FrozenDecoder(codec, checkpointing=args.decoder_checkpointing)
     del codec
+    if args.target_audio == "codec":   # every segment decoded once (collective), then read, never decoded per step
+        attach_references(train_set, val_set, decoder, device)
     torch.manual_seed(args.seed)     # the same init on every rank (DDP also broadcasts rank 0's)
     raw_model = ContinuationTransformer(d_model=args.d_model, num_layers=args.num_layers,
                                         num_heads=args.num_heads, dropout=args.dropout).to(device)
