@@ -29,8 +29,6 @@ import numpy as np
 import torch
 from torch import nn
 
-# Reading audio lives in audio_io.py; these names stay importable from data for existing callers.
-from audio_io import AudioLoadError, iter_mono_blocks, load_audio, open_audio, resampled_length  # noqa: F401
 from codec import FRAME_RATE, HOP_LENGTH, LATENT_DIM, SAMPLE_RATE
 from utils import missing_keys
 
@@ -46,6 +44,17 @@ DEFAULT_CACHE_DTYPE = "compact"
 AUDIO_INT16_SCALE = 32767   # int16 sample = round(clip(x, -1, 1) * 32767): symmetric, so -1 and 1 both fit
 SPLITS = ("train", "val")
 MAX_OPEN_TRACKS = 64      # memory maps kept open per process; each one holds a file descriptor
+# Reading audio lives in audio_io.py; these names stay importable from data for existing callers. Imported on
+# first use, so training from a prepared cache needs none of the audio decoders (PyAV, libsndfile): what
+# bench/gpu_check.sh relies on, on a machine with only PyTorch.
+_AUDIO_IO_NAMES = ("AudioLoadError", "iter_mono_blocks", "load_audio", "open_audio", "resampled_length")
+
+
+def __getattr__(name: str):
+    if name in _AUDIO_IO_NAMES:
+        import audio_io
+        return getattr(audio_io, name)
+    raise AttributeError(f"module 'data' has no attribute {name!r}")
 
 
 class CacheError(ValueError):

@@ -146,3 +146,11 @@ def test_unwritable_cache_is_one_line(cache, decoder):
     folder.write_text("a file where the folder goes")
     with pytest.raises(references.CacheError, match="cannot write the decoded references"):
         build(cache, decoder)
+
+
+def test_prepare_data_decodes_references_of_an_existing_cache(cache, capsys):
+    import prepare_data
+    assert prepare_data.main(["--out_dir", str(cache), "--decode_references", str(SEGMENT), "--device", "cpu"]) == 0
+    manifest = read_manifest(cache)
+    assert references.open_references(cache, manifest, manifest["codec_fingerprint"], SEGMENT) is not None
+    assert "complete" in capsys.readouterr().err
