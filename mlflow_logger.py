@@ -90,6 +90,44 @@ class MlflowLogger:
             warn(f"could not mark MLflow run {self.run_id} {status} ({short(error)})")
 
 
+class JsonlLogger:
+    """MlflowLogger's interface writing one JSON object per call to a local file (`--logger jsonl`): for machines
+    without MLflow (bench/gpu_check.sh). Lines: {"run_id", "kind": params|tag|metrics|artifacts|finish, ...}.
+    A resumed run (the checkpoint's run id) appends to the same file under the same id."""
+
+    def __init__(self, path, run_id=None, tags: dict | None = None):
+        import uuid
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.resumed = run_id is not None
+        self.run_id = run_id or uuid.uuid4().hex
+        self.tracking_uri = str(self.path)
+        for key, value in (tags or {}).items():
+            self.set_tag(key, value)
+
+    def _write(self, kind: str, **fields) -> None:
+        import json
+        with open(self.path, "a") as file:       # appended and flushed per line: a crash loses no earlier line
+            file.write(json.dumps({"run_id": self.run_id, "kind": kind, "time": time.time(), **fields},
+                                  default=str) + "\n")
+
+    def log_params(self, params: dict) -> None:
+        self._write("params", params={key: str(value) for key, value in sorted(params.items())})
+
+    def set_tag(self, key: str, value) -> None:
+        self._write("tag", key=key, value=str(value))
+
+    def log_metrics(self, metrics: dict, step: int) -> bool:
+        self._write("metrics", step=step, metrics={key: float(value) for key, value in metrics.items()})
+        return True
+
+    def log_artifacts(self, local_dir: Path, artifact_path: str) -> None:
+        self._write("artifacts", local_dir=str(local_dir), artifact_path=artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._write("finish", status=status)
+
+
 def short(error: BaseException) -> str:
     return one_line(error)[:300]     # an HTTP error can carry a whole HTML page on its first line
 

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="create this run as a child of that MLflow run (ablate.py groups a study this way)")
     run.add_argument("--mlflow_tag", action="append", default=[], metavar="KEY=VALUE",
                      help="a tag for the MLflow run this job creates (repeatable)")
+    run.add_argument("--logger", choices=("mlflow", "jsonl"), default="mlflow",
+                     help="jsonl: metrics, parameters and tags as JSON lines in CHECKPOINT_DIR/metrics.jsonl instead "
+                          "of MLflow (a machine without MLflow, e.g. bench/gpu_check.sh)")
     run.add_argument("--log_audio_every", type=int, default=10,
                      help="epochs between validation audio + spectrogram artifacts (0: never)")
     return parser
@@ -278,6 +281,8 @@ def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, fi
 
 def check_mlflow_reachable(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """A remote tracking server must answer /health now, or we refuse to start (better than failing at epoch 1)."""
+    if args.logger == "jsonl":
+        return
     uri = args.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     try:
         check_mlflow_server(uri)

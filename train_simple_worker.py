@@ -50,7 +50,7 @@ from evaluation import (
     skill,
 )
 from losses import LOSS_COMPONENTS, LOSSES, CombinedLoss, weights_from_flags
-from mlflow_logger import MlflowLogger, git_commit
+from mlflow_logger import JsonlLogger, MlflowLogger, git_commit
 from model import ContinuationTransformer
 from utils import one_line, warn
 
@@ -544,8 +544,11 @@ def start_logger(ctx: Context, resume_state: dict | None, start_epoch: int) -> M
     args = ctx.args
     run_id = resume_state.get("mlflow_run_id") if resume_state else None
     tags = dict(tag.split("=", 1) for tag in args.mlflow_tag)
-    logger = MlflowLogger(args.mlflow_tracking_uri, args.experiment_name, args.run_name, run_id,
-                          args.mlflow_parent_run_id, tags)
+    if getattr(args, "logger", "mlflow") == "jsonl":
+        logger = JsonlLogger(Path(args.checkpoint_dir) / "metrics.jsonl", run_id, tags)
+    else:
+        logger = MlflowLogger(args.mlflow_tracking_uri, args.experiment_name, args.run_name, run_id,
+                              args.mlflow_parent_run_id, tags)
     if not logger.resumed:
         logger.log_params({**vars(args), "world_size": ctx.world_size, "device": ctx.device.type,
                            "codec_fingerprint": ctx.train_set.codec_fingerprint, "git_commit": git_commit()})
