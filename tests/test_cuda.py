@@ -28,8 +28,13 @@ def device():
 
 
 @pytest.fixture(scope="module")
-def decoder(device):
-    return FrozenDecoder(load_codec("random", device))
+def codec(device):
+    return load_codec("random", device)
+
+
+@pytest.fixture(scope="module")
+def decoder(codec):
+    return FrozenDecoder(codec)
 
 
 def autocast(device):
@@ -111,32 +116,38 @@ def test_compile_trains_and_checkpoints_the_uncompiled_keys(device):
     assert torch.equal(fresh(inputs), eager)
 
 
-def test_decoder_checkpointing_gives_the_same_gradient(device, decoder):
-    checkpointed = FrozenDecoder(load_codec("random", device), checkpointing=True)
+def test_decoder_checkpointing_gives_the_same_gradient(device, codec, decoder):
+    checkpointed = FrozenDecoder(codec, checkpointing=True)
     base = latents(2, 16, device)
-    grads = []
+    grads, peaks = [], []
     for module in (decoder, checkpointed):
         x = base.clone().requires_grad_(True)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         module(x).square().mean().backward()
         grads.append(x.grad)
+        if device.type == "cuda":
+            peaks.append(torch.cuda.max_memory_allocated(device))
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6 * grads[0].abs().max().item())
+    if peaks:     # one example's activations at a time instead of the batch's
+        assert peaks[1] < peaks[0]
 
 
-def test_references_decoded_on_the_device_match_the_cpu(tiny_cache, tmp_path, device, decoder):
+def test_references_decoded_on_the_device_match_the_cpu(request, tmp_path, device, decoder):
     import shutil
 
     import references
     from data import ContinuationDataset, read_manifest
+    # bench/gpu_check.sh passes its prepared cache: making the tiny one needs the audio decoders (PyAV, libsndfile)
+    source = os.environ.get("GPU_CHECK_DATA_DIR") or request.getfixturevalue("tiny_cache")
     cache = tmp_path / "cache"
-    shutil.copytree(tiny_cache, cache, ignore=shutil.ignore_patterns(references.REFERENCES_DIR))
+    shutil.copytree(source, cache, ignore=shutil.ignore_patterns(references.REFERENCES_DIR))
     manifest = read_manifest(cache)
     stored = references.build_references(cache, manifest, decoder, manifest["codec_fingerprint"], 8, device=device,
                                          progress=False)
     data = ContinuationDataset(cache, "val", 8)
     track, start = data.window_location(0)
-    cpu_decoder = FrozenDecoder(load_codec("random", "cpu"))
+    cpu_decoder = decoder if device.type == "cpu" else FrozenDecoder(load_codec("random", "cpu"))
     window = np.array(data._track_arrays(0)[0][None, :, start: start + 8], dtype=np.float32)
     expected = cpu_decoder(torch.from_numpy(window))[0, 0]
     got = torch.from_numpy(stored.segment(track, start).copy())
