@@ -26,7 +26,7 @@ def test_gpu_check_cpu_mode_passes_and_ends_with_one_json_line(tmp_path):
     assert {row["kind"] for row in logged} >= {"params", "metrics", "finish"}
     assert len({row["run_id"] for row in logged}) == 1                    # the resume continued the same run
     rows = summary["bench"]["rows"]
-    assert [row["batch_size"] for row in rows] == [2, 4]
+    assert [row["batch_size"] for row in rows] == [2]       # the GPU run: 8, 16, 32, --compile off and on
     for row in rows:
         assert row["step_seconds"] > 0 and row["audio_seconds_per_second"] > 0 and row["step_over_decoder"] > 0
         assert row["peak_memory_mb"] > 0
