@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from codec import HOP_LENGTH, LATENT_DIM, SAMPLE_RATE
 from data import CACHE_DTYPES, CacheError, cache_dtype, track_paths
-from utils import atomic_path
+from utils import TEMPORARY_NAME, atomic_path
 
 REFERENCES_DIR = "references"
 SET_NAME = "set.json"
@@ -118,6 +118,16 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _say(message: str) -> None:
     print(f"references: {message}", file=sys.stderr, flush=True)
 
@@ -143,8 +153,10 @@ def _prepare_folder(folder: Path, wanted_identity: dict, keys: dict) -> None:
         track = path.name[: -len(".npy")]
         if track not in keys or old_keys.get(track) != keys[track]:
             path.unlink()
-    for path in folder.glob(".*.tmp-*"):    # a killed build's temporaries (the set is rebuilt from here)
-        path.unlink(missing_ok=True)
+    for path in folder.glob(".*.tmp-*"):    # a killed build's temporaries; never those of a live process (a
+        match = TEMPORARY_NAME.match(path.name)       # concurrent job building the same set on this host)
+        if match and not _alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
     done = sum(_track_file_ok(_track_file(folder, t), k["segments"], wanted_identity["segment_frames"])
                for t, k in keys.items())
     segments = sum(key["segments"] for key in keys.values())
