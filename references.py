@@ -170,7 +170,7 @@ def _prepare_folder(folder: Path, wanted_identity: dict, keys: dict) -> None:
 
 @torch.no_grad()
 def _decode_track(folder: Path, cache_dir, track: dict, dtype: str, decoder, segment_frames: int,
-                  stride_frames: int, device, bar) -> None:
+                  stride_frames: int, device, bar, check_stop) -> None:
     latent_path, _ = track_paths(cache_dir, track["id"])
     latents = np.load(latent_path, mmap_mode="r")
     if latents.shape != (LATENT_DIM, track["frames"]) or latents.dtype != CACHE_DTYPES[dtype][0]:
@@ -182,6 +182,7 @@ def _decode_track(folder: Path, cache_dir, track: dict, dtype: str, decoder, seg
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
                                         shape=(len(starts), segment_frames * HOP_LENGTH))
         for first in range(0, len(starts), DECODE_BATCH):
+            check_stop()
             chunk = starts[first: first + DECODE_BATCH]
             windows = np.stack([latents[:, s: s + segment_frames] for s in chunk])
             audio = decoder(torch.from_numpy(windows).to(device=device, dtype=torch.float32))
@@ -192,10 +193,12 @@ def _decode_track(folder: Path, cache_dir, track: dict, dtype: str, decoder, seg
 
 
 def build_references(cache_dir, manifest: dict, decoder, fingerprint: str, segment_frames: int,
-                     stride_frames: int | None = None, device="cpu", progress: bool | None = None) -> "ReferenceSet":
+                     stride_frames: int | None = None, device="cpu", progress: bool | None = None,
+                     check_stop=lambda: None) -> "ReferenceSet":
     """Make (or resume, or check) the set for this cache, codec, T and S, and open it. Collective: every rank
     of an initialised process group calls it (three barriers, the same on every rank); without one, one process
-    does all. Raises CacheError (one line) if the set cannot be written."""
+    does all. `check_stop` is called between decoder calls (the trainer's: raise once SIGINT/SIGTERM arrived).
+    Raises CacheError (one line) if the set cannot be written."""
     stride_frames = int(segment_frames if stride_frames is None else stride_frames)
     folder = set_dir(cache_dir, segment_frames, stride_frames)
     wanted = identity(manifest, cache_dir, fingerprint, segment_frames, stride_frames)
@@ -217,7 +220,7 @@ def build_references(cache_dir, manifest: dict, decoder, fingerprint: str, segme
                        unit="segment", file=sys.stderr, disable=rank != 0 or not show, leave=False)
             for track in mine:
                 _decode_track(folder, cache_dir, tracks[track], dtype, decoder, segment_frames, stride_frames,
-                              device, bar)
+                              device, bar, check_stop)
             bar.close()
             _barrier()
             if rank == 0:

@@ -499,7 +499,8 @@ def attach_references(train_set, val_set, decoder, device) -> None:
     and have both datasets hand them out (references.py)."""
     from references import build_references
     references = build_references(train_set.cache_dir, train_set.manifest, decoder, train_set.codec_fingerprint,
-                                  train_set.segment_frames, train_set.stride_frames, device)
+                                  train_set.segment_frames, train_set.stride_frames, device,
+                                  check_stop=stop_if_signalled)
     train_set.use_references(references)
     val_set.use_references(references)
 
