@@ -17,6 +17,9 @@ cache_dtype) is float32. Either way the dataset hands out float32.
 
 Training opens the .npy files memory-mapped, one track at a time, so a corpus far larger than RAM works
 and nothing holds the whole corpus in any process.
+
+    CACHE/references/T<T>-S<S>/         the frozen decoder's audio of every segment, decoded once for codec
+                                        targets (references.py; ContinuationDataset.use_references)
 """
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from codec import HOP_LENGTH, LATENT_DIM, SAMPLE_RATE
-from data import CACHE_DTYPES, CacheError, cache_dtype, track_paths
+from data import CACHE_DTYPES, MAX_OPEN_TRACKS, CacheError, cache_dtype, track_paths
 from utils import TEMPORARY_NAME, atomic_path
 
 REFERENCES_DIR = "references"
@@ -261,15 +262,17 @@ class ReferenceSet:
     def __init__(self, folder: Path, segment_frames: int, stride_frames: int, keys: dict):
         self.folder, self.segment_frames, self.stride_frames = Path(folder), segment_frames, stride_frames
         self.keys = keys
-        self._maps: dict = {}
+        self._maps: OrderedDict = OrderedDict()
         self._owner_pid = os.getpid()
 
     def segment(self, track_id: str, start: int) -> np.ndarray:
         """float32 [T * 320]: the decoded segment of frames [start, start + T) of the track (a memory-map view)."""
         if self._owner_pid != os.getpid():
-            self._maps, self._owner_pid = {}, os.getpid()
+            self._maps, self._owner_pid = OrderedDict(), os.getpid()
         opened = self._maps.get(track_id)
-        if opened is None:
+        if opened is not None:
+            self._maps.move_to_end(track_id)
+        else:
             key = self.keys.get(track_id)
             if key is None:
                 raise CacheError(f"{self.folder}: no decoded references for track {track_id}")
@@ -283,6 +286,8 @@ class ReferenceSet:
                                  f"{(key['segments'], self.segment_frames * HOP_LENGTH)}")
             starts = segment_starts(key["frames"], self.segment_frames, self.stride_frames)
             opened = self._maps[track_id] = (array, starts)
+            if len(self._maps) > MAX_OPEN_TRACKS:      # each map holds a file descriptor, as the dataset's do
+                self._maps.popitem(last=False)
         array, starts = opened
         index = int(np.searchsorted(starts, start))
         if index >= len(starts) or starts[index] != start:
@@ -291,5 +296,5 @@ class ReferenceSet:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_maps"] = {}
+        state["_maps"] = OrderedDict()
         return state
