@@ -356,8 +356,13 @@ def peek_checkpoint(path: Path) -> dict:
         return {}
 
 
-def cell_command(cell: Cell, parent_run_id: str, study_key: str, uri: str, resume: bool) -> list[str]:
+def cell_command(cell: Cell, parent_run_id: str, study_key: str, uri: str, resume: bool,
+                 torchrun: bool = False) -> list[str]:
+    """The cell's launcher command; with torchrun, without --nproc (torchrun's --nproc_per_node says it, and its
+    own parser would take --nproc for an abbreviation of that)."""
     flags = dict(cell.flags, mlflow_tracking_uri=uri)
+    if torchrun:
+        flags.pop("nproc", None)
     command = [sys.executable, str(LAUNCHER), *tokens_of(flags), "--seed", str(cell.seed),
                "--checkpoint_dir", str(cell.folder), "--run_name", cell.label,
                "--mlflow_parent_run_id", parent_run_id]
@@ -423,27 +428,38 @@ def jsonable(value):
         return str(value)
 
 
-def evaluate_cell(cell: Cell, data_dir, args) -> tuple[dict, bool]:
+def evaluation_key(cell, data_dir, args) -> dict:
+    """What an evaluation of the cell's best.pt depends on: the checkpoint file, the settings and the code."""
+    import evaluation
+    stat = (cell.folder / "best.pt").stat()
+    return {"checkpoint": [stat.st_size, stat.st_mtime_ns], "data_dir": data_dir, "split": "val",
+            "max_windows": args.max_windows, "batch_size": args.eval_batch_size, "musical": True,
+            "code": hashlib.sha256(Path(evaluation.__file__).read_bytes()).hexdigest()[:16]}
+
+
+def cached_evaluation(cell, key: dict) -> dict | None:
+    try:
+        saved = json.loads((cell.folder / EVAL_CACHE).read_text())
+        if saved.get("key") == key:
+            return saved["result"]
+    except (OSError, json.JSONDecodeError, AttributeError, KeyError):
+        pass
+    return None
+
+
+def evaluate_cell(cell, data_dir, args) -> tuple[dict, bool]:
     """(evaluation of the cell's best.pt, computed now?). Cached in the cell's folder, keyed by the checkpoint
     file, the evaluation settings and the evaluation code, so an unchanged cell is not scored twice."""
     import evaluation
-    best = cell.folder / "best.pt"
-    stat = best.stat()
-    key = {"checkpoint": [stat.st_size, stat.st_mtime_ns], "data_dir": data_dir, "split": "val",
-           "max_windows": args.max_windows, "batch_size": args.eval_batch_size, "musical": True,
-           "code": hashlib.sha256(Path(evaluation.__file__).read_bytes()).hexdigest()[:16]}
-    cache = cell.folder / EVAL_CACHE
-    try:
-        saved = json.loads(cache.read_text())
-        if saved.get("key") == key:
-            return saved["result"], False
-    except (OSError, json.JSONDecodeError, AttributeError):
-        pass
-    result = evaluation.evaluate_checkpoint(str(best), data_dir=data_dir, split="val", max_windows=args.max_windows,
-                                            device=args.eval_device, batch_size=args.eval_batch_size, musical=True,
-                                            progress=False)
+    key = evaluation_key(cell, data_dir, args)
+    saved = cached_evaluation(cell, key)
+    if saved is not None:
+        return saved, False
+    result = evaluation.evaluate_checkpoint(str(cell.folder / "best.pt"), data_dir=data_dir, split="val",
+                                            max_windows=args.max_windows, device=args.eval_device,
+                                            batch_size=args.eval_batch_size, musical=True, progress=False)
     result = jsonable(result)
-    write_json(cache, {"key": key, "result": result})
+    write_json(cell.folder / EVAL_CACHE, {"key": key, "result": result})
     return result, True
 
 
@@ -561,9 +577,12 @@ def study(runner: Runner, argv) -> int:
     else:
         train_seconds, failures = train_cells(runner, selected, study_run)
     data_dir = plan["shared"].get("data_dir")
+    eval_started = time.perf_counter()
     if args.executor == "slurm" and not args.eval_local:
         evaluate_on_slurm(plan, selected, data_dir)
+    job_seconds = time.perf_counter() - eval_started
     rows, missing, eval_seconds = evaluate_cells(runner, selected, study_run, data_dir, args, failures)
+    eval_seconds += job_seconds
     report_started = time.perf_counter()
     report(rows, missing, failures, plan, study_run, uri)
     if not args.report_only:
@@ -708,7 +727,7 @@ def train_on_slurm(runner: Runner, plan: dict, study_run: Study) -> tuple[float,
     new = []
     for cell in todo:
         cell.launcher_argv = cell_command(cell, study_run.run_id, plan["key"], tracking_uri_of(plan["shared"]),
-                                          resume=True)[1:]
+                                          resume=True, torchrun=True)[1:]
         cell.nproc_per_node = slurm.gpus_per_node or cell.flags.get("nproc") or 1
         state = executor.attach(cell)
         if state is None:
@@ -767,7 +786,8 @@ def evaluate_on_slurm(plan: dict, selected: list, data_dir) -> None:
     import ablate as module  # by name (not __main__), so the job unpickles evaluate_cell from this file
     cells = [types.SimpleNamespace(folder=cell.folder, label=cell.label) for cell in selected
              if cell.status in ("done", "complete")]
-    if not cells:
+    cells = [cell for cell in cells if cached_evaluation(cell, evaluation_key(cell, data_dir, plan["args"])) is None]
+    if not cells:      # every one is scored already: no job
         return
     args = argparse.Namespace(**vars(plan["args"]))
     args.eval_device = "cuda" if plan["slurm"].gpus_per_node else "cpu"
