@@ -71,6 +71,18 @@ def wait_final(job_id: str, count: int = 1) -> list[str]:
     pytest.fail(f"job {job_id} not finished after {JOB_TIMEOUT} s: {sacct_states(job_id)}")
 
 
+def release_requeued(job_id: str) -> None:
+    """Slurm holds a requeued batch job for 120 s (its BeginTime); once it is pending again, start it now."""
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while time.monotonic() < deadline:
+        shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=60).stdout
+        if "JobState=PENDING" in shown:
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=60)
+            return
+        time.sleep(0.5)
+    pytest.fail(f"job {job_id} was not pending again within {JOB_TIMEOUT} s of its requeue")
+
+
 def train_flags(cache: Path, checkpoint_dir: Path, epochs: int) -> list:
     return ["--data_dir", cache, "--epochs", epochs, "--batch_size", 2, "--checkpoint_dir", checkpoint_dir,
             "--mlflow_tracking_uri", f"sqlite:///{checkpoint_dir.parent / 'mlflow.db'}", *TINY_TRAIN]
@@ -106,6 +118,7 @@ def test_requeue_in_the_middle_finishes_every_epoch_from_latest(tiny_cache, tmp_
         assert time.monotonic() < deadline and sacct_states(job) != ["COMPLETED"], "no epoch before the end"
         time.sleep(0.2)
     subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+    release_requeued(job)
     assert wait_final(job) == ["COMPLETED"], output.read_text()[-3000:]
     text = output.read_text()
     assert "resuming at epoch" in text, text[-3000:]
