@@ -578,10 +578,9 @@ def study(runner: Runner, argv) -> int:
         train_seconds, failures = train_cells(runner, selected, study_run)
     data_dir = plan["shared"].get("data_dir")
     eval_started = time.perf_counter()
-    if args.executor == "slurm" and not args.eval_local:
-        evaluate_on_slurm(plan, selected, data_dir)
+    scored = evaluate_on_slurm(plan, selected, data_dir) if args.executor == "slurm" and not args.eval_local else ()
     job_seconds = time.perf_counter() - eval_started
-    rows, missing, eval_seconds = evaluate_cells(runner, selected, study_run, data_dir, args, failures)
+    rows, missing, eval_seconds = evaluate_cells(runner, selected, study_run, data_dir, args, failures, scored)
     eval_seconds += job_seconds
     report_started = time.perf_counter()
     report(rows, missing, failures, plan, study_run, uri)
@@ -778,9 +777,9 @@ def wait_for(executor: executors.SlurmExecutor) -> dict:
                        f"them: scancel {' '.join(ids)}") from None
 
 
-def evaluate_on_slurm(plan: dict, selected: list, data_dir) -> None:
+def evaluate_on_slurm(plan: dict, selected: list, data_dir) -> set:
     """The evaluation as one Slurm job (on a GPU when the cells had some); its results are cached in the cells'
-    folders, where evaluate_cells finds them. If the job fails, the evaluation runs here."""
+    folders, where evaluate_cells finds them; the labels it scored. If the job fails, the evaluation runs here."""
     import types
 
     import ablate as module  # by name (not __main__), so the job unpickles evaluate_cell from this file
@@ -788,7 +787,7 @@ def evaluate_on_slurm(plan: dict, selected: list, data_dir) -> None:
              if cell.status in ("done", "complete")]
     cells = [cell for cell in cells if cached_evaluation(cell, evaluation_key(cell, data_dir, plan["args"])) is None]
     if not cells:      # every one is scored already: no job
-        return
+        return set()
     args = argparse.Namespace(**vars(plan["args"]))
     args.eval_device = "cuda" if plan["slurm"].gpus_per_node else "cpu"
     try:
@@ -797,6 +796,8 @@ def evaluate_on_slurm(plan: dict, selected: list, data_dir) -> None:
     except (RuntimeError, ExecutorError) as error:
         print(f"warning: {one_line(error)}; evaluating here on {plan['args'].eval_device}", file=sys.stderr,
               flush=True)
+        return set()
+    return {cell.label for cell in cells}
 
 
 def mark_finished(study_run: Study, run_id) -> None:
@@ -809,9 +810,10 @@ def mark_finished(study_run: Study, run_id) -> None:
 
 
 def evaluate_cells(runner: Runner, selected: list, study_run: Study, data_dir, args,
-                   failures: list) -> tuple[list, list, float]:
+                   failures: list, scored=()) -> tuple[list, list, float]:
     """Evaluate the best.pt of every cell that finished training, on the same validation windows;
-    (report rows, cells not finished, seconds). Evaluation errors are added to `failures`."""
+    (report rows, cells not finished, seconds). Evaluation errors are added to `failures`. `scored`: the labels
+    an evaluation job scored just now (their results are cached; they are logged to MLflow here)."""
     eval_seconds, rows, missing = 0.0, [], []
     for cell in selected:
         best = cell.folder / "best.pt"
@@ -830,7 +832,7 @@ def evaluate_cells(runner: Runner, selected: list, study_run: Study, data_dir, a
             eval_seconds += time.perf_counter() - started
             runner.current = None
         run_id = peek_checkpoint(best).get("mlflow_run_id")
-        if fresh and run_id:
+        if (fresh or cell.label in scored) and run_id:
             log_evaluation(study_run, run_id, result)
         rows.append({"cell": cell.name, "seed": cell.seed, "hash": cell.hash, "run_id": run_id, "result": result,
                      "unity": bool(cell.settings.get("unity_test")), "metrics": run_metrics(study_run, cell, run_id)})
