@@ -29,7 +29,6 @@ import time
 STARTED = time.perf_counter()     # the study's wall time counts from here (before the heavy imports)
 
 import argparse  # noqa: E402
-import csv  # noqa: E402
 import fcntl  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
@@ -38,13 +37,14 @@ import os  # noqa: E402
 import re  # noqa: E402
 import shlex  # noqa: E402
 import signal  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import executors  # noqa: E402  (light: submitit is imported only for --executor slurm)
+from ablation_report import BASELINES, figure_names, write_report  # noqa: E402, F401  (light: no torch at import)
+from executors import ExecutorError, Runner  # noqa: E402
 from mlflow_logger import PARENT_TAG, git_commit  # noqa: E402  (light: no torch, no mlflow at import)
 from mlflow_logger import short as one_line  # noqa: E402
 
@@ -86,17 +86,13 @@ TAG_STUDY, TAG_CELL, TAG_SEED, TAG_HASH = "ablation_study", "ablation_cell", "ab
 CELL_FILE = "cell.json"                  # in each cell's folder: its name, seed, hash, settings and command
 EVAL_CACHE = "evaluation.json"           # in each cell's folder: the last evaluation of its best.pt
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-STOP_GRACE_SECONDS = 60.0                # after forwarding SIGINT: time for the launcher to stop its ranks
-BASELINES = ("silence", "repeat", "oracle")   # = evaluation.BASELINES (not imported: it loads torch; a test pins it)
-HIGHER_IS_BETTER = {"rhythm", "chroma"}  # 'level' is best at 1; everything else is an error (lower is better)
 
 
 class AblateError(Exception):
     """A user error, reported as one line before anything runs (exit 2)."""
 
 
-class Interrupted(Exception):
-    """SIGINT / SIGTERM arrived; the running cell was stopped."""
+Interrupted = Runner.Interrupted      # SIGINT / SIGTERM arrived; the running cell was stopped
 
 
 # ------------------------------------------------------------------------------------------ flags
@@ -121,6 +117,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="validation windows to evaluate (evenly spaced; default: all)")
     parser.add_argument("--eval_device", default="cpu", help="device of the evaluation (default cpu; e.g. cuda)")
     parser.add_argument("--eval_batch_size", type=int, default=8, help="windows per evaluation batch (default 8)")
+    slurm = parser.add_argument_group("cluster (--executor slurm: every cell x seed is one element of a job array)")
+    slurm.add_argument("--executor", choices=("local", "slurm"), default="local",
+                       help="local: the cells run here, one after the other; slurm: one job array through submitit")
+    slurm.add_argument("--slurm_partition", default=None, help="partition (default: the cluster's default)")
+    slurm.add_argument("--slurm_nodes", type=int, default=1, help="nodes per cell (one torchrun each; default 1)")
+    slurm.add_argument("--slurm_gpus_per_node", type=int, default=0,
+                       help="GPUs per node = training processes per node (0: a CPU cell with --nproc processes)")
+    slurm.add_argument("--slurm_cpus_per_task", type=int, default=1, help="CPU cores per node (default 1)")
+    slurm.add_argument("--slurm_time", default="60", help="time limit of each cell: minutes, HH:MM:SS or "
+                       "D-HH:MM (default 60); it is requeued from latest.pt if it gets there")
+    slurm.add_argument("--slurm_parallel", type=int, default=0, help="at most N cells at once (default: all)")
+    slurm.add_argument("--slurm_extra", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="other sbatch options: account=..., qos=..., constraint=...")
+    slurm.add_argument("--eval_local", action="store_true",
+                       help="with slurm: evaluate here on --eval_device instead of as one Slurm job")
+    slurm.add_argument("--no_wait", action="store_true",
+                       help="with slurm: submit and exit; the same command later waits, gathers and reports")
+    slurm.add_argument("--cancel", action="store_true", help="with slurm: scancel the study's jobs and exit")
     return parser
 
 
@@ -342,8 +356,13 @@ def peek_checkpoint(path: Path) -> dict:
         return {}
 
 
-def cell_command(cell: Cell, parent_run_id: str, study_key: str, uri: str, resume: bool) -> list[str]:
+def cell_command(cell: Cell, parent_run_id: str, study_key: str, uri: str, resume: bool,
+                 torchrun: bool = False) -> list[str]:
+    """The cell's launcher command; with torchrun, without --nproc (torchrun's --nproc_per_node says it, and its
+    own parser would take --nproc for an abbreviation of that)."""
     flags = dict(cell.flags, mlflow_tracking_uri=uri)
+    if torchrun:
+        flags.pop("nproc", None)
     command = [sys.executable, str(LAUNCHER), *tokens_of(flags), "--seed", str(cell.seed),
                "--checkpoint_dir", str(cell.folder), "--run_name", cell.label,
                "--mlflow_parent_run_id", parent_run_id]
@@ -379,111 +398,6 @@ def write_json(path: Path, data) -> None:
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
 
 
-# ------------------------------------------------------------------------------------------ running
-
-class Runner:
-    """Runs one launcher at a time in its own session; SIGINT / SIGTERM are forwarded to it."""
-
-    def __init__(self):
-        self.process = None
-        self.signal = None
-        self.signalled_at = None
-        self.current = None          # what is running, for the line that ends an interrupted study
-        self.study = None
-
-    def install(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.on_signal)
-
-    def on_signal(self, signum, frame) -> None:
-        first = self.signal is None
-        self.signal = self.signal or signum
-        process = self.process
-        if process is not None and process.poll() is None:
-            self.signalled_at = self.signalled_at or time.monotonic()
-            try:     # the launcher stops its ranks itself on SIGINT; a second signal hurries it with SIGTERM
-                os.kill(process.pid, signal.SIGINT if first else signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        elif first:
-            raise KeyboardInterrupt      # in-process work (evaluation, MLflow calls) stops where it is
-
-    def run(self, command: list[str], log_path: Path, on_start=None) -> tuple[int, str, float]:
-        """(exit code, last line of its stderr, seconds); the output goes to the terminal and to log_path."""
-        if self.signal is not None:
-            raise Interrupted()
-        started = time.perf_counter()
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        tail = []
-        with open(log_path, "ab") as log:
-            self.process = process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                                      stderr=subprocess.PIPE, start_new_session=True)
-            if on_start is not None:
-                on_start(process.pid)
-            pumps = [threading.Thread(target=pump, args=(process.stdout, sys.stdout, log, None), daemon=True),
-                     threading.Thread(target=pump, args=(process.stderr, sys.stderr, log, tail), daemon=True)]
-            for thread in pumps:
-                thread.start()
-            escalated = 0
-            while True:
-                try:
-                    code = process.wait(timeout=0.5)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-                if self.signalled_at is not None:
-                    waited = time.monotonic() - self.signalled_at
-                    if escalated == 0 and waited > STOP_GRACE_SECONDS:
-                        kill_group(process.pid, signal.SIGTERM)
-                        escalated = 1
-                    elif escalated == 1 and waited > STOP_GRACE_SECONDS + 15:
-                        kill_group(process.pid, signal.SIGKILL)
-                        escalated = 2
-            self.process = None
-            end_group(process.pid)          # no rank or loader worker outlives its launcher
-            for thread in pumps:
-                thread.join(timeout=5)
-        seconds = time.perf_counter() - started
-        if self.signal is not None:
-            raise Interrupted()
-        last = next((line for line in reversed(b"".join(tail).decode(errors="replace").splitlines())
-                     if line.strip()), "")
-        return code, last.strip(), seconds
-
-
-def pump(source, terminal, log, tail) -> None:
-    """Copy a child's pipe to our terminal stream and its log file, keeping the last few KB if `tail` is a list."""
-    for chunk in iter(lambda: source.read1(65536), b""):
-        terminal.buffer.write(chunk)
-        terminal.flush()
-        log.write(chunk)
-        log.flush()
-        if tail is not None:
-            tail.append(chunk)
-            while len(tail) > 1 and sum(map(len, tail)) > 8192:
-                tail.pop(0)
-    source.close()
-
-
-def kill_group(pgid: int, sig) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def end_group(pgid: int) -> None:
-    """After the launcher exited: give its process group 10 s to empty, then SIGKILL what is left."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except (ProcessLookupError, PermissionError):
-            return
-        time.sleep(0.1)
-    kill_group(pgid, signal.SIGKILL)
-
-
 # ---------------------------------------------------------------------------------------- evaluation
 
 _preloaded = {}
@@ -514,242 +428,39 @@ def jsonable(value):
         return str(value)
 
 
-def evaluate_cell(cell: Cell, data_dir, args) -> tuple[dict, bool]:
+def evaluation_key(cell, data_dir, args) -> dict:
+    """What an evaluation of the cell's best.pt depends on: the checkpoint file, the settings and the code."""
+    import evaluation
+    stat = (cell.folder / "best.pt").stat()
+    return {"checkpoint": [stat.st_size, stat.st_mtime_ns], "data_dir": data_dir, "split": "val",
+            "max_windows": args.max_windows, "batch_size": args.eval_batch_size, "musical": True,
+            "code": hashlib.sha256(Path(evaluation.__file__).read_bytes()).hexdigest()[:16]}
+
+
+def cached_evaluation(cell, key: dict) -> dict | None:
+    try:
+        saved = json.loads((cell.folder / EVAL_CACHE).read_text())
+        if saved.get("key") == key:
+            return saved["result"]
+    except (OSError, json.JSONDecodeError, AttributeError, KeyError):
+        pass
+    return None
+
+
+def evaluate_cell(cell, data_dir, args) -> tuple[dict, bool]:
     """(evaluation of the cell's best.pt, computed now?). Cached in the cell's folder, keyed by the checkpoint
     file, the evaluation settings and the evaluation code, so an unchanged cell is not scored twice."""
     import evaluation
-    best = cell.folder / "best.pt"
-    stat = best.stat()
-    key = {"checkpoint": [stat.st_size, stat.st_mtime_ns], "data_dir": data_dir, "split": "val",
-           "max_windows": args.max_windows, "batch_size": args.eval_batch_size, "musical": True,
-           "code": hashlib.sha256(Path(evaluation.__file__).read_bytes()).hexdigest()[:16]}
-    cache = cell.folder / EVAL_CACHE
-    try:
-        saved = json.loads(cache.read_text())
-        if saved.get("key") == key:
-            return saved["result"], False
-    except (OSError, json.JSONDecodeError, AttributeError):
-        pass
-    result = evaluation.evaluate_checkpoint(str(best), data_dir=data_dir, split="val", max_windows=args.max_windows,
-                                            device=args.eval_device, batch_size=args.eval_batch_size, musical=True,
-                                            progress=False)
+    key = evaluation_key(cell, data_dir, args)
+    saved = cached_evaluation(cell, key)
+    if saved is not None:
+        return saved, False
+    result = evaluation.evaluate_checkpoint(str(cell.folder / "best.pt"), data_dir=data_dir, split="val",
+                                            max_windows=args.max_windows, device=args.eval_device,
+                                            batch_size=args.eval_batch_size, musical=True, progress=False)
     result = jsonable(result)
-    write_json(cache, {"key": key, "result": result})
+    write_json(cell.folder / EVAL_CACHE, {"key": key, "result": result})
     return result, True
-
-
-# -------------------------------------------------------------------------------------------- report
-
-def figure_names() -> tuple:
-    import evaluation
-    return tuple(evaluation.SCORE_NAMES)
-
-
-def spread(values: list) -> tuple:
-    """(mean, sample std) of the defined values; (None, None) if none, std None with one value."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def better(name: str, a: float, b: float, skill: bool = False) -> bool:
-    """Is a better than b for this figure (or for its skill)?"""
-    if skill or name in HIGHER_IS_BETTER:
-        return a > b
-    if name == "level":
-        return abs(a - 1.0) < abs(b - 1.0)
-    return a < b
-
-
-def fmt(value, digits: int = 4) -> str:
-    if value is None:
-        return "n/a"
-    if value != 0 and (abs(value) >= 1e4 or abs(value) < 1e-3):
-        return f"{value:.3e}"
-    return f"{value:.{digits}f}"
-
-
-MARKDOWN_LEGEND = (
-    "Mean ± standard deviation over seeds (sample std, n-1; none with one seed; per-seed values in results.csv). "
-    "Best cell in each column in **bold**: lowest for the loss components and latent_mse, closest to 1 for "
-    "level, highest for rhythm, chroma and skill. `loss` is each cell's own weighted total, so it is not "
-    "comparable across cells (not marked): compare the components. Unity cells (`--unity_test`: target = "
-    "input) are the pipeline's sanity check, not a contender: never marked. A baseline figure is one value when it "
-    "is the same for every cell, else its range over the cells (`loss` follows each cell's weights; a unity "
-    "cell's target is its input; the plot then marks each cell's own baseline over its bar).")
-
-
-def write_report(rows: list[dict], cells_in_order: list[str], report_dir: Path, header: list[str]) -> str:
-    """results.csv, results.md and results.png from the evaluated rows; returns the Markdown."""
-    from utils import atomic_path
-    names = figure_names()
-    report_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, names, report_dir / "results.csv")
-    by_cell = {name: [r for r in rows if r["cell"] == name] for name in cells_in_order}
-    by_cell = {name: group for name, group in by_cell.items() if group}
-    markdown = markdown_report(rows, by_cell, names, header)
-    with atomic_path(report_dir / "results.md") as tmp:
-        tmp.write_text(markdown)
-    summary = {name: {n: spread([r["result"]["model"].get(n) for r in group]) for n in names}
-               for name, group in by_cell.items()}
-    plot(summary, baselines_per_cell(rows, list(by_cell), names), names, report_dir / "results.png")
-    return markdown
-
-
-def write_csv(rows: list[dict], names, path: Path) -> None:
-    """results.csv: one row per cell x seed with every figure, its skill and the baselines' figures."""
-    from utils import atomic_path
-    columns = ["cell", "seed", "hash", "run_id", "epoch", "windows", "target_audio", "weights"]
-    columns += [f"{n}" for n in names] + [f"skill_{n}" for n in names]
-    columns += [f"{b}_{n}" for b in BASELINES for n in names]
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=columns)
-            writer.writeheader()
-            for row in rows:
-                result = row["result"]
-                line = {"cell": row["cell"], "seed": row["seed"], "hash": row["hash"], "run_id": row["run_id"] or "",
-                        "epoch": result.get("epoch"), "windows": result.get("windows"),
-                        "target_audio": result.get("target_audio"),
-                        "weights": " ".join(f"{k}={v:g}" for k, v in (result.get("weights") or {}).items())}
-                for n in names:
-                    line[n] = csvnum(result["model"].get(n))
-                    line[f"skill_{n}"] = csvnum((result.get("skill") or {}).get(n))
-                    for b in BASELINES:
-                        line[f"{b}_{n}"] = csvnum(result["baselines"][b].get(n))
-                writer.writerow(line)
-
-
-def markdown_report(rows: list[dict], by_cell: dict, names, header: list[str]) -> str:
-    """results.md: per cell the mean ± std over seeds of every figure, the baselines, then the skill table."""
-    summary = {name: {n: spread([r["result"]["model"].get(n) for r in group]) for n in names}
-               for name, group in by_cell.items()}
-    skills = {name: {n: spread([(r["result"].get("skill") or {}).get(n) for r in group]) for n in names}
-              for name, group in by_cell.items()}
-    skill_names = [n for n in names if any(skills[c][n][0] is not None for c in skills)]
-    baselines = {b: {n: spread_same([r["result"]["baselines"][b].get(n) for r in rows]) for n in names}
-                 for b in BASELINES}
-    unity = {r["cell"] for r in rows if r.get("unity")}     # a sanity check (target = input): not a contender
-    marks = best_of(summary, names, unity, skip=("loss",))
-    lines = header + ["", MARKDOWN_LEGEND, "",
-                      "| cell | weights in/tgt/spec/mel | seeds | " + " | ".join(names) + " |",
-                      "|---|---|---|" + "---|" * len(names)]
-    for c, group in by_cell.items():
-        lines.append(f"| {c} | {weights_of(group)} | {len(group)} | "
-                     + " | ".join(cell_text(summary, marks, c, n) for n in names) + " |")
-    for b in BASELINES:
-        lines.append(f"| *{b}* | | | " + " | ".join(baselines[b][n] for n in names) + " |")
-    if skill_names:
-        skill_marks = best_of(skills, skill_names, unity, skip=("loss",), skill=True)
-        lines += ["", "Skill per figure, (repeat - model) / (repeat - oracle): 1 = as good as the oracle, "
-                  "0 = no better than repeating the context (mean ± std over seeds; best in **bold**).", "",
-                  "| cell | " + " | ".join(f"skill {n}" for n in skill_names) + " |",
-                  "|---|" + "---|" * len(skill_names)]
-        for c in by_cell:
-            lines.append(f"| {c} | " + " | ".join(cell_text(skills, skill_marks, c, n) for n in skill_names) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def best_of(table: dict, columns, unity: set, skip=(), skill: bool = False) -> dict:
-    """{column: the cell with the best mean} (unity cells never; a column needs two contenders)."""
-    marks = {}
-    for n in columns:
-        if n in skip:
-            continue
-        candidates = [(c, table[c][n][0]) for c in table if table[c][n][0] is not None and c not in unity]
-        if len(candidates) > 1:
-            top = candidates[0]
-            for candidate in candidates[1:]:
-                if better(n, candidate[1], top[1], skill):
-                    top = candidate
-            marks[n] = top[0]
-    return marks
-
-
-def cell_text(table: dict, marks: dict, c: str, n: str) -> str:
-    mean, std = table[c][n]
-    text = fmt(mean) + ("" if std is None else f" ± {std:.2g}")
-    return f"**{text}**" if marks.get(n) == c else text
-
-
-def weights_of(group: list) -> str:
-    weights = group[0]["result"].get("weights") or {}
-    return "/".join(f"{weights.get(k, 0):g}" for k in ("rms_input", "rms_target", "spectral", "mel"))
-
-
-def csvnum(value):
-    return "" if value is None else repr(float(value))
-
-
-def agree(values: list) -> bool:
-    return bool(values) and None not in values and max(values) - min(values) <= 1e-9 * max(1.0, abs(max(values)))
-
-
-def spread_same(values: list) -> str:
-    """A baseline's figure as text: the value if every cell's evaluation agrees, else the range over cells."""
-    defined = [v for v in values if v is not None]
-    if not defined:
-        return "n/a"
-    if agree(values):
-        return fmt(defined[0])
-    return f"{fmt(min(defined))} – {fmt(max(defined))}"
-
-
-def baselines_per_cell(rows: list[dict], cells: list[str], names) -> dict:
-    """{baseline: {figure: {cell: mean over the cell's seeds, or None}}} for the plot."""
-    result = {}
-    for b in BASELINES:
-        result[b] = {n: {c: spread([r["result"]["baselines"][b].get(n) for r in rows if r["cell"] == c])[0]
-                         for c in cells} for n in names}
-    return result
-
-
-def plot(summary: dict, baselines: dict, names, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from utils import atomic_path
-    cells = list(summary)
-    columns = 3
-    rows = math.ceil(len(names) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
-    styles = {"silence": ("tab:gray", ":"), "repeat": ("tab:orange", "--"), "oracle": ("tab:green", "-.")}
-    for axis, name in zip(axes.flat, names):
-        means = [summary[c][name][0] for c in cells]
-        errors = [summary[c][name][1] or 0.0 for c in cells]
-        x = range(len(cells))
-        axis.bar(x, [m if m is not None else 0.0 for m in means], yerr=errors, capsize=3, color="tab:blue",
-                 alpha=0.8)
-        for b, (colour, style) in styles.items():
-            values = [baselines[b][name][c] for c in cells]
-            if agree(values):          # the same for every cell: one line across the panel
-                axis.axhline(values[0], color=colour, linestyle=style, linewidth=1.2, label=b)
-            else:                      # each cell's own (its weights, or unity's windows): a line over its bar
-                for position, value in enumerate(values):
-                    if value is not None:
-                        axis.hlines(value, position - 0.45, position + 0.45, color=colour, linestyle=style,
-                                    linewidth=1.2, label=b)
-        title = f"{name} (own weights: not comparable)" if name == "loss" else name
-        axis.set_title(title, fontsize=9)
-        axis.set_xticks(list(x))
-        axis.set_xticklabels(cells, rotation=30, ha="right", fontsize=7)
-        axis.tick_params(axis="y", labelsize=7)
-    for axis in list(axes.flat)[len(names):]:
-        axis.axis("off")
-    handles = {}
-    for axis in axes.flat:
-        for handle, label in zip(*axis.get_legend_handles_labels()):
-            handles.setdefault(label, handle)
-    if handles:
-        figure.legend(list(handles.values()), [f"baseline: {label}" for label in handles], loc="upper right",
-                      fontsize=8, ncol=len(handles))
-    figure.suptitle("bars: mean over seeds, whiskers: std over seeds", fontsize=9, x=0.02, ha="left")
-    figure.tight_layout(rect=(0, 0, 1, 0.95))
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=100)
-    plt.close(figure)
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -764,6 +475,7 @@ def prepare(argv) -> dict:
         raise AblateError(f"--max_windows must be at least 1, got {args.max_windows}")
     if args.report_only and args.print_commands:
         raise AblateError("--report_only and --print_commands exclude each other")
+    slurm = slurm_settings(args)
     shared = parse_given(rest, "launcher flags")
     for name in shared:
         if name in RESERVED:
@@ -784,7 +496,37 @@ def prepare(argv) -> dict:
     shared_settings = {k: v for k, v in shared.items() if k not in NOT_SETTINGS}
     key = settings_hash({"out_dir": str(out_dir), "grid": grid, "shared": shared_settings})
     return dict(args=args, shared=shared, grid=grid, names=names, out_dir=out_dir, cells=cells,
-                selected=selected, key=key, shared_settings=shared_settings)
+                selected=selected, key=key, shared_settings=shared_settings, slurm=slurm)
+
+
+SLURM_ONLY = ("slurm_partition", "slurm_nodes", "slurm_gpus_per_node", "slurm_cpus_per_task", "slurm_time",
+              "slurm_parallel", "slurm_extra", "eval_local", "no_wait", "cancel")
+
+
+def slurm_settings(args) -> executors.SlurmSettings | None:
+    """The --slurm_* flags as SlurmSettings (their numbers and syntax checked), None with --executor local."""
+    defaults = build_parser().parse_args(["--out_dir", "x"])
+    given = [name for name in SLURM_ONLY if getattr(args, name) != getattr(defaults, name)]
+    if args.executor != "slurm":
+        if given:
+            raise AblateError(f"--{given[0]} needs --executor slurm")
+        return None
+    if args.print_commands:
+        raise AblateError("--print_commands and --executor slurm exclude each other (slurm submits the commands)")
+    try:
+        settings = executors.SlurmSettings(partition=args.slurm_partition, nodes=args.slurm_nodes,
+                                           gpus_per_node=args.slurm_gpus_per_node,
+                                           cpus_per_task=args.slurm_cpus_per_task, time=args.slurm_time,
+                                           parallel=args.slurm_parallel,
+                                           extra=executors.parse_extra(args.slurm_extra))
+        for name, value, least in (("nodes", settings.nodes, 1), ("gpus_per_node", settings.gpus_per_node, 0),
+                                   ("cpus_per_task", settings.cpus_per_task, 1), ("parallel", settings.parallel, 0)):
+            if value < least:
+                raise AblateError(f"--slurm_{name} must be at least {least}, got {value}")
+        settings.time_minutes      # noqa: B018 - checks --slurm_time
+    except ExecutorError as error:
+        raise AblateError(str(error)) from None
+    return settings
 
 
 def main(argv=None) -> int:
@@ -795,6 +537,9 @@ def main(argv=None) -> int:
     except AblateError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
+    except Detached as detached:        # Ctrl-C while waiting for Slurm: the jobs are the cluster's now
+        print(f"interrupted while waiting: {detached}", file=sys.stderr, flush=True)
+        return 130
     except (Interrupted, KeyboardInterrupt):
         where = f" during {runner.current}" if runner.current else ""
         print(f"interrupted{where}: finished cells are kept and the interrupted one resumes from its latest "
@@ -805,18 +550,38 @@ def main(argv=None) -> int:
         return 130
 
 
+class Detached(Exception):
+    """Ctrl-C while waiting for the study's Slurm jobs: they go on; the message says how to cancel them."""
+
+
 def study(runner: Runner, argv) -> int:
     """The whole study: open (or find) it, train what is not finished, evaluate, report; the exit code."""
     plan = prepare(argv)
     args, out_dir = plan["args"], plan["out_dir"]
+    if args.executor == "slurm":
+        if args.cancel:
+            return cancel_study(plan)
+        check_cluster(plan)
     study_run, uri = open_study(runner, plan)
     selected = plan["selected"]
     if args.print_commands:
         return print_commands(selected, study_run, plan["key"], uri)
     startup_seconds = time.perf_counter() - STARTED     # imports, checks, MLflow parent and children
-    train_seconds, failures = (0.0, []) if args.report_only else train_cells(runner, selected, study_run)
-    rows, missing, eval_seconds = evaluate_cells(runner, selected, study_run, plan["shared"].get("data_dir"),
-                                                 args, failures)
+    if args.report_only:
+        train_seconds, failures = 0.0, []
+    elif args.executor == "slurm":
+        outcome = train_on_slurm(runner, plan, study_run)
+        if outcome is None:       # --no_wait
+            return 0
+        train_seconds, failures = outcome
+    else:
+        train_seconds, failures = train_cells(runner, selected, study_run)
+    data_dir = plan["shared"].get("data_dir")
+    eval_started = time.perf_counter()
+    scored = evaluate_on_slurm(plan, selected, data_dir) if args.executor == "slurm" and not args.eval_local else ()
+    job_seconds = time.perf_counter() - eval_started
+    rows, missing, eval_seconds = evaluate_cells(runner, selected, study_run, data_dir, args, failures, scored)
+    eval_seconds += job_seconds
     report_started = time.perf_counter()
     report(rows, missing, failures, plan, study_run, uri)
     if not args.report_only:
@@ -891,36 +656,148 @@ def print_commands(selected: list, study_run: Study, key: str, uri: str) -> int:
     return 0
 
 
-def train_cells(runner: Runner, selected: list, study_run: Study) -> tuple[float, list]:
-    """Run every unfinished cell, one after another; (seconds spent training, failures)."""
-    train_seconds, failures = 0.0, []
-    study_run.set_status("RUNNING")
-    preloader = None
+def unfinished(selected: list, study_run: Study) -> list:
+    """The cells still to train; finished ones are said and skipped (by their hash, whatever the executor)."""
+    todo = []
     for index, cell in enumerate(selected, 1):
-        head = f"[ablate] cell {index}/{len(selected)} {cell.label} (hash {cell.hash})"
+        cell.head = f"[ablate] cell {index}/{len(selected)} {cell.label} (hash {cell.hash})"
         if cell.status == "done":
-            print(f"{head}: finished in run {cell.run.info.run_id}, skipped", file=sys.stderr, flush=True)
-            continue
-        if cell.status == "complete":      # its last epoch was saved, then the launcher was stopped
-            print(f"{head}: trained to the last epoch already, skipped (run {cell.run} marked FINISHED)",
+            print(f"{cell.head}: finished in run {cell.run.info.run_id}, skipped", file=sys.stderr, flush=True)
+        elif cell.status == "complete":      # its last epoch was saved, then the launcher was stopped
+            print(f"{cell.head}: trained to the last epoch already, skipped (run {cell.run} marked FINISHED)",
                   file=sys.stderr, flush=True)
             mark_finished(study_run, cell.run)
-            continue
-        if preloader is None:     # evaluation's imports load while the first cell trains
-            preloader = threading.Thread(target=preload, daemon=True)
-            preloader.start()
-        code, last, seconds = run_cell(runner, cell, head)
-        train_seconds += seconds
-        if code != 0:
-            failures.append(f"{cell.label} (exit {code}: {last})")
-            print(f"[ablate] cell {cell.label} failed (exit {code}); going on with the others",
+        else:
+            todo.append(cell)
+    return todo
+
+
+def refresh(selected: list, study_run: Study) -> None:
+    children = study_run.children()
+    for cell in selected:
+        cell.status, cell.run = cell_status(cell, children)
+
+
+def train_cells(runner: Runner, selected: list, study_run: Study) -> tuple[float, list]:
+    """Run every unfinished cell here, one after another; (seconds spent training, failures)."""
+    study_run.set_status("RUNNING")
+    todo = unfinished(selected, study_run)
+    if not todo:
+        return 0.0, []
+    preloader = threading.Thread(target=preload, daemon=True)    # evaluation's imports load while a cell trains
+    local = executors.LocalExecutor(runner)
+    local.submit(todo, on_first_start=preloader.start)
+    preloader.join()
+    refresh(selected, study_run)
+    return local.train_seconds, local.failures
+
+
+# ------------------------------------------------------------------------------------------- slurm
+
+def check_cluster(plan: dict) -> None:
+    """Before anything is created or submitted: Slurm accepts the resources, and MLflow is reachable from nodes."""
+    try:
+        executors.check_tracking_uri(tracking_uri_of(plan["shared"]))
+        executors.check_slurm(plan["slurm"])
+    except ExecutorError as error:
+        raise AblateError(str(error)) from None
+
+
+def slurm_executor(plan: dict) -> executors.SlurmExecutor:
+    return executors.SlurmExecutor(plan["out_dir"] / "slurm", plan["slurm"], name=f"ablate-{plan['key'][:8]}")
+
+
+def cancel_study(plan: dict) -> int:
+    """--cancel: scancel every job the study recorded (finished ones are unaffected)."""
+    ids = slurm_executor(plan).cancel()
+    print(f"[ablate] cancelled: scancel {' '.join(ids)}" if ids else
+          f"[ablate] no Slurm jobs recorded in {plan['out_dir'] / 'slurm'}", file=sys.stderr, flush=True)
+    return 0
+
+
+def train_on_slurm(runner: Runner, plan: dict, study_run: Study) -> tuple[float, list] | None:
+    """Submit the unfinished cells as one job array (those still queued or running from an earlier invocation
+    are waited for, not submitted again); wait, printing every change of state; (seconds waited, failures),
+    or None with --no_wait."""
+    args, slurm = plan["args"], plan["slurm"]
+    study_run.set_status("RUNNING")
+    todo = unfinished(plan["selected"], study_run)
+    executor = slurm_executor(plan)
+    new = []
+    for cell in todo:
+        cell.launcher_argv = cell_command(cell, study_run.run_id, plan["key"], tracking_uri_of(plan["shared"]),
+                                          resume=True, torchrun=True)[1:]
+        cell.nproc_per_node = slurm.gpus_per_node or cell.flags.get("nproc") or 1
+        state = executor.attach(cell)
+        if state is None:
+            new.append(cell)
+        else:
+            print(f"{cell.head}: job {executor.records[cell.label]['job_id']} is {state}; waiting for it",
                   file=sys.stderr, flush=True)
-    if preloader is not None:
-        preloader.join()
-        children = study_run.children()
-        for cell in selected:
-            cell.status, cell.run = cell_status(cell, children)
-    return train_seconds, failures
+    if new:
+        ids = executor.submit(new)
+        print(f"[ablate] submitted {len(new)} cells as job array {ids[0].split('_')[0]} "
+              f"({time.perf_counter() - STARTED:.1f} s after the command): " +
+              ", ".join(f"{cell.label}={job_id}" for cell, job_id in zip(new, ids)), file=sys.stderr, flush=True)
+    if args.no_wait:
+        print(f"[ablate] --no_wait: {len(executor.jobs)} jobs queued or running; run the same command again "
+              f"to wait for them and report", file=sys.stderr, flush=True)
+        return None
+    started = time.perf_counter()
+    states = wait_for(executor)
+    waited = time.perf_counter() - started
+    refresh(plan["selected"], study_run)
+    failures = [f"{label} (Slurm {executor.slurm_state(label)}: {executor.error_of(label)})"
+                for label, state in states.items() if state == "failed"]
+    return waited, failures
+
+
+def wait_for(executor: executors.SlurmExecutor) -> dict:
+    """Poll the jobs until every one is final, printing one line per change of state; {label: state}.
+    Ctrl-C leaves them running (Detached, with the scancel line)."""
+    said = {}
+    try:
+        while True:
+            states = executor.poll()
+            for label, state in states.items():
+                before = said.get(label)
+                if state == "pending" and before in ("running", "requeued"):
+                    state = "requeued"      # sacct shows a requeued job as pending again
+                if state != before:
+                    print(f"[ablate] cell {label} (job {executor.jobs[label].job_id}): {state}",
+                          file=sys.stderr, flush=True)
+                    said[label] = state
+            if all(state in ("done", "failed") for state in states.values()):
+                return states
+            time.sleep(executors.POLL_SECONDS)
+    except KeyboardInterrupt:
+        active = [label for label in executor.jobs if said.get(label) not in ("done", "failed")]
+        ids = executor.job_ids(active)
+        raise Detached(f"{len(ids)} Slurm jobs keep running (the same command waits for them again); to cancel "
+                       f"them: scancel {' '.join(ids)}") from None
+
+
+def evaluate_on_slurm(plan: dict, selected: list, data_dir) -> set:
+    """The evaluation as one Slurm job (on a GPU when the cells had some); its results are cached in the cells'
+    folders, where evaluate_cells finds them; the labels it scored. If the job fails, the evaluation runs here."""
+    import types
+
+    import ablate as module  # by name (not __main__), so the job unpickles evaluate_cell from this file
+    cells = [types.SimpleNamespace(folder=cell.folder, label=cell.label) for cell in selected
+             if cell.status in ("done", "complete")]
+    cells = [cell for cell in cells if cached_evaluation(cell, evaluation_key(cell, data_dir, plan["args"])) is None]
+    if not cells:      # every one is scored already: no job
+        return set()
+    args = argparse.Namespace(**vars(plan["args"]))
+    args.eval_device = "cuda" if plan["slurm"].gpus_per_node else "cpu"
+    try:
+        slurm_executor(plan).evaluate(module.evaluate_cell, cells, data_dir, args,
+                                      gpus=plan["slurm"].gpus_per_node)
+    except (RuntimeError, ExecutorError) as error:
+        print(f"warning: {one_line(error)}; evaluating here on {plan['args'].eval_device}", file=sys.stderr,
+              flush=True)
+        return set()
+    return {cell.label for cell in cells}
 
 
 def mark_finished(study_run: Study, run_id) -> None:
@@ -932,21 +809,11 @@ def mark_finished(study_run: Study, run_id) -> None:
         print(f"warning: could not mark run {run_id} FINISHED ({one_line(error)})", file=sys.stderr)
 
 
-def run_cell(runner: Runner, cell: Cell, head: str) -> tuple[int, str, float]:
-    verb = "resuming" if cell.status == "resume" else "starting"
-    said = f"{head}: {verb} in {cell.folder}"
-    runner.current = cell.label
-    try:
-        return runner.run(cell.command, cell.folder / "train.log", lambda pid: print(
-            f"{said} (launcher pid {pid})", file=sys.stderr, flush=True))
-    finally:
-        runner.current = None
-
-
 def evaluate_cells(runner: Runner, selected: list, study_run: Study, data_dir, args,
-                   failures: list) -> tuple[list, list, float]:
+                   failures: list, scored=()) -> tuple[list, list, float]:
     """Evaluate the best.pt of every cell that finished training, on the same validation windows;
-    (report rows, cells not finished, seconds). Evaluation errors are added to `failures`."""
+    (report rows, cells not finished, seconds). Evaluation errors are added to `failures`. `scored`: the labels
+    an evaluation job scored just now (their results are cached; they are logged to MLflow here)."""
     eval_seconds, rows, missing = 0.0, [], []
     for cell in selected:
         best = cell.folder / "best.pt"
@@ -965,11 +832,21 @@ def evaluate_cells(runner: Runner, selected: list, study_run: Study, data_dir, a
             eval_seconds += time.perf_counter() - started
             runner.current = None
         run_id = peek_checkpoint(best).get("mlflow_run_id")
-        if fresh and run_id:
+        if (fresh or cell.label in scored) and run_id:
             log_evaluation(study_run, run_id, result)
         rows.append({"cell": cell.name, "seed": cell.seed, "hash": cell.hash, "run_id": run_id, "result": result,
-                     "unity": bool(cell.settings.get("unity_test"))})
+                     "unity": bool(cell.settings.get("unity_test")), "metrics": run_metrics(study_run, cell, run_id)})
     return rows, missing, eval_seconds
+
+
+def run_metrics(study_run: Study, cell: Cell, run_id) -> dict:
+    """The last value of every metric of the cell's MLflow run ({} if it cannot be read)."""
+    if cell.status == "done" and cell.run is not None:
+        return dict(cell.run.data.metrics)
+    try:
+        return dict(study_run.client.get_run(run_id).data.metrics) if run_id else {}
+    except Exception:  # noqa: BLE001 - the shares are extra columns; the report goes on without them
+        return {}
 
 
 def report(rows: list, missing: list, failures: list, plan: dict, study_run: Study, uri: str) -> None:

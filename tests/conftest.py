@@ -4,6 +4,9 @@
                     the 'random' codec; 150 frames per track = 17 examples of 2 x 8 frames each.
     mlflow_server   a real `mlflow server` on 127.0.0.1 at a free port (sqlite backend, artifacts in a
                     temporary folder), started once per session, stopped at teardown. Its tracking URI.
+    slurm           a real one-node Slurm (cluster/dev_slurm.sh start in a temporary folder; SLURM_CONF set for
+                    the session), stopped at teardown. Skipped where Slurm cannot be installed (not root), but
+                    in CI ($CI set, as .ci/run does) a Slurm that cannot start fails the tests.
 """
 from __future__ import annotations
 
@@ -82,6 +85,39 @@ def _stop_process_group(process: subprocess.Popen) -> None:
             os.killpg(process.pid, 0)
         except ProcessLookupError:
             return
+
+
+SLURM_CANNOT_INSTALL = 3       # cluster/dev_slurm.sh's exit code: Slurm missing and not root
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory) -> Path:
+    """A running one-node Slurm for the session; the folder of its configuration and logs."""
+    folder = tmp_path_factory.mktemp("dev_slurm")
+    script = ROOT / "cluster" / "dev_slurm.sh"
+    env = {**os.environ, "DEV_SLURM_DIR": str(folder)}
+    in_ci = bool(os.environ.get("CI"))
+    try:
+        started = subprocess.run(["bash", str(script), "start"], env=env, capture_output=True, text=True,
+                                 timeout=600)
+    except subprocess.TimeoutExpired:
+        started = subprocess.CompletedProcess([], 1, "", "cluster/dev_slurm.sh start took over 600 s")
+    if started.returncode != 0:
+        subprocess.run(["bash", str(script), "stop"], env=env, capture_output=True, timeout=120)
+        said = started.stderr.strip().splitlines()[-1] if started.stderr.strip() else f"exit {started.returncode}"
+        if started.returncode == SLURM_CANNOT_INSTALL and not in_ci:
+            pytest.skip(f"no Slurm here: {said}")
+        pytest.fail(f"a real Slurm could not start (cluster/dev_slurm.sh start): {said}", pytrace=False)
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(folder / "slurm.conf")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["bash", str(script), "stop"], env=env, capture_output=True, timeout=120)
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
 
 
 _RANDOM_CODECS: dict = {}
