@@ -28,7 +28,7 @@ from checkpoint import describe_latest
 from codec import HOP_LENGTH, WEIGHT_CHOICES_HELP, CodecLoadError, codec_fingerprint, load_codec
 from evaluation import TARGET_AUDIO_CHOICES, resolve_target_audio
 from losses import LOSSES, CombinedLoss, check_weights, weights_from_flags
-from utils import check_mlflow_server, free_port
+from utils import OneLineParser, check_mlflow_server, free_port
 
 
 def parse_bool(text: str) -> bool:
@@ -42,7 +42,7 @@ def parse_bool(text: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--data_dir", default=None,
@@ -302,11 +302,30 @@ def world_size_of(args: argparse.Namespace) -> int:
     return int(os.environ["WORLD_SIZE"]) if under_torchrun() else resolve_nproc(args)
 
 
-def parse_and_validate(argv=None) -> tuple[argparse.Namespace, str | None]:
+_checkpoint_dir_lock = []     # the open lock file of --checkpoint_dir (checkpoint.lock_checkpoint_dir), kept to exit
+
+
+def claim_checkpoint_dir(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Rank 0 (the launcher, or torchrun's rank 0) locks --checkpoint_dir for the whole run: two runs on one
+    folder would overwrite each other's latest.pt and best.pt. Also proves the folder is writable."""
+    from checkpoint import CheckpointError, lock_checkpoint_dir
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    try:
+        _checkpoint_dir_lock.append(lock_checkpoint_dir(args.checkpoint_dir))
+    except CheckpointError as error:
+        parser.error(str(error))
+
+
+def parse_and_validate(argv=None, lock: bool = False) -> tuple[argparse.Namespace, str | None]:
+    """The checked flags and the checkpoint to resume from; with `lock` (what main does), rank 0 also claims
+    --checkpoint_dir, first of all the checks that touch the disk."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args.resume_changes = {}
     check_flags(args, parser)
+    if lock:
+        claim_checkpoint_dir(args, parser)
     fingerprint = check_data_and_codec(args, parser)
     resume_path = resolve_resume(args, parser, fingerprint)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -319,7 +338,7 @@ EXIT_FOR_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def main(argv=None) -> int:
-    args, resume_path = parse_and_validate(argv)
+    args, resume_path = parse_and_validate(argv, lock=True)
     import train_simple_worker
 
     if under_torchrun():       # torchrun already started one process per GPU and set the rendezvous
