@@ -281,6 +281,15 @@ class ContinuationDataset(torch.utils.data.Dataset):
             self._open_tracks.popitem(last=False)
         return arrays
 
+    def check_arrays(self) -> None:
+        """Open every track's arrays once (headers and memory maps only, no data read): CacheError naming the
+        first file that is missing, truncated or of another shape than the manifest records."""
+        latent_dtype, audio_dtype = CACHE_DTYPES[self.cache_dtype]
+        for track in self.tracks:
+            latent_path, audio_path = track_paths(self.cache_dir, track["id"])
+            _open_npy(latent_path, (LATENT_DIM, track["frames"]), latent_dtype)
+            _open_npy(audio_path, (track["frames"] * HOP_LENGTH,), audio_dtype)
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         track_index, start = self._locate(index)
         latents, audio = self._track_arrays(track_index)

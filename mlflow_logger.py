@@ -5,6 +5,8 @@ sent stay queued and are re-sent with the next epoch's, and artifacts stay on di
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import subprocess
 import time
@@ -22,12 +24,18 @@ class MlflowLogger:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
-        self.client = MlflowClient(tracking_uri)
-        self.tracking_uri = self.client.tracking_uri
+        import mlflow
+        self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
         self.pending = []
         self.resumed = False
+        with sqlite_store_lock(self.tracking_uri):
+            self._open_run(experiment_name, run_name, run_id, parent_run_id, tags)
+
+    def _open_run(self, experiment_name: str, run_name, run_id, parent_run_id, tags: dict | None) -> None:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+        self.client = MlflowClient(self.tracking_uri)
+        self.tracking_uri = self.client.tracking_uri
         if run_id is not None:
             try:
                 self.client.get_run(run_id)
@@ -126,6 +134,33 @@ class JsonlLogger:
 
     def finish(self, status: str = "FINISHED") -> None:
         self._write("finish", status=status)
+
+
+@contextlib.contextmanager
+def sqlite_store_lock(tracking_uri: str):
+    """For a sqlite store: hold an exclusive flock on DB.lock beside the database file.
+
+    The first client of a new sqlite store creates its tables and runs the schema migrations (alembic);
+    two runs starting at once would both migrate and one fails ('table ... already exists'). Opening the
+    store, and creating the experiment, one process at a time makes that impossible. Other stores, and a
+    folder where no lock file can be made (sqlite then reports its own error), go unlocked.
+    """
+    database = tracking_uri[len("sqlite:///"):].split("?", 1)[0] if tracking_uri.startswith("sqlite:///") else ""
+    handle = None
+    if database and database != ":memory:":
+        path = Path(database)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(path.with_name(f".{path.name}.lock"), "a")
+        except OSError:
+            handle = None
+    try:
+        if handle is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        if handle is not None:
+            handle.close()      # closing releases the lock
 
 
 def short(error: BaseException) -> str:
