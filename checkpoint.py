@@ -26,14 +26,17 @@ all that a bit-exact resume needs.
 """
 from __future__ import annotations
 
+import fcntl
 import io
 import os
+import zipfile
 from pathlib import Path
 
 import torch
 
 from utils import atomic_path, missing_keys, one_line
 
+LOCK_NAME = ".training.lock"   # held (flock) by the run that owns the folder; holds that process's pid
 LATEST_NAME = "latest.pt"
 BEST_NAME = "best.pt"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")   # added by DistributedDataParallel and torch.compile
@@ -41,6 +44,37 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")   # added by DistributedDataParalle
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or not one of ours (message is one line)."""
+
+
+def lock_checkpoint_dir(folder: str | os.PathLike):
+    """Make `folder` (if needed) and take the exclusive lock that makes this process its only trainer.
+
+    The lock is flock(2) on folder/LOCK_NAME: held while the returned file stays open, released on exit and
+    by the kernel on a crash or kill -9, so a dead run never blocks the next one. The file records the
+    holder's pid, which a refused run names. CheckpointError (one line naming the folder) if the folder
+    cannot be written or another run holds it.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"--checkpoint_dir {folder}: is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / LOCK_NAME, "a+")
+    except OSError as error:
+        raise CheckpointError(f"--checkpoint_dir {folder}: cannot write there ({error.strerror})") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise CheckpointError(f"--checkpoint_dir {folder} is in use by another training run (pid {holder}); "
+                              f"wait for it to end, or pass another --checkpoint_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def unwrapped_state_dict(model: torch.nn.Module) -> dict:
@@ -97,6 +131,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    check_archive(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - truncated / foreign / corrupt files raise many types
@@ -105,6 +140,26 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if missing:
         raise CheckpointError(f"{path}: not a training checkpoint (missing {', '.join(missing)})")
     return state
+
+
+def check_archive(path: Path) -> None:
+    """torch.save writes a zip archive: say what is wrong with a file that is not one (torch's own errors,
+    'pop from empty list' or '[Errno 22] Invalid argument', say nothing a user can act on)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(4)
+        size = path.stat().st_size
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read it ({error.strerror})") from None
+    if head != b"PK\x03\x04":
+        raise CheckpointError(f"{path}: not a checkpoint (not a file written by torch.save); "
+                              f"pass the latest.pt or best.pt of a training run")
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (zipfile.BadZipFile, OSError):
+        raise CheckpointError(f"{path}: truncated or damaged checkpoint ({size} bytes, its end is missing): "
+                              f"an interrupted copy? copy it again, or use the other of latest.pt / best.pt") from None
 
 
 def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:

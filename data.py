@@ -17,6 +17,9 @@ cache_dtype) is float32. Either way the dataset hands out float32.
 
 Training opens the .npy files memory-mapped, one track at a time, so a corpus far larger than RAM works
 and nothing holds the whole corpus in any process.
+
+    CACHE/references/T<T>-S<S>/         the frozen decoder's audio of every segment, decoded once for codec
+                                        targets (references.py; ContinuationDataset.use_references)
 """
 from __future__ import annotations
 
@@ -29,8 +32,6 @@ import numpy as np
 import torch
 from torch import nn
 
-# Reading audio lives in audio_io.py; these names stay importable from data for existing callers.
-from audio_io import AudioLoadError, iter_mono_blocks, load_audio, open_audio, resampled_length  # noqa: F401
 from codec import FRAME_RATE, HOP_LENGTH, LATENT_DIM, SAMPLE_RATE
 from utils import missing_keys
 
@@ -46,6 +47,17 @@ DEFAULT_CACHE_DTYPE = "compact"
 AUDIO_INT16_SCALE = 32767   # int16 sample = round(clip(x, -1, 1) * 32767): symmetric, so -1 and 1 both fit
 SPLITS = ("train", "val")
 MAX_OPEN_TRACKS = 64      # memory maps kept open per process; each one holds a file descriptor
+# Reading audio lives in audio_io.py; these names stay importable from data for existing callers. Imported on
+# first use, so training from a prepared cache needs none of the audio decoders (PyAV, libsndfile): what
+# bench/gpu_check.sh relies on, on a machine with only PyTorch.
+_AUDIO_IO_NAMES = ("AudioLoadError", "iter_mono_blocks", "load_audio", "open_audio", "resampled_length")
+
+
+def __getattr__(name: str):
+    if name in _AUDIO_IO_NAMES:
+        import audio_io
+        return getattr(audio_io, name)
+    raise AttributeError(f"module 'data' has no attribute {name!r}")
 
 
 class CacheError(ValueError):
@@ -221,6 +233,16 @@ class ContinuationDataset(torch.utils.data.Dataset):
                 f"({span / FRAME_RATE:.2f} s); use a smaller segment or longer tracks")
         self._open_tracks: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._owner_pid = os.getpid()
+        self.references = None     # a references.ReferenceSet: items then carry the decoded segments too
+
+    def use_references(self, references) -> None:
+        """Attach decoded references (references.ReferenceSet of this cache, segment length and stride): every
+        item then also has "input_reference" and "target_reference" [1, T * 320], the frozen decoder's audio of
+        its two latent windows, read instead of decoded (evaluation.decode_windows uses them)."""
+        if references.segment_frames != self.segment_frames or references.stride_frames != self.stride_frames:
+            raise ValueError(f"references of T {references.segment_frames}, S {references.stride_frames} do not "
+                             f"fit windows of T {self.segment_frames}, S {self.stride_frames}")
+        self.references = references
 
     def __len__(self) -> int:
         return int(self._first_window[-1])
@@ -259,6 +281,15 @@ class ContinuationDataset(torch.utils.data.Dataset):
             self._open_tracks.popitem(last=False)
         return arrays
 
+    def check_arrays(self) -> None:
+        """Open every track's arrays once (headers and memory maps only, no data read): CacheError naming the
+        first file that is missing, truncated or of another shape than the manifest records."""
+        latent_dtype, audio_dtype = CACHE_DTYPES[self.cache_dtype]
+        for track in self.tracks:
+            latent_path, audio_path = track_paths(self.cache_dir, track["id"])
+            _open_npy(latent_path, (LATENT_DIM, track["frames"]), latent_dtype)
+            _open_npy(audio_path, (track["frames"] * HOP_LENGTH,), audio_dtype)
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         track_index, start = self._locate(index)
         latents, audio = self._track_arrays(track_index)
@@ -275,8 +306,14 @@ class ContinuationDataset(torch.utils.data.Dataset):
         else:
             target_latent = torch.from_numpy(windows[1])
             target_audio = torch.from_numpy(sound[:, length * HOP_LENGTH:])
-        return {"input_latent": input_latent, "target_latent": target_latent,
+        item = {"input_latent": input_latent, "target_latent": target_latent,
                 "input_audio": input_audio, "target_audio": target_audio}
+        if self.references is not None:
+            track_id = self.tracks[track_index]["id"]
+            item["input_reference"] = torch.from_numpy(np.array(self.references.segment(track_id, start)))[None]
+            item["target_reference"] = (item["input_reference"].clone() if self.unity_test else torch.from_numpy(
+                np.array(self.references.segment(track_id, start + length)))[None])
+        return item
 
     def _normalized(self, latents: np.ndarray) -> np.ndarray:
         """(latents - mean) / std in float32, in place on `latents`, a fresh copy (np.stack copied the map)."""

@@ -20,17 +20,11 @@ from pathlib import Path
 import torch
 
 from evaluation import TARGET_AUDIO_CHOICES, evaluate_checkpoint, format_table
-from utils import atomic_path, one_line, run_command
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):          # one line, no usage block
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+from utils import OneLineParser, atomic_path, one_line, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a training checkpoint (best.pt / latest.pt)")
     parser.add_argument("--data_dir", default=None, help="the cache (default: the checkpoint's --data_dir)")
     parser.add_argument("--split", default="val", choices=("train", "val"))

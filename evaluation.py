@@ -87,8 +87,11 @@ def decode_windows(batch: dict, decoder, normalizer) -> tuple[torch.Tensor, torc
     """(decoded input_latent, decoded target_latent), each window alone, as predictions are decoded.
 
     When target_latent equals input_latent (unity mode) the one decoded tensor serves both, so
-    repeat and oracle are the same audio bit for bit.
+    repeat and oracle are the same audio bit for bit. A batch from a dataset with decoded references
+    (references.py) carries both already ("input_reference", "target_reference"): they are used, not decoded.
     """
+    if "input_reference" in batch:
+        return batch["input_reference"], batch["target_reference"]
     decoded_input = decode_latents(decoder, normalizer, batch["input_latent"])
     if torch.equal(batch["target_latent"], batch["input_latent"]):
         return decoded_input, decoded_input
@@ -345,6 +348,11 @@ def evaluate_checkpoint(checkpoint, data_dir=None, split: str = "val", max_windo
     check_fingerprint(state["codec_fingerprint"], fingerprint, f"--checkpoint {checkpoint}")
     dataset = ContinuationDataset(data_dir, split, int(segment_frames), unity_test=bool(args.get("unity_test", False)))
     check_fingerprint(dataset.codec_fingerprint, fingerprint, f"--data_dir {data_dir}")
+    from references import open_references
+    # the training run's decoded segments, if a complete and current set exists (evaluate.py never writes one)
+    references = open_references(data_dir, dataset.manifest, fingerprint, dataset.segment_frames)
+    if references is not None:
+        dataset.use_references(references)
     decoder = FrozenDecoder(codec)
     del codec
     loss_fn = CombinedLoss(**weights).to(device)

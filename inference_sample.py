@@ -95,7 +95,7 @@ from listening_page import (
 )
 from losses import CombinedLoss, rms_loss
 from plots import plot_continuations
-from utils import atomic_path, check_mlflow_server, one_line, run_command, warn
+from utils import OneLineParser, atomic_path, check_mlflow_server, one_line, run_command, warn
 
 PLAYER_PEAK = 0.99      # the loudest sample of an example's players: just below a player's full scale
 
@@ -481,7 +481,7 @@ def log_to_mlflow(out_dir: Path, state: dict, tracking_uri: str | None) -> None:
 # ---------------------------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a training checkpoint (best.pt / latest.pt)")
     source = parser.add_mutually_exclusive_group(required=True)

@@ -1085,6 +1085,23 @@ def _discard_if_stale(out_dir: Path, fingerprint: str) -> None:
         path.unlink()
 
 
+# ------------------------------------------------------------------------------------ decoded references
+
+def decode_references(out_dir, segment_frames_list, device) -> None:
+    """Decode every segment of a finished cache once per segment length (references.build_references), with the
+    codec recorded in its manifest."""
+    from codec import FrozenDecoder, check_fingerprint, codec_fingerprint
+    from data import read_manifest, require_complete
+    from references import build_references
+    manifest = read_manifest(out_dir)
+    require_complete(manifest, out_dir)
+    codec = load_codec(manifest["encodec_weights"], device)
+    check_fingerprint(manifest["codec_fingerprint"], codec_fingerprint(codec), f"the cache {out_dir}")
+    decoder = FrozenDecoder(codec)
+    for frames in segment_frames_list:
+        build_references(out_dir, manifest, decoder, manifest["codec_fingerprint"], frames, device=device)
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1109,6 +1126,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "sharing --out_dir prepare one cache, and the last to finish writes the manifest")
     parser.add_argument("--merge", action="store_true",
                         help="write the manifest from the finished shards of --out_dir (the last shard does it itself)")
+    parser.add_argument("--decode_references", type=int, nargs="+", default=None, metavar="SEGMENT_FRAMES",
+                        help="also decode every segment of the cache once for training with --target_audio codec at "
+                             "these --segment_frames (references.py; the trainer does it itself before its first "
+                             "epoch otherwise); alone with --out_dir: for an existing cache")
     parser.add_argument("--demo", action="store_true",
                         help="generate the built-in synthetic corpus and prepare it with --encodec_weights random")
     parser.add_argument("--demo_tracks", type=int, default=None, help="number of demo tracks")
@@ -1120,7 +1141,7 @@ def check_flags(parser: argparse.ArgumentParser, args) -> None:
     if args.merge:
         defaults = vars(parser.parse_args([]))
         given = [f"--{name}" for name, value in vars(args).items()
-                 if name not in ("merge", "out_dir") and value != defaults[name]]
+                 if name not in ("merge", "out_dir", "decode_references") and value != defaults[name]]
         if given:
             parser.error(f"--merge takes only --out_dir (the shards recorded their flags), not {' '.join(given)}")
     elif args.demo:
@@ -1128,8 +1149,11 @@ def check_flags(parser: argparse.ArgumentParser, args) -> None:
             parser.error("--demo generates its own audio; do not pass --audio_dir with it")
         if args.shard != (0, 1):
             parser.error("--demo is prepared in one run; --shard is for --audio_dir")
-    elif not args.audio_dir:
+    elif not args.audio_dir and not args.decode_references:
         parser.error("--audio_dir is required (or pass --demo for the built-in synthetic corpus)")
+    for frames in args.decode_references or ():
+        if frames < 1:
+            parser.error(f"--decode_references {frames}: a segment length in frames must be at least 1")
     if not args.demo and not args.out_dir:
         parser.error("--out_dir is required")
 
@@ -1140,6 +1164,9 @@ def run(args) -> int:
     try:
         if args.merge:
             manifest = merge(out_dir)
+        elif args.decode_references and not args.audio_dir and not args.demo:
+            decode_references(out_dir, args.decode_references, args.device)
+            return 0
         elif args.demo:
             manifest = prepare_demo(out_dir, num_tracks=args.demo_tracks, seconds=args.demo_seconds, seed=args.seed,
                                     device=args.device, val_fraction=args.val_fraction, workers=args.workers)
@@ -1157,6 +1184,8 @@ def run(args) -> int:
         print(f"{out_dir}: shard {args.shard[0]}/{args.shard[1]} finished in {elapsed:.1f} s; the last shard to "
               f"finish writes the manifest (or run --merge once every shard has)")
         return 0
+    if args.decode_references:
+        decode_references(out_dir, args.decode_references, args.device)
     summary = manifest["split_summary"]
     hours = sum(t["duration"] for t in manifest["tracks"]) / 3600
     print(f"{out_dir}: {len(manifest['tracks'])} tracks ({hours:.2f} h; train {summary['train']['tracks']}, "

@@ -13,6 +13,8 @@ loop itself is in train_simple_worker.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import fcntl
 import math
 import multiprocessing.connection
@@ -28,7 +30,7 @@ from checkpoint import describe_latest
 from codec import HOP_LENGTH, WEIGHT_CHOICES_HELP, CodecLoadError, codec_fingerprint, load_codec
 from evaluation import TARGET_AUDIO_CHOICES, resolve_target_audio
 from losses import LOSSES, CombinedLoss, check_weights, weights_from_flags
-from utils import check_mlflow_server, free_port
+from utils import OneLineParser, check_mlflow_server, free_port
 
 
 def parse_bool(text: str) -> bool:
@@ -42,7 +44,7 @@ def parse_bool(text: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--data_dir", default=None,
@@ -101,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="create this run as a child of that MLflow run (ablate.py groups a study this way)")
     run.add_argument("--mlflow_tag", action="append", default=[], metavar="KEY=VALUE",
                      help="a tag for the MLflow run this job creates (repeatable)")
+    run.add_argument("--logger", choices=("mlflow", "jsonl"), default="mlflow",
+                     help="jsonl: metrics, parameters and tags as JSON lines in CHECKPOINT_DIR/metrics.jsonl instead "
+                          "of MLflow (a machine without MLflow, e.g. bench/gpu_check.sh)")
     run.add_argument("--log_audio_every", type=int, default=10,
                      help="epochs between validation audio + spectrogram artifacts (0: never)")
     return parser
@@ -188,7 +193,9 @@ def check_data_and_codec(args: argparse.Namespace, parser: argparse.ArgumentPars
     args.data_dir = str(Path(args.data_dir).resolve())
     try:
         train_set = ContinuationDataset(args.data_dir, "train", args.segment_frames, args.unity_test)
-        ContinuationDataset(args.data_dir, "val", args.segment_frames, args.unity_test)
+        val_set = ContinuationDataset(args.data_dir, "val", args.segment_frames, args.unity_test)
+        train_set.check_arrays()     # a broken file is found now, not at the first step of a rank
+        val_set.check_arrays()
     except (CacheError, ValueError) as error:
         parser.error(f"--data_dir: {error}")
     world_size = world_size_of(args)
@@ -278,6 +285,8 @@ def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, fi
 
 def check_mlflow_reachable(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """A remote tracking server must answer /health now, or we refuse to start (better than failing at epoch 1)."""
+    if args.logger == "jsonl":
+        return
     uri = args.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     try:
         check_mlflow_server(uri)
@@ -302,11 +311,30 @@ def world_size_of(args: argparse.Namespace) -> int:
     return int(os.environ["WORLD_SIZE"]) if under_torchrun() else resolve_nproc(args)
 
 
-def parse_and_validate(argv=None) -> tuple[argparse.Namespace, str | None]:
+_checkpoint_dir_lock = []     # the open lock file of --checkpoint_dir (checkpoint.lock_checkpoint_dir), kept to exit
+
+
+def claim_checkpoint_dir(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Rank 0 (the launcher, or torchrun's rank 0) locks --checkpoint_dir for the whole run: two runs on one
+    folder would overwrite each other's latest.pt and best.pt. Also proves the folder is writable."""
+    from checkpoint import CheckpointError, lock_checkpoint_dir
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    try:
+        _checkpoint_dir_lock.append(lock_checkpoint_dir(args.checkpoint_dir))
+    except CheckpointError as error:
+        parser.error(str(error))
+
+
+def parse_and_validate(argv=None, lock: bool = False) -> tuple[argparse.Namespace, str | None]:
+    """The checked flags and the checkpoint to resume from; with `lock` (what main does), rank 0 also claims
+    --checkpoint_dir, first of all the checks that touch the disk."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args.resume_changes = {}
     check_flags(args, parser)
+    if lock:
+        claim_checkpoint_dir(args, parser)
     fingerprint = check_data_and_codec(args, parser)
     resume_path = resolve_resume(args, parser, fingerprint)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -319,7 +347,7 @@ EXIT_FOR_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def main(argv=None) -> int:
-    args, resume_path = parse_and_validate(argv)
+    args, resume_path = parse_and_validate(argv, lock=True)
     import train_simple_worker
 
     if under_torchrun():       # torchrun already started one process per GPU and set the rendezvous
@@ -333,11 +361,58 @@ def main(argv=None) -> int:
     # Ranks that fail or are interrupted leave with os._exit, so the semaphores of their DataLoader queues
     # are freed by multiprocessing's resource tracker, which would warn about each: it inherits this -W.
     sys.warnoptions.append("ignore:resource_tracker:UserWarning")
+    become_subreaper()
     context = torch.multiprocessing.get_context("spawn")
     reports = context.SimpleQueue()
     ranks = [context.Process(target=train_simple_worker.spawned_worker, args=(rank, args, resume_path, reports),
                              name=f"rank{rank}") for rank in range(nproc)]
-    return supervise(ranks, reports, args.checkpoint_dir)
+    try:
+        return supervise(ranks, reports, args.checkpoint_dir)
+    finally:
+        end_orphans()
+
+
+PR_SET_CHILD_SUBREAPER = 36    # prctl(2) option
+
+
+def become_subreaper() -> None:
+    """Linux: orphans of this job (a DataLoader worker whose rank died while it was starting) become the
+    launcher's children instead of init's, so end_orphans can find and end them."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def children_of(pid: int) -> list[int]:
+    """Pids whose parent is `pid` (from /proc: every Linux has it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                # the command name (field 2) is in parentheses and may hold spaces: the parent pid follows ')'
+                if int(entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+def end_orphans() -> None:
+    """After the ranks: SIGKILL and reap every process of the job still around (but multiprocessing's resource
+    tracker), then stop the tracker, so no process of the job outlives the launcher, whatever the timing."""
+    from multiprocessing import resource_tracker
+    tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+    for _ in range(10):          # a killed orphan may have had children of its own: they come to us next
+        orphans = [pid for pid in children_of(os.getpid()) if pid != tracker]
+        if not orphans:
+            break
+        for pid in orphans:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in orphans:
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, 0)
+    else:
+        return                   # something keeps coming back: leave the tracker alone rather than hang
+    with contextlib.suppress(Exception):   # the tracker exits once no process holds its pipe: now
+        resource_tracker._resource_tracker._stop()
 
 
 def supervise(ranks: list, reports, checkpoint_dir: str) -> int:

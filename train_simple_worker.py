@@ -50,9 +50,9 @@ from evaluation import (
     skill,
 )
 from losses import LOSS_COMPONENTS, LOSSES, CombinedLoss, weights_from_flags
-from mlflow_logger import MlflowLogger, git_commit
+from mlflow_logger import JsonlLogger, MlflowLogger, git_commit
 from model import ContinuationTransformer
-from utils import one_line, warn
+from utils import one_line, strip_exception_prefix, warn
 
 MAX_CONSECUTIVE_SKIPS = 10     # this many non-finite steps in a row end the run: training has diverged
 AUDIO_EXAMPLES = 3             # validation examples written as WAV + spectrogram every --log_audio_every epochs
@@ -113,12 +113,16 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
 
 
-def loader_worker_init(_worker_id: int) -> None:
+def loader_worker_init(_worker_id: int, rank_pid: int | None = None) -> None:
     """DataLoader workers are forked from a rank: drop the rank's signal handlers (its rank stops them;
-    Ctrl-C in a terminal reaches them too and must not print their tracebacks) and die with the rank."""
+    Ctrl-C in a terminal reaches them too and must not print their tracebacks) and die with the rank.
+    A rank that died while this worker was starting is already gone when the death signal is set, so
+    the signal would never come: then the parent is no longer the rank (`rank_pid`), and the worker leaves."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     die_with_parent()
+    if rank_pid is not None and os.getppid() != rank_pid:
+        os._exit(0)
 
 
 def spawned_worker(index: int, args, resume_path: str | None, reports) -> None:
@@ -488,10 +492,22 @@ def build_loaders(args, rank: int, world_size: int, device: torch.device):
     loader_options = dict(batch_size=args.batch_size, num_workers=args.num_workers,
                           pin_memory=device.type == "cuda",            # page-locked buffers: faster async copies
                           persistent_workers=args.num_workers > 0,     # no worker re-spawn every epoch
-                          worker_init_fn=loader_worker_init if args.num_workers > 0 else None)
+                          worker_init_fn=(functools.partial(loader_worker_init, rank_pid=os.getpid())
+                                          if args.num_workers > 0 else None))
     train_loader = DataLoader(train_set, sampler=train_sampler, drop_last=True, **loader_options)
     val_loader = DataLoader(val_set, sampler=val_sampler, **loader_options)
     return train_set, val_set, train_sampler, train_loader, val_loader, list(val_sampler)
+
+
+def attach_references(train_set, val_set, decoder, device) -> None:
+    """Build (or check, or resume) the cache's decoded references for these windows on every rank together,
+    and have both datasets hand them out (references.py)."""
+    from references import build_references
+    references = build_references(train_set.cache_dir, train_set.manifest, decoder, train_set.codec_fingerprint,
+                                  train_set.segment_frames, train_set.stride_frames, device,
+                                  check_stop=stop_if_signalled)
+    train_set.use_references(references)
+    val_set.use_references(references)
 
 
 def build_context(args, resume_state: dict | None) -> Context:
@@ -505,6 +521,8 @@ def build_context(args, resume_state: dict | None) -> Context:
     check_fingerprint(train_set.codec_fingerprint, codec_fingerprint(codec), f"the cache {args.data_dir}")
     decoder = FrozenDecoder(codec, checkpointing=args.decoder_checkpointing)
     del codec
+    if args.target_audio == "codec":   # every segment decoded once (collective), then read, never decoded per step
+        attach_references(train_set, val_set, decoder, device)
     torch.manual_seed(args.seed)     # the same init on every rank (DDP also broadcasts rank 0's)
     raw_model = ContinuationTransformer(d_model=args.d_model, num_layers=args.num_layers,
                                         num_heads=args.num_heads, dropout=args.dropout).to(device)
@@ -532,8 +550,11 @@ def start_logger(ctx: Context, resume_state: dict | None, start_epoch: int) -> M
     args = ctx.args
     run_id = resume_state.get("mlflow_run_id") if resume_state else None
     tags = dict(tag.split("=", 1) for tag in args.mlflow_tag)
-    logger = MlflowLogger(args.mlflow_tracking_uri, args.experiment_name, args.run_name, run_id,
-                          args.mlflow_parent_run_id, tags)
+    if getattr(args, "logger", "mlflow") == "jsonl":
+        logger = JsonlLogger(Path(args.checkpoint_dir) / "metrics.jsonl", run_id, tags)
+    else:
+        logger = MlflowLogger(args.mlflow_tracking_uri, args.experiment_name, args.run_name, run_id,
+                              args.mlflow_parent_run_id, tags)
     if not logger.resumed:
         logger.log_params({**vars(args), "world_size": ctx.world_size, "device": ctx.device.type,
                            "codec_fingerprint": ctx.train_set.codec_fingerprint, "git_commit": git_commit()})
@@ -742,7 +763,7 @@ def error_line(error: BaseException) -> str:
     followed by the worker's traceback, whose last line is the actual error."""
     text = str(error).strip()
     if "Original Traceback" in text:
-        return text.splitlines()[-1].strip()
+        return strip_exception_prefix(text.splitlines()[-1])
     return one_line(error)
 
 

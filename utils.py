@@ -1,6 +1,7 @@
 """Small helpers the scripts share: atomic file writes, one-line messages, the MLflow server probe, a free port."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import re
@@ -38,10 +39,30 @@ def atomic_path(path: str | os.PathLike):
         tmp_path.unlink(missing_ok=True)
 
 
+# "data.CacheError: " / "RuntimeError: ": the class prefix of a traceback's last line (a DataLoader worker's error)
+EXCEPTION_PREFIX = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*\.)*[A-Z][A-Za-z0-9_]*(?:Error|Exception): ")
+
+
 def one_line(error: BaseException) -> str:
-    """The first line of an error's message (its type name if it has none), for one-line user errors."""
+    """The first line of an error's message (its type name if it has none), for one-line user errors.
+    An OSError names its file: 'PATH: reason'."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return strip_exception_prefix(text.splitlines()[0]) if text else type(error).__name__
+
+
+def strip_exception_prefix(line: str) -> str:
+    """'data.CacheError: X' -> 'X': a user reads the reason, not the class that carried it."""
+    return EXCEPTION_PREFIX.sub("", line.strip(), count=1)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `error: MESSAGE`, exit status 2: no usage block (--help has it)."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run_command(parser, check_flags, body, argv, user_errors: tuple) -> int:

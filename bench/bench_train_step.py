@@ -4,6 +4,8 @@
     python bench/bench_train_step.py --segment_seconds 2 4 8          # memory vs segment length
     python bench/bench_train_step.py --segment_seconds 8 --decoder_checkpointing both
     python bench/bench_train_step.py --mode loader --data_dir data_cache/demo --num_workers 2
+    python bench/bench_train_step.py --target_audio codec                    # references read (stored)
+    python bench/bench_train_step.py --target_audio codec --codec_references decoded   # decoded every step
 
 Step mode builds exactly what a rank trains with (ContinuationTransformer, LatentNormalizer, the frozen
 EnCodec decoder, CombinedLoss, AdamW + the worker's LR schedule) on synthetic latents and audio, and runs
@@ -13,6 +15,9 @@ implementation of this design can avoid), their ratio, the share of each stage (
 instrumented pass that runs the same operations one at a time) and peak memory (CPU: peak RSS and its
 growth during the steps; CUDA: max_memory_allocated). Several configs run in fresh subprocesses so each
 peak is its own. The codec is the random one: timings do not depend on the weights' values.
+With --target_audio codec the batch carries the decoded references, as the loader hands them out once
+references.py has decoded the cache (the path training takes); --codec_references decoded times the
+previous path, two decoder forwards per step. --compile compiles the model as the trainer's --compile does.
 """
 from __future__ import annotations
 
@@ -48,8 +53,12 @@ def parse_args(argv=None):
         parser.add_argument(component.flag, type=float, default=0.25, help=component.help)
     parser.add_argument("--grad_clip", type=float, default=1.0)
     parser.add_argument("--target_audio", choices=("original", "codec"), default="original",
-                        help="codec: the references are decoded from the true latents every step (its cost)")
+                        help="codec: the references are the decoder's audio of the true latents")
+    parser.add_argument("--codec_references", choices=("stored", "decoded"), default="stored",
+                        help="with --target_audio codec: stored = read with the batch, as training does "
+                             "(references.py); decoded = decoded every step (the previous path)")
     parser.add_argument("--decoder_checkpointing", choices=("off", "on", "both"), default="off")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (the trainer's --compile)")
     parser.add_argument("--steps", type=int, default=5, help="measured steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -84,12 +93,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # kilobytes on Linux
 
 
-def synthetic_batch(batch_size: int, frames: int, device: torch.device) -> dict:
+def synthetic_batch(batch_size: int, frames: int, device: torch.device, stored_references: bool = False) -> dict:
+    """A batch as the loader hands it out; with stored_references also the decoded references that a dataset
+    with references.ReferenceSet attached carries (their values do not matter for the timing)."""
     samples = frames * HOP_LENGTH
     batch = {"input_latent": torch.randn(batch_size, LATENT_DIM, frames),
              "target_latent": torch.randn(batch_size, LATENT_DIM, frames),
              "input_audio": 0.1 * torch.randn(batch_size, 1, samples),
              "target_audio": 0.1 * torch.randn(batch_size, 1, samples)}
+    if stored_references:
+        batch.update(input_reference=0.1 * torch.randn(batch_size, 1, samples),
+                     target_reference=0.1 * torch.randn(batch_size, 1, samples))
     if device.type == "cuda":
         batch = {name: tensor.pin_memory() for name, tensor in batch.items()}
     return batch
@@ -106,6 +120,8 @@ def build_training_parts(args, frames: int, checkpointing: bool, device: torch.d
     model = ContinuationTransformer(d_model=args.d_model, num_layers=args.num_layers,
                                     num_heads=args.num_heads, dropout=0.0).to(device)
     optimizer, scheduler = build_optimizer(model, lr=1e-4, weight_decay=0.01, warmup_steps=10, total_steps=1000)
+    if args.compile:
+        model = torch.compile(model)
     return model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast_for(device)
 
 
@@ -141,7 +157,8 @@ def bench_step(args, segment_seconds: float, checkpointing: bool) -> dict:
     frames = round(segment_seconds * FRAME_RATE)
     parts = build_training_parts(args, frames, checkpointing, device)
     model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast = parts
-    host_batch = synthetic_batch(args.batch_size, frames, device)
+    stored = args.target_audio == "codec" and args.codec_references == "stored"
+    host_batch = synthetic_batch(args.batch_size, frames, device, stored_references=stored)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss_before = current_rss_mb()
@@ -167,7 +184,9 @@ def bench_step(args, segment_seconds: float, checkpointing: bool) -> dict:
         "device": device.type, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
         "segment_seconds": segment_seconds, "segment_frames": frames, "d_model": args.d_model,
         "num_layers": args.num_layers, "loss_weights": weights_from_flags(args), "target_audio": args.target_audio,
-        "decoder_checkpointing": checkpointing, "model_parameters": model.num_parameters(),
+        "codec_references": args.codec_references if args.target_audio == "codec" else None,
+        "decoder_checkpointing": checkpointing, "compile": args.compile,
+        "model_parameters": sum(parameter.numel() for parameter in model.parameters()),
         "step_seconds": round(step, 4),
         "audio_seconds_per_second": round(args.batch_size * frames * HOP_LENGTH / SAMPLE_RATE / step, 3),
         "decoder_fwd_bwd_seconds": round(decode, 4),
@@ -185,6 +204,11 @@ def bench_loader(args, segment_seconds: float) -> dict:
         sys.exit("bench_train_step.py: --mode loader needs --data_dir (a cache made by prepare_data.py)")
     frames = round(segment_seconds * FRAME_RATE)
     dataset = ContinuationDataset(args.data_dir, "train", frames)
+    if args.target_audio == "codec" and args.codec_references == "stored":   # read the references too
+        from references import build_references
+        codec = load_codec(dataset.encodec_weights, "cpu")
+        dataset.use_references(build_references(args.data_dir, dataset.manifest, FrozenDecoder(codec),
+                                                dataset.codec_fingerprint, frames))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
                                          num_workers=args.num_workers, drop_last=True,
                                          persistent_workers=args.num_workers > 0)
@@ -200,6 +224,7 @@ def bench_loader(args, segment_seconds: float) -> dict:
     seconds = time.perf_counter() - started
     return {"mode": "loader", "data_dir": args.data_dir, "num_workers": args.num_workers,
             "batch_size": args.batch_size, "segment_frames": frames, "examples": len(dataset),
+            "references": dataset.references is not None,
             "examples_per_second": round(args.batches * args.batch_size / seconds, 1)}
 
 

@@ -154,7 +154,7 @@ def test_checkpoint_save_load_unwrap_and_inference(tmp_path):
     corrupt.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError) as error:
         load_checkpoint(corrupt)
-    assert "not a readable checkpoint" in str(error.value) and "\n" not in str(error.value)
+    assert "truncated or damaged checkpoint" in str(error.value) and "\n" not in str(error.value)
     save_checkpoint(tmp_path / "other.pt", {"weights": torch.zeros(1)})
     with pytest.raises(CheckpointError, match="missing model"):
         load_checkpoint(tmp_path / "other.pt")

@@ -1,0 +1,218 @@
+"""Faults a user meets around a training run (issue 17, items 2-6): every one ends in one line that says what
+happened, with a non-zero exit, and leaves no process behind.
+
+One run per checkpoint folder (a lock) and per new sqlite MLflow store at once; a lost peer under torchrun;
+no orphaned DataLoader worker after an early rank failure; a broken cache file found at start; a checkpoint
+folder that cannot be written; start-up errors of the trainer and inference_sample.py in one line; samples an
+MLflow failure kept from being uploaded. Runs are real launcher / torchrun subprocesses on the tiny demo cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_reliability import TINY_SIZES, copy_cache, error_lines, sqlite_uri
+from test_training import ROOT, RUN_TIMEOUT, TINY, run_launcher
+
+from checkpoint import LOCK_NAME, CheckpointError, load_checkpoint, lock_checkpoint_dir  # noqa: E402
+from data import read_manifest, track_paths  # noqa: E402
+
+
+def launcher_command(tiny_cache, folder: Path, *extra) -> list[str]:
+    return [sys.executable, str(ROOT / "train_simple_ddp.py"), "--data_dir", str(tiny_cache), "--nproc", "2",
+            "--batch_size", "2", "--checkpoint_dir", str(folder / "ck"), "--mlflow_tracking_uri",
+            sqlite_uri(folder)] + [str(a) for a in TINY_SIZES] + [str(a) for a in extra]
+
+
+def clean_env(**extra) -> dict:
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("MLFLOW_TRACKING_URI", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return {**env, **extra}
+
+
+def group_members(group: int) -> list[str]:
+    """'pid command line' of every live process in process group `group` (from /proc)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == group and fields[0] != "Z":          # fields: state, ppid, pgrp, ...
+                command = entry.joinpath("cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                members.append(f"{entry.name} {command[:200]}")
+    return members
+
+
+def kill_group(group: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------- one run per folder
+
+def test_a_second_training_on_the_same_checkpoint_dir_is_refused_naming_the_holder(tiny_cache, tmp_path):
+    first = subprocess.Popen(launcher_command(tiny_cache, tmp_path, "--epochs", 50), cwd=tmp_path,
+                             env=clean_env(TRAIN_SIMPLE_TEST_SLOW="0.2"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lock_file = tmp_path / "ck" / LOCK_NAME
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not (lock_file.exists() and lock_file.read_text().strip()):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
+            time.sleep(0.2)
+        second = subprocess.run(launcher_command(tiny_cache, tmp_path, "--epochs", 1), cwd=tmp_path, env=clean_env(),
+                                capture_output=True, text=True, timeout=RUN_TIMEOUT)
+        assert second.returncode == 2
+        assert second.stderr.strip() == (f"error: --checkpoint_dir {tmp_path / 'ck'} is in use by another training "
+                                         f"run (pid {first.pid}); wait for it to end, or pass another --checkpoint_dir")
+        assert first.poll() is None                       # the first run goes on
+    finally:
+        kill_group(first.pid)                             # kill -9: the kernel releases the lock
+        first.wait()
+    lock_checkpoint_dir(tmp_path / "ck").close()          # free again: a crashed run never blocks the next
+
+
+def test_runs_creating_one_new_sqlite_store_at_once_all_succeed(tmp_path):
+    """Without the store lock, two of two such starts failed in alembic's migration ('table ... exists')."""
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from mlflow_logger import MlflowLogger; "
+              "print(MlflowLogger(sys.argv[2], 'race').run_id)")
+    uri = sqlite_uri(tmp_path)
+    starts = [subprocess.Popen([sys.executable, "-c", script, str(ROOT), uri], cwd=tmp_path, env=clean_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [(process.wait(timeout=RUN_TIMEOUT), process.communicate()) for process in starts]
+    assert all(code == 0 for code, _ in results), [err[-1500:] for _, (_, err) in results]
+    from mlflow.tracking import MlflowClient
+    experiment = MlflowClient(uri).get_experiment_by_name("race")
+    assert len(MlflowClient(uri).search_runs([experiment.experiment_id])) == 3
+
+
+# ------------------------------------------------------------------------------- unusable folders
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A read-only tmpfs (root only; chmod does not stop root)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_an_unusable_checkpoint_dir_is_refused_before_training(tiny_cache, tmp_path, read_only_folder):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    cases = {a_file: f"error: --checkpoint_dir {a_file}: is a file, not a folder",
+             read_only_folder / "ck": f"error: --checkpoint_dir {read_only_folder / 'ck'}: cannot write there "
+                                      f"({os.strerror(30)})"}
+    for folder, expected in cases.items():
+        result = run_launcher(["--data_dir", tiny_cache, "--checkpoint_dir", folder, "--epochs", 1,
+                               "--mlflow_tracking_uri", sqlite_uri(tmp_path)] + TINY, cwd=tmp_path)
+        assert result.returncode == 2 and result.stderr.strip() == expected, result.stderr[-3000:]
+        assert not (tmp_path / "mlflow.db").exists()            # refused before anything ran
+
+
+# ---------------------------------------------------------------------------------- broken cache file
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_broken_cache_file_is_one_line_at_start(tiny_cache, tmp_path, damage):
+    cache = copy_cache(tiny_cache, tmp_path)
+    track = [t for t in read_manifest(cache)["tracks"] if t["split"] == "train"][-1]
+    broken = track_paths(cache, track["id"])[1]                # the audio array, read only by the loaders
+    if damage == "truncate":
+        broken.write_bytes(broken.read_bytes()[:-320])
+    else:
+        broken.unlink()
+    result = run_launcher(["--data_dir", cache, "--checkpoint_dir", tmp_path / "ck", "--epochs", 1,
+                           "--mlflow_tracking_uri", sqlite_uri(tmp_path)] + TINY, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --data_dir: {broken}: ") and "prepare_data.py" in lines[0]
+    assert "Error:" not in lines[0]                              # no exception class inside the message
+    assert not (tmp_path / "ck" / "latest.pt").exists()
+
+
+# --------------------------------------------------------------------------------------- no orphans
+
+ORPHAN_RUNS = 3       # in the suite; bench/fault_trials.py repeats it as often as asked
+
+
+@pytest.mark.parametrize("trial", range(ORPHAN_RUNS))
+def test_an_early_rank_failure_leaves_no_process_behind(tiny_cache, tmp_path, trial):
+    """Rank 1 fails at its first step or two, while its DataLoader workers (2 per loader) are still starting."""
+    launcher = subprocess.Popen(launcher_command(tiny_cache, tmp_path, "--epochs", 2, "--num_workers", 2),
+                                cwd=tmp_path, env=clean_env(TRAIN_SIMPLE_TEST_FAIL=f"1:{trial % 2}"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = launcher.communicate(timeout=RUN_TIMEOUT)
+        left = group_members(launcher.pid)
+        deadline = time.monotonic() + 2.0          # a process killed a moment ago may still be exiting
+        while left and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = group_members(launcher.pid)
+    finally:
+        kill_group(launcher.pid)
+    assert launcher.returncode == 1, stderr[-3000:]
+    assert len(error_lines(stderr)) == 1 and "test-only failure injected on rank 1" in stderr
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert left == [], left
+
+
+# -------------------------------------------------------------------------------- one line means one
+
+def test_start_up_errors_of_the_trainer_are_one_line(tmp_path):
+    result = run_launcher(["--epochs", 0], cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == "error: --epochs must be at least 1, got 0"
+
+
+def test_start_up_errors_of_inference_are_one_line(tmp_path):
+    missing = tmp_path / "missing.wav"
+    command = [sys.executable, str(ROOT / "inference_sample.py"), "--checkpoint", str(tmp_path / "x.pt"),
+               "--out_dir", str(tmp_path / "out")]
+    result = subprocess.run(command + ["--input", str(missing)], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=RUN_TIMEOUT)
+    assert result.returncode == 2 and result.stderr.strip() == f"error: --input {missing}: no such file"
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: one of the arguments --input --from_cache is required"]
+
+
+def test_checkpoint_files_that_are_not_checkpoints_say_what_they_are(tiny_cache, tmp_path):
+    from checkpoint import save_checkpoint
+    text = tmp_path / "notes.txt"
+    text.write_text("epoch 3 looked good\n")
+    good = tmp_path / "latest.pt"
+    save_checkpoint(good, {"model": {}, "epoch": 1})
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(text)
+    assert str(error.value) == (f"{text}: not a checkpoint (not a file written by torch.save); "
+                                f"pass the latest.pt or best.pt of a training run")
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(truncated)
+    assert str(error.value).startswith(f"{truncated}: truncated or damaged checkpoint "
+                                       f"({truncated.stat().st_size} bytes")
+    for bad in (text, truncated):         # the trainer says the same in one line
+        result = run_launcher(["--data_dir", tiny_cache, "--resume", bad, "--epochs", 1,
+                               "--checkpoint_dir", tmp_path / "ck"] + TINY, cwd=tmp_path)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: --resume: {bad}: ")
+
+
+def test_error_lines_carry_no_exception_class():
+    import train_simple_worker
+    from utils import one_line
+    worker_error = RuntimeError("Caught CacheError in DataLoader worker process 0.\nOriginal Traceback (most "
+                                "recent call last):\n  File \"x.py\", line 1\ndata.CacheError: /c/a.npy: cannot open")
+    assert train_simple_worker.error_line(worker_error) == "/c/a.npy: cannot open"
+    missing = FileNotFoundError(2, "No such file or directory", "/c/a.npy")
+    assert one_line(missing) == "/c/a.npy: No such file or directory"
