@@ -1,10 +1,11 @@
 """The cluster paths against a real one-node Slurm (conftest's `slurm` fixture: cluster/dev_slurm.sh start).
 
-    cluster/train.sbatch      a tiny 2-process CPU job end to end; then `scontrol requeue` in the middle of a
-                              run, which must finish every epoch from latest.pt
+    cluster/train.sbatch      a tiny 2-process CPU job end to end, with a `scontrol requeue` in the middle of
+                              the run: it must finish every epoch from latest.pt
     ablate.py --executor slurm  a 2-cell grid: --no_wait submits one job array; the next invocation waits for
-                              those jobs (submits nothing), evaluates and reports; a third starts nothing;
-                              Ctrl-C while waiting leaves the jobs and prints the scancel line; --cancel
+                              those jobs (submits nothing) while one is requeued mid-run, evaluates and
+                              reports; a third starts nothing; Ctrl-C while waiting leaves the jobs and prints
+                              the scancel line; --cancel; bad Slurm flags and a local sqlite store refused
     cluster/prepare.sbatch    a 2-shard array job equals a one-machine run, by checksums
 
 Everything is tiny (1-3 epochs of a 1-layer model on the 4-track demo cache); the jobs run on this machine.
@@ -95,19 +96,10 @@ CPU_JOB = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
 
 # ------------------------------------------------------------------------------------------ train.sbatch
 
-def test_train_sbatch_runs_two_processes_end_to_end(tiny_cache, tmp_path):
-    job = sbatch("train.sbatch", *train_flags(tiny_cache, tmp_path / "ck", epochs=1),
-                 options=[*CPU_JOB, f"--output={tmp_path}/%j.out"], env=environment(NPROC_PER_NODE="2"))
-    assert wait_final(job) == ["COMPLETED"], (tmp_path / f"{job}.out").read_text()[-3000:]
-    output = (tmp_path / f"{job}.out").read_text()
-    assert sorted(epoch_blocks(output)) == [1], output[-3000:]
-    state = load_checkpoint(tmp_path / "ck" / "latest.pt")
-    assert state["epoch"] == 1 and state["world_size"] == 2 and state["args"]["resume"] == "auto"
-
-
-def test_requeue_in_the_middle_finishes_every_epoch_from_latest(tiny_cache, tmp_path):
-    """`scontrol requeue` once epoch 1 is saved: SIGTERM stops the ranks, the job runs again from latest.pt
-    (--resume auto), and its output (appended) has every epoch, each exactly once after the resume."""
+def test_train_sbatch_end_to_end_with_a_requeue_in_the_middle(tiny_cache, tmp_path):
+    """A 2-process CPU job of 3 epochs; `scontrol requeue` once epoch 1 is saved: SIGTERM stops the ranks, the job
+    runs again from latest.pt (--resume auto), and its output (appended) has every epoch block, each exactly once
+    after the resume; the checkpoint is the 3rd epoch's, of 2 processes."""
     epochs = 3
     checkpoint_dir = tmp_path / "ck"
     job = sbatch("train.sbatch", *train_flags(tiny_cache, checkpoint_dir, epochs=epochs),
@@ -129,7 +121,8 @@ def test_requeue_in_the_middle_finishes_every_epoch_from_latest(tiny_cache, tmp_
     assert sorted(epoch_blocks(text)) == list(range(1, epochs + 1))
     restarts = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
     assert "Restarts=1" in restarts
-    assert load_checkpoint(checkpoint_dir / "latest.pt")["epoch"] == epochs
+    state = load_checkpoint(checkpoint_dir / "latest.pt")
+    assert state["epoch"] == epochs and state["world_size"] == 2 and state["args"]["resume"] == "auto"
 
 
 # ------------------------------------------------------------------------------------ ablate --executor slurm
@@ -146,17 +139,38 @@ def run_ablate(study: dict, *extra) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=2 * JOB_TIMEOUT)
 
 
+# The target cell trains 3 epochs, so that it can be requeued in the middle.
+SLURM_GRID = [{"name": "target", "flags": {"loss_weight_target": 1.0, "epochs": 3}}, GRID[1]]
+
+
+def gather_with_a_requeue(study: dict, label: str) -> subprocess.CompletedProcess:
+    """The invocation that waits for the submitted jobs; `scontrol requeue` of `label`'s element once its
+    epoch 1 is saved (the ablate.py waiting must say 'requeued' and the cell continue from latest.pt)."""
+    process = subprocess.Popen(ablate_command(study), cwd=study["out"].parent, env=environment(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cell_name, seed = label.split("/")
+    latest = study["out"] / cell_name / seed / "latest.pt"
+    job = study["records"][label]["job_id"]
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not latest.is_file() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+    release_requeued(job)
+    stdout, stderr = process.communicate(timeout=2 * JOB_TIMEOUT)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
 @pytest.fixture(scope="module")
 def slurm_study(tiny_cache, mlflow_server, tmp_path_factory):
     from mlflow.tracking import MlflowClient
     folder = tmp_path_factory.mktemp("slurm_ablate")
     grid = folder / "grid.json"
-    grid.write_text(json.dumps(GRID[:2]))
+    grid.write_text(json.dumps(SLURM_GRID))
     state = {"cache": tiny_cache, "uri": mlflow_server, "out": folder / "study", "grid": grid,
              "experiment": "ablation-slurm-test", "client": MlflowClient(mlflow_server)}
     state["submitted"] = run_ablate(state, "--no_wait")
     state["records"] = json.loads((state["out"] / "slurm" / "jobs.json").read_text())
-    state["gathered"] = run_ablate(state)
+    state["gathered"] = gather_with_a_requeue(state, "target/seed0")
     runs_before = {run.info.run_id for run in all_runs(state["client"], state["experiment"])}
     state["third"] = run_ablate(state)
     state["new_runs"] = {run.info.run_id for run in all_runs(state["client"], state["experiment"])} - runs_before
@@ -179,6 +193,11 @@ def test_the_next_invocation_waits_for_the_same_jobs_and_reports(slurm_study):
     assert gathered.stderr.count("; waiting for it") == 2
     for label, record in slurm_study["records"].items():
         assert f"cell {label} (job {record['job_id']}): done" in gathered.stderr
+    target = slurm_study["records"]["target/seed0"]["job_id"]
+    assert f"cell target/seed0 (job {target}): requeued" in gathered.stderr
+    log = (slurm_study["out"] / "target" / "seed0" / "train.log").read_text()
+    assert "resuming at epoch" in log and sorted(epoch_blocks(log)) == [1, 2, 3], log[-3000:]
+    assert load_checkpoint(slurm_study["out"] / "target" / "seed0" / "latest.pt")["epoch"] == 3
     assert json.loads((slurm_study["out"] / "slurm" / "jobs.json").read_text()) == slurm_study["records"]
     report = slurm_study["out"] / "report"
     assert {"results.csv", "results.md", "results.png"} <= {path.name for path in report.iterdir()}
@@ -191,7 +210,7 @@ def test_one_parent_run_and_two_finished_children(slurm_study):
     parents = [run for run in runs if ablate.PARENT_TAG not in run.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [run for run in runs if run.data.tags.get(ablate.PARENT_TAG) == parents[0].info.run_id]
-    assert sorted(run.data.tags[ablate.TAG_CELL] for run in children) == ["spectral", "target"]
+    assert sorted(run.data.tags[ablate.TAG_CELL] for run in children) == ["spectral", "target"]   # requeue: same run
     assert all(run.info.status == "FINISHED" for run in children)
     assert all("eval_latent_mse" in run.data.metrics for run in children)
 
