@@ -21,6 +21,7 @@ import functools
 import math
 import os
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -104,7 +105,59 @@ def setup_distributed() -> tuple[int, int, int, torch.device]:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))   # no oversubscribed cores
         device, backend = torch.device("cpu"), "gloo"
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT)
+    record_peers(world_size)
     return rank, local_rank, world_size, device
+
+
+_peers = []    # [(host, pid)] of every rank, by rank: who to look for when this rank's job breaks down
+
+
+def record_peers(world_size: int) -> None:
+    """Every rank's (host, pid), gathered once at start (the same collective on every rank)."""
+    table = [None] * world_size
+    dist.all_gather_object(table, (socket.gethostname(), os.getpid()))
+    _peers[:] = table
+
+
+def lost_peers() -> list[int]:
+    """Ranks on this host whose process is gone (or a zombie): a peer killed or dead without a report.
+    Ranks on other hosts cannot be looked at; their loss shows as a failed collective."""
+    host, lost = socket.gethostname(), []
+    for rank, (peer_host, pid) in enumerate(_peers):
+        if peer_host != host or pid == os.getpid():
+            continue
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            state = "gone"
+        if state in ("gone", "Z", "X"):
+            lost.append(rank)
+    return lost
+
+
+COLLECTIVE_FAILURES = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                       "Connection refused")   # what gloo / the store say when a peer's process is gone
+
+
+def peer_loss_line(error: BaseException, rank: int, checkpoint_dir) -> tuple[bool, str | None]:
+    """(a peer was lost, the one line this rank prints or None): the lowest surviving rank on this host says
+    which rank was lost, so the line comes once and never blames the rank that prints it."""
+    lost = lost_peers()
+    collective = isinstance(error, getattr(dist, "DistError", ())) or any(
+        text in str(error) for text in COLLECTIVE_FAILURES)
+    if not lost and not collective:
+        return False, None
+    if lost:
+        host = socket.gethostname()
+        survivors = [r for r, (peer_host, _) in enumerate(_peers) if peer_host == host and r not in lost]
+        if rank != min(survivors):
+            return True, None
+        who = ", ".join(f"rank {r} (pid {_peers[r][1]})" for r in lost)
+        what = f"{who} {'was' if len(lost) == 1 else 'were'} lost: killed, or out of memory (see the system log)"
+    else:
+        what = (f"lost contact with a peer rank ({one_line(error)}): a process on another host died "
+                f"or the network failed")
+    return True, f"error: {what}; rank {rank} stopped too. {describe_latest(checkpoint_dir)}"
 
 
 def die_with_parent() -> None:
@@ -717,6 +770,12 @@ def guarded_run(args, resume_path: str | None, reports=None) -> int:
             reports.put(("done", rank, None))
         return 0
     except BaseException as error:  # noqa: BLE001 - this is the one place every failure is reported
+        if reports is None:       # under torchrun: a peer's death reaches us as a failed collective or SIGTERM
+            lost, line = peer_loss_line(error, rank, args.checkpoint_dir)
+            if lost:
+                if line:
+                    print(line, file=sys.stderr, flush=True)
+                return leave(1, reports)
         if interrupted:           # also errors caused by peers that were stopped at the same moment
             if reports is None and rank == 0:
                 print(f"interrupted: {describe_latest(args.checkpoint_dir)}", file=sys.stderr, flush=True)

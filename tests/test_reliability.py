@@ -111,7 +111,8 @@ def test_a_signal_stops_every_rank_with_one_line(tiny_cache, tmp_path, sig, to_g
     assert launcher.returncode == code, stderr[-3000:]
     epoch = load_checkpoint(tmp_path / "ck" / "latest.pt")["epoch"]
     last_line = stderr.strip().splitlines()[-1]
-    assert last_line == f"interrupted: latest checkpoint is epoch {epoch}; resume with --resume auto"
+    assert last_line == (f"interrupted: latest checkpoint is {tmp_path / 'ck' / 'latest.pt'}, epoch {epoch}; "
+                         f"resume with --resume auto")
     assert "Traceback" not in stderr and not error_lines(stderr), stderr[-3000:]
     assert elapsed < train_simple_ddp.STOP_GRACE_SECONDS + 5, elapsed
     assert_group_gone(launcher.pid)
