@@ -739,6 +739,8 @@ def run(args, resume_path: str | None = None) -> None:
         status = "KILLED"
         raise
     finally:
+        if status != "FINISHED":
+            expect_worker_deaths()
         if reporter is not None:
             reporter.close(status)
     # Every rank ends here together: no rank tears the process group down while rank 0 still uses it.
@@ -761,9 +763,15 @@ def guarded_run(args, resume_path: str | None, reports=None) -> int:
     SIGINT/SIGTERM unwind the run (MLflow marks it KILLED) and exit 130/143 without a traceback.
     """
     rank = int(os.environ.get("RANK", "0"))
+    # A rank that leaves with os._exit (leave) leaves its DataLoader queues' semaphores to the resource
+    # tracker, which would warn about each; the tracker this rank may start inherits this -W.
+    sys.warnoptions.append("ignore:resource_tracker:UserWarning")
     interrupted = _signals_received
+    def on_signal(signum, frame):
+        interrupted.append(signum)
+        expect_worker_deaths()      # torchrun signals the DataLoader workers too
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: interrupted.append(signum))
+        signal.signal(sig, on_signal)
     try:
         run(args, resume_path)
         if reports is not None:
@@ -789,13 +797,19 @@ def guarded_run(args, resume_path: str | None, reports=None) -> int:
         return leave(1, reports)
 
 
+def expect_worker_deaths() -> None:
+    """A stopping rank expects its DataLoader workers to die: drop the DataLoader's SIGCHLD handler, which would
+    raise 'DataLoader worker ... is killed by signal' into whatever runs next (closing the MLflow run)."""
+    with contextlib.suppress(ValueError):      # not the main thread
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
 def leave(code: int, reports) -> int:
-    """A failed or interrupted rank has reported and closed its MLflow run. Under the launcher it exits
-    here, inside the except block: unwinding further would shut its DataLoader workers down one by one
-    (seconds each on a busy machine). The workers die with it (die_with_parent), and the launcher's
-    resource tracker frees their semaphores. Under torchrun the code is returned to the normal exit."""
-    if reports is None:
-        return code
+    """A failed or interrupted rank has reported and closed its MLflow run: it exits here, inside the except
+    block, under the launcher and under torchrun alike. Unwinding further would shut its DataLoader workers
+    down one by one (seconds each on a busy machine) and print their tracebacks ('DataLoader worker ... is
+    killed by signal: Terminated' when torchrun has signalled them). The workers die with it
+    (die_with_parent), and a resource tracker frees their semaphores (its warnings are off: guarded_run)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
