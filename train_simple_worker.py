@@ -671,6 +671,7 @@ class Reporter:
     def __init__(self, ctx: Context, logger: MlflowLogger):
         self.ctx, self.logger = ctx, logger
         self.uploader, self.uploads = ThreadPoolExecutor(max_workers=1), []
+        self.not_uploaded = []     # epochs whose samples were never sent: that epoch's metric logging failed
 
     def epoch(self, epoch: int, train: dict, val: dict | None, nonfinite: int, baselines: dict | None,
               progress: Progress, is_best: bool, seconds: float) -> None:
@@ -690,15 +691,23 @@ class Reporter:
             save_checkpoint(Path(args.checkpoint_dir) / BEST_NAME, state)
         sent = self.logger.log_metrics(epoch_metrics(train, val, nonfinite, baselines, seconds), step=epoch)
         if args.log_audio_every and epoch % args.log_audio_every == 0:
-            folder = write_audio_examples(ctx, epoch)
-            if sent:     # a server that just failed would only make the next uploads wait too
-                self.uploads.append(self.uploader.submit(self.logger.log_artifacts, folder,
-                                                         f"samples/epoch_{epoch:04d}"))
+            self.samples(epoch, write_audio_examples(ctx, epoch), sent)
+
+    def samples(self, epoch: int, folder: Path, sent: bool) -> None:
+        """Upload an epoch's sample folder in the background, unless its metrics could not be sent: a server
+        that just failed would only make the next uploads wait too. Those epochs are named by close()."""
+        if sent:
+            self.uploads.append(self.uploader.submit(self.logger.log_artifacts, folder, f"samples/epoch_{epoch:04d}"))
+        else:
+            self.not_uploaded.append(epoch)
 
     def close(self, status: str) -> None:
         if wait(self.uploads, timeout=ARTIFACT_WAIT_SECONDS).not_done:
             warn(f"MLflow artifact uploads still running after {ARTIFACT_WAIT_SECONDS} s; the files stay on disk")
         self.uploader.shutdown(wait=False, cancel_futures=True)
+        if self.not_uploaded:
+            warn(f"the samples of epoch(s) {', '.join(map(str, self.not_uploaded))} were not uploaded to MLflow "
+                 f"(their metric logging failed); they stay in {Path(self.ctx.args.checkpoint_dir) / 'samples'}")
         self.logger.finish(status)
 
 
