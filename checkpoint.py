@@ -169,15 +169,16 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
 
 
 def describe_latest(checkpoint_dir: str | os.PathLike) -> str:
-    """'latest checkpoint is epoch N; resume with --resume auto', for the line that ends an interrupted run."""
+    """'latest checkpoint is DIR/latest.pt, epoch N; resume with --resume auto', for the line that ends a
+    stopped run. Memory-mapped: only the epoch is read, however large the file."""
     path = latest_checkpoint(checkpoint_dir)
-    try:
-        epoch = load_checkpoint(path)["epoch"] if path else None
-    except CheckpointError:
-        epoch = None
-    if epoch is None:
+    if path is None:
         return f"no checkpoint in {checkpoint_dir} yet (the first epoch did not finish)"
-    return f"latest checkpoint is epoch {epoch}; resume with --resume auto"
+    try:
+        epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+    except Exception as error:  # noqa: BLE001 - the line must come whatever is wrong with the file
+        return f"{path} cannot be read ({one_line(error)})"
+    return f"latest checkpoint is {path}, epoch {epoch}; resume with --resume auto"
 
 
 def load_model_for_inference(path: str | os.PathLike, device="cpu"):

@@ -395,24 +395,22 @@ def children_of(pid: int) -> list[int]:
 
 
 def end_orphans() -> None:
-    """After the ranks: SIGKILL and reap every process of the job still around (but multiprocessing's resource
-    tracker), then stop the tracker, so no process of the job outlives the launcher, whatever the timing."""
+    """After the ranks: SIGKILL and reap every process of the job still around, but multiprocessing's resource
+    tracker, so no process of the job outlives the launcher, whatever the timing. The tracker (it frees the
+    semaphores of ranks that left with os._exit) exits on its own with the launcher, once no process holds
+    its pipe, which the killed orphans did."""
     from multiprocessing import resource_tracker
     tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
     for _ in range(10):          # a killed orphan may have had children of its own: they come to us next
         orphans = [pid for pid in children_of(os.getpid()) if pid != tracker]
         if not orphans:
-            break
+            return
         for pid in orphans:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         for pid in orphans:
             with contextlib.suppress(ChildProcessError, OSError):
                 os.waitpid(pid, 0)
-    else:
-        return                   # something keeps coming back: leave the tracker alone rather than hang
-    with contextlib.suppress(Exception):   # the tracker exits once no process holds its pipe: now
-        resource_tracker._resource_tracker._stop()
 
 
 def supervise(ranks: list, reports, checkpoint_dir: str) -> int:

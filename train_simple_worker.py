@@ -21,6 +21,7 @@ import functools
 import math
 import os
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -104,7 +105,59 @@ def setup_distributed() -> tuple[int, int, int, torch.device]:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))   # no oversubscribed cores
         device, backend = torch.device("cpu"), "gloo"
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT)
+    record_peers(world_size)
     return rank, local_rank, world_size, device
+
+
+_peers = []    # [(host, pid)] of every rank, by rank: who to look for when this rank's job breaks down
+
+
+def record_peers(world_size: int) -> None:
+    """Every rank's (host, pid), gathered once at start (the same collective on every rank)."""
+    table = [None] * world_size
+    dist.all_gather_object(table, (socket.gethostname(), os.getpid()))
+    _peers[:] = table
+
+
+def lost_peers() -> list[int]:
+    """Ranks on this host whose process is gone (or a zombie): a peer killed or dead without a report.
+    Ranks on other hosts cannot be looked at; their loss shows as a failed collective."""
+    host, lost = socket.gethostname(), []
+    for rank, (peer_host, pid) in enumerate(_peers):
+        if peer_host != host or pid == os.getpid():
+            continue
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            state = "gone"
+        if state in ("gone", "Z", "X"):
+            lost.append(rank)
+    return lost
+
+
+COLLECTIVE_FAILURES = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                       "Connection refused")   # what gloo / the store say when a peer's process is gone
+
+
+def peer_loss_line(error: BaseException, rank: int, checkpoint_dir) -> tuple[bool, str | None]:
+    """(a peer was lost, the one line this rank prints or None): the lowest surviving rank on this host says
+    which rank was lost, so the line comes once and never blames the rank that prints it."""
+    lost = lost_peers()
+    collective = isinstance(error, getattr(dist, "DistError", ())) or any(
+        text in str(error) for text in COLLECTIVE_FAILURES)
+    if not lost and not collective:
+        return False, None
+    if lost:
+        host = socket.gethostname()
+        survivors = [r for r, (peer_host, _) in enumerate(_peers) if peer_host == host and r not in lost]
+        if rank != min(survivors):
+            return True, None
+        who = ", ".join(f"rank {r} (pid {_peers[r][1]})" for r in lost)
+        what = f"{who} {'was' if len(lost) == 1 else 'were'} lost: killed, or out of memory (see the system log)"
+    else:
+        what = (f"lost contact with a peer rank ({one_line(error)}): a process on another host died "
+                f"or the network failed")
+    return True, f"error: {what}; rank {rank} stopped too. {describe_latest(checkpoint_dir)}"
 
 
 def die_with_parent() -> None:
@@ -634,6 +687,7 @@ class Reporter:
     def __init__(self, ctx: Context, logger: MlflowLogger):
         self.ctx, self.logger = ctx, logger
         self.uploader, self.uploads = ThreadPoolExecutor(max_workers=1), []
+        self.not_uploaded = []     # epochs whose samples were never sent: that epoch's metric logging failed
 
     def epoch(self, epoch: int, train: dict, val: dict | None, nonfinite: int, baselines: dict | None,
               progress: Progress, is_best: bool, seconds: float) -> None:
@@ -653,15 +707,23 @@ class Reporter:
             save_checkpoint(Path(args.checkpoint_dir) / BEST_NAME, state)
         sent = self.logger.log_metrics(epoch_metrics(train, val, nonfinite, baselines, seconds), step=epoch)
         if args.log_audio_every and epoch % args.log_audio_every == 0:
-            folder = write_audio_examples(ctx, epoch)
-            if sent:     # a server that just failed would only make the next uploads wait too
-                self.uploads.append(self.uploader.submit(self.logger.log_artifacts, folder,
-                                                         f"samples/epoch_{epoch:04d}"))
+            self.samples(epoch, write_audio_examples(ctx, epoch), sent)
+
+    def samples(self, epoch: int, folder: Path, sent: bool) -> None:
+        """Upload an epoch's sample folder in the background, unless its metrics could not be sent: a server
+        that just failed would only make the next uploads wait too. Those epochs are named by close()."""
+        if sent:
+            self.uploads.append(self.uploader.submit(self.logger.log_artifacts, folder, f"samples/epoch_{epoch:04d}"))
+        else:
+            self.not_uploaded.append(epoch)
 
     def close(self, status: str) -> None:
         if wait(self.uploads, timeout=ARTIFACT_WAIT_SECONDS).not_done:
             warn(f"MLflow artifact uploads still running after {ARTIFACT_WAIT_SECONDS} s; the files stay on disk")
         self.uploader.shutdown(wait=False, cancel_futures=True)
+        if self.not_uploaded:
+            warn(f"the samples of epoch(s) {', '.join(map(str, self.not_uploaded))} were not uploaded to MLflow "
+                 f"(their metric logging failed); they stay in {Path(self.ctx.args.checkpoint_dir) / 'samples'}")
         self.logger.finish(status)
 
 
@@ -702,6 +764,8 @@ def run(args, resume_path: str | None = None) -> None:
         status = "KILLED"
         raise
     finally:
+        if status != "FINISHED":
+            expect_worker_deaths()
         if reporter is not None:
             reporter.close(status)
     # Every rank ends here together: no rank tears the process group down while rank 0 still uses it.
@@ -724,15 +788,27 @@ def guarded_run(args, resume_path: str | None, reports=None) -> int:
     SIGINT/SIGTERM unwind the run (MLflow marks it KILLED) and exit 130/143 without a traceback.
     """
     rank = int(os.environ.get("RANK", "0"))
+    # A rank that leaves with os._exit (leave) leaves its DataLoader queues' semaphores to the resource
+    # tracker, which would warn about each; the tracker this rank may start inherits this -W.
+    sys.warnoptions.append("ignore:resource_tracker:UserWarning")
     interrupted = _signals_received
+    def on_signal(signum, frame):
+        interrupted.append(signum)
+        expect_worker_deaths()      # torchrun signals the DataLoader workers too
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: interrupted.append(signum))
+        signal.signal(sig, on_signal)
     try:
         run(args, resume_path)
         if reports is not None:
             reports.put(("done", rank, None))
         return 0
     except BaseException as error:  # noqa: BLE001 - this is the one place every failure is reported
+        if reports is None:       # under torchrun: a peer's death reaches us as a failed collective or SIGTERM
+            lost, line = peer_loss_line(error, rank, args.checkpoint_dir)
+            if lost:
+                if line:
+                    print(line, file=sys.stderr, flush=True)
+                return leave(1, reports)
         if interrupted:           # also errors caused by peers that were stopped at the same moment
             if reports is None and rank == 0:
                 print(f"interrupted: {describe_latest(args.checkpoint_dir)}", file=sys.stderr, flush=True)
@@ -746,13 +822,19 @@ def guarded_run(args, resume_path: str | None, reports=None) -> int:
         return leave(1, reports)
 
 
+def expect_worker_deaths() -> None:
+    """A stopping rank expects its DataLoader workers to die: drop the DataLoader's SIGCHLD handler, which would
+    raise 'DataLoader worker ... is killed by signal' into whatever runs next (closing the MLflow run)."""
+    with contextlib.suppress(ValueError):      # not the main thread
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
 def leave(code: int, reports) -> int:
-    """A failed or interrupted rank has reported and closed its MLflow run. Under the launcher it exits
-    here, inside the except block: unwinding further would shut its DataLoader workers down one by one
-    (seconds each on a busy machine). The workers die with it (die_with_parent), and the launcher's
-    resource tracker frees their semaphores. Under torchrun the code is returned to the normal exit."""
-    if reports is None:
-        return code
+    """A failed or interrupted rank has reported and closed its MLflow run: it exits here, inside the except
+    block, under the launcher and under torchrun alike. Unwinding further would shut its DataLoader workers
+    down one by one (seconds each on a busy machine) and print their tracebacks ('DataLoader worker ... is
+    killed by signal: Terminated' when torchrun has signalled them). The workers die with it
+    (die_with_parent), and a resource tracker frees their semaphores (its warnings are off: guarded_run)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

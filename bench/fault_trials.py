@@ -1,0 +1,179 @@
+"""Repeat two faults of a training run and count the trials that end correctly (issue 17, items 3 and 4).
+
+    python bench/fault_trials.py --data_dir CACHE [--trials 5] [--which torchrun,orphans] [--work DIR]
+
+torchrun: `torchrun --standalone --nproc_per_node 2 train_simple_ddp.py ...`, kill -9 of rank 1 once latest.pt
+    holds epoch 2. Correct: exit non-zero; exactly one `error:` line, which names rank 1 as lost and names
+    latest.pt with the epoch it holds; no traceback through this project's code, no DataLoader / gloo /
+    sqlalchemy noise (torchrun's own report may follow).
+orphans: the built-in launcher, 2 ranks x 2 DataLoader workers, rank 1 fails at its first step (workers still
+    starting). Correct: exit 1, one `error:` line, and no process of the job alive once the launcher has exited.
+Prints one line per trial, then `torchrun kill: K of N correct` / `orphans: K of N clean`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TINY = ["--segment_frames", "8", "--d_model", "32", "--num_layers", "1", "--num_heads", "2", "--warmup_steps", "2",
+        "--lr", "1e-3", "--log_audio_every", "0", "--batch_size", "2", "--num_workers", "2"]
+NOISE = ("Traceback", "DataLoader worker", "Connection reset", "sqlalchemy", "Exception ignored")
+TIMEOUT = 600.0
+
+
+def environment(**extra) -> dict:
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("MLFLOW_TRACKING_URI", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return {**env, **extra}
+
+
+def proc_stat(pid) -> list[str]:
+    """Fields after the command name of /proc/PID/stat: state, ppid, pgrp, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def group_members(group: int) -> list[str]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = proc_stat(entry.name)
+                if int(fields[2]) == group and fields[0] != "Z":
+                    members.append(entry.name + " " + entry.joinpath("cmdline").read_bytes()
+                                   .replace(b"\0", b" ").decode(errors="replace")[:160])
+    return members
+
+
+def rank_pid(agent: int, rank: int) -> int | None:
+    """The pid of the torchrun worker with RANK=rank among the agent's children."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int(proc_stat(entry.name)[1]) == agent and \
+                        f"RANK={rank}".encode() in entry.joinpath("environ").read_bytes().split(b"\0"):
+                    return int(entry.name)
+    return None
+
+
+def latest_epoch(folder: Path) -> int | None:
+    from checkpoint import CheckpointError, load_checkpoint
+    try:
+        return load_checkpoint(folder / "latest.pt")["epoch"]
+    except CheckpointError:
+        return None
+
+
+def own_lines(stderr: str) -> str:
+    """stderr up to torchrun's own failure report."""
+    cut = [index for index in (stderr.find("torch.distributed.elastic"), stderr.find("Traceback (most recent call "
+                                                                                   "last):\n  File \"" +
+                                                                                   str(Path(sys.executable).parent)))
+           if index >= 0]
+    return stderr[: min(cut)] if cut else stderr
+
+
+def torchrun_kill_trial(data_dir: str, work: Path, kill_after_epoch: int = 2) -> tuple[bool, str]:
+    folder = work / "ck"
+    command = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "train_simple_ddp.py"), "--data_dir", data_dir, "--epochs", "50",
+               "--checkpoint_dir", str(folder), "--mlflow_tracking_uri", f"sqlite:///{work / 'mlflow.db'}"] + TINY
+    agent = subprocess.Popen(command, cwd=work, env=environment(TRAIN_SIMPLE_TEST_SLOW="0.1"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while (latest_epoch(folder) or 0) < kill_after_epoch:
+            if agent.poll() is not None or time.monotonic() > deadline:
+                return False, "did not reach epoch 2: " + agent.communicate()[1][-2000:]
+            time.sleep(0.2)
+        victim = rank_pid(agent.pid, 1)
+        os.kill(victim, signal.SIGKILL)
+        _, stderr = agent.communicate(timeout=TIMEOUT)
+        left = group_members(agent.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(agent.pid, signal.SIGKILL)
+    (work / "stderr.txt").write_text(stderr)
+    epoch = latest_epoch(folder)
+    ours = own_lines(stderr)
+    errors = [line for line in ours.splitlines() if line.startswith(("error:", "interrupted:"))]
+    expected = (f"error: rank 1 (pid {victim}) was lost: killed, or out of memory (see the system log); rank 0 "
+                f"stopped too. latest checkpoint is {folder / 'latest.pt'}, epoch {epoch}; resume with --resume auto")
+    problems = []
+    if agent.returncode == 0:
+        problems.append("exit 0")
+    if errors != [expected]:
+        problems.append(f"lines {errors}")
+    problems += [f"noise {word!r}" for word in NOISE if word in ours]
+    if any(line.strip().startswith(f'File "{ROOT}/') and "/.venv/" not in line for line in stderr.splitlines()):
+        problems.append("a traceback through our code")
+    if left:
+        problems.append(f"left {left}")
+    return not problems, "; ".join(problems) or f"exit {agent.returncode}, {errors[0]}"
+
+
+def orphan_trial(data_dir: str, work: Path, fail_step: int = 0) -> tuple[bool, str]:
+    command = [sys.executable, str(ROOT / "train_simple_ddp.py"), "--data_dir", data_dir, "--nproc", "2",
+               "--epochs", "2", "--checkpoint_dir", str(work / "ck"),
+               "--mlflow_tracking_uri", f"sqlite:///{work / 'mlflow.db'}"] + TINY
+    launcher = subprocess.Popen(command, cwd=work, env=environment(TRAIN_SIMPLE_TEST_FAIL=f"1:{fail_step}"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = launcher.communicate(timeout=TIMEOUT)
+        left = group_members(launcher.pid)
+        deadline = time.monotonic() + 2.0        # the resource tracker exits a moment after the launcher
+        while left and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = group_members(launcher.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+    (work / "stderr.txt").write_text(stderr)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    problems = [] if launcher.returncode == 1 else [f"exit {launcher.returncode}"]
+    if len(errors) != 1 or "test-only failure injected on rank 1" not in errors[0]:
+        problems.append(f"lines {errors}")
+    problems += [f"noise {word!r}" for word in NOISE if word in stderr]
+    if left:
+        problems.append(f"left {left}")
+    return not problems, "; ".join(problems) or "clean"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--which", default="torchrun,orphans")
+    parser.add_argument("--work", default=None, help="folder for the trials' checkpoints (default: a temporary one)")
+    args = parser.parse_args()
+    base = Path(args.work or tempfile.mkdtemp(prefix="fault_trials_"))
+    summary = []
+    for which, trial, label in (("torchrun", torchrun_kill_trial, "torchrun kill: {} of {} correct"),
+                                ("orphans", orphan_trial, "orphans: {} of {} clean")):
+        if which not in args.which.split(","):
+            continue
+        good = 0
+        for index in range(args.trials):
+            work = base / f"{which}{index}"
+            work.mkdir(parents=True, exist_ok=True)
+            started = time.monotonic()
+            ok, detail = trial(str(Path(args.data_dir).resolve()), work)
+            good += ok
+            print(f"{which} trial {index + 1}: {'ok' if ok else 'WRONG'} ({time.monotonic() - started:.0f} s) {detail}",
+                  flush=True)
+        summary.append(label.format(good, args.trials))
+    print("\n".join(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
