@@ -102,20 +102,25 @@ class LossBalancer:
             gradient.add_(grad * scale)
         return gradient
 
+    def _constants(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_i, w_i / sum w) as float64 tensors on the device, made once (no host-to-device copy per step)."""
+        if getattr(self, "_constants_on", (None,))[0] != device:
+            total_weight = sum(self.weights.values())
+            weights = torch.tensor([self.weights[name] for name in self.names], dtype=torch.float64, device=device)
+            self._constants_on = (device, weights, weights / total_weight)
+        return self._constants_on[1:]
+
     def _scales(self, norms: torch.Tensor, size: int) -> torch.Tensor:
         """s_i: the weights, or the balancer's scales from the average including this step's norms so far."""
-        device = norms.device
+        weights, ratios = self._constants(norms.device)
         if not self.balance:
-            return torch.tensor([self.weights[name] for name in self.names], dtype=torch.float64, device=device)
-        local = torch.cat([norms * size, torch.tensor([float(size)], dtype=torch.float64, device=device)])
+            return weights
+        local = torch.cat([norms * size, norms.new_full((1,), float(size))])
         reduced = _all_reduce_sum(local)      # every rank, every micro-batch, in the same order
         self._step_norms = reduced if self._step_norms is None else self._step_norms + reduced
         step_mean = self._step_norms[:-1] / self._step_norms[-1]
         finite = torch.isfinite(step_mean).all()
         self.finite = finite if self.finite is None else self.finite & finite
-        total_weight = sum(self.weights.values())
-        ratios = torch.tensor([self.weights[name] / total_weight for name in self.names], dtype=torch.float64,
-                              device=device)
         return ratios * REFERENCE_NORM / (EPSILON + self._average_with(step_mean))
 
     def _average_with(self, step_mean: torch.Tensor) -> torch.Tensor:
