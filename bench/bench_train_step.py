@@ -4,6 +4,7 @@
     python bench/bench_train_step.py --segment_seconds 2 4 8          # memory vs segment length
     python bench/bench_train_step.py --segment_seconds 8 --decoder_checkpointing both
     python bench/bench_train_step.py --loss_balancer true                 # the step with the loss balancer
+    python bench/bench_train_step.py --compare_balancer                   # steps without/with it, interleaved
     python bench/bench_train_step.py --mode loader --data_dir data_cache/demo --num_workers 2
 
 Step mode builds exactly what a rank trains with (ContinuationTransformer, LatentNormalizer, the frozen
@@ -54,6 +55,9 @@ def parse_args(argv=None):
         parser.add_argument(component.flag, type=float, default=0.25, help=component.help)
     parser.add_argument("--grad_clip", type=float, default=1.0)
     parser.add_argument("--loss_balancer", type=parse_bool, default=False, help="as the launcher's flag")
+    parser.add_argument("--compare_balancer", action="store_true",
+                        help="also time --steps steps without and with the balancer, alternating in this process "
+                             "(robust to a machine whose load drifts): their medians and ratio")
     parser.add_argument("--target_audio", choices=("original", "codec"), default="original",
                         help="codec: the references are decoded from the true latents every step (its cost)")
     parser.add_argument("--decoder_checkpointing", choices=("off", "on", "both"), default="off")
@@ -155,6 +159,22 @@ def decoder_alone(decoder, batch, device) -> float:
     return seconds
 
 
+def compare_balancer(args, parts, host_batch, device) -> dict:
+    """Median step time without and with the balancer, the two alternating step by step."""
+    model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast, _ = parts
+    balancers = {False: LossBalancer(loss_fn.weights, False), True: LossBalancer(loss_fn.weights, True)}
+    times = {False: [], True: []}
+    for _ in range(args.steps):
+        for balance, balancer in balancers.items():
+            seconds, _ = timed(lambda b=balancer: train_step(
+                model, decoder, normalizer, loss_fn, optimizer, scheduler, to_device(host_batch, device),
+                grad_clip=args.grad_clip, autocast_ctx=autocast, target_audio=args.target_audio, balancer=b), device)
+            times[balance].append(seconds)
+    off, on = statistics.median(times[False]), statistics.median(times[True])
+    return {"step_seconds_balancer_off": round(off, 4), "step_seconds_balancer_on": round(on, 4),
+            "balancer_step_ratio": round(on / off, 4)}
+
+
 def bench_step(args, segment_seconds: float, checkpointing: bool) -> dict:
     device = torch.device(args.device)
     frames = round(segment_seconds * FRAME_RATE)
@@ -183,6 +203,8 @@ def bench_step(args, segment_seconds: float, checkpointing: bool) -> dict:
     stage_sum = sum(stage_medians.values())
     single_backward = statistics.median(single for _, single in runs)
 
+    comparison = compare_balancer(args, parts, host_batch, device) if args.compare_balancer else {}
+
     step = statistics.median(step_times)
     decode = statistics.median(decoder_times)
     return {
@@ -201,6 +223,7 @@ def bench_step(args, segment_seconds: float, checkpointing: bool) -> dict:
         "gradient_measurement_overhead": round((stage_medians["loss_gradients"] - single_backward) / stage_sum, 4),
         "peak_memory_mb": round(peak, 1),
         "step_memory_growth_mb": round(peak - rss_before, 1) if device.type == "cpu" else round(peak, 1),
+        **comparison,
     }
 
 
