@@ -19,6 +19,8 @@ A checkpoint is one torch file holding a dict:
     segment_frames    latent frames per input window
     skipped_steps     non-finite steps skipped so far
     world_size        processes that produced it
+    balancer          with --loss_balancer: the moving average of the gradient norms at the output audio
+                      {"components", "ema_decay", "ema_sum", "ema_count"} (balancer.LossBalancer); else None
 
 No RNG state is stored: the worker reseeds every process at the start of each epoch from
 (seed, rank, epoch) and the DistributedSampler shuffles from (seed, epoch), so the epoch number is
@@ -95,7 +97,7 @@ def unwrapped_state_dict(model: torch.nn.Module) -> dict:
 def build_checkpoint(*, model, optimizer, scheduler, schedule_steps: int, epoch: int, args: dict,
                      resume_history: list, normalizer_stats: tuple, codec_fingerprint: str, encodec_weights: str,
                      mlflow_run_id, best_val_loss: float, best: dict, val_loss: float, segment_frames: int,
-                     skipped_steps: int, world_size: int) -> dict:
+                     skipped_steps: int, world_size: int, balancer: dict | None = None) -> dict:
     """The checkpoint dict of the module docstring (the one place its contents are assembled)."""
     latent_mean, latent_std = normalizer_stats
     return {"model": unwrapped_state_dict(model), "model_config": model.config,
@@ -104,7 +106,7 @@ def build_checkpoint(*, model, optimizer, scheduler, schedule_steps: int, epoch:
             "latent_mean": latent_mean, "latent_std": latent_std, "codec_fingerprint": codec_fingerprint,
             "encodec_weights": encodec_weights, "mlflow_run_id": mlflow_run_id, "best_val_loss": best_val_loss,
             "best": best, "val_loss": val_loss, "segment_frames": segment_frames,
-            "skipped_steps": skipped_steps, "world_size": world_size}
+            "skipped_steps": skipped_steps, "world_size": world_size, "balancer": balancer}
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:

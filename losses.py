@@ -395,6 +395,15 @@ class CombinedLoss(nn.Module):
                                        if stft.framing == self.mel.stft.framing), None)
 
     def forward(self, output_audio: torch.Tensor, input_audio: torch.Tensor, target_audio: torch.Tensor):
+        components = self.terms(output_audio, input_audio, target_audio)
+        return self.weighted_sum(components), {name: components[name].detach() for name in LOSS_COMPONENTS}
+
+    def weighted_sum(self, components: dict) -> torch.Tensor:
+        """The total: sum of weight x component over the positively weighted components."""
+        return sum(self.weights[name] * components[name] for name in LOSS_COMPONENTS if self.weights[name] > 0)
+
+    def terms(self, output_audio: torch.Tensor, input_audio: torch.Tensor, target_audio: torch.Tensor) -> dict:
+        """{component: scalar}: the positively weighted ones carry their graph (what the balancer differentiates)."""
         out, inp = _as_float_batch(output_audio, input_audio, "CombinedLoss (output vs input)", self.min_length)
         out, tgt = _as_float_batch(output_audio, target_audio, "CombinedLoss (output vs target)", self.min_length)
         weights, autograd = self.weights, torch.is_grad_enabled()
@@ -417,6 +426,4 @@ class CombinedLoss(nn.Module):
                 components["spectral"] = sum(self.spectral.terms_of(magnitudes))
             with trained("mel"):
                 components["mel"] = self.mel.log_mel(*mel_magnitudes)
-
-        total = sum(weights[name] * components[name] for name in LOSS_COMPONENTS if weights[name] > 0)
-        return total, {name: components[name].detach() for name in LOSS_COMPONENTS}
+        return components

@@ -69,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="micro-batches per optimiser step (effective batch: nproc x batch_size x this)")
     optim.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of AdamW")
     optim.add_argument("--weight_decay", type=float, default=0.01, help="AdamW decoupled weight decay")
-    optim.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm (0: no clipping)")
+    optim.add_argument("--grad_clip", type=float, default=1.0,
+                       help="max global gradient norm of the model's parameters (0: no clipping); with "
+                            "--loss_balancer the gradient at the output audio has a fixed scale, so this only "
+                            "catches spikes of the decoder's and model's Jacobians")
     optim.add_argument("--warmup_steps", type=int, default=500,
                        help="linear LR warm-up steps, then cosine decay to lr/10 at the last step")
     optim.add_argument("--seed", type=int, default=0, help="seeds the model init, data order and dropout")
@@ -88,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     loss = parser.add_argument_group("loss weights (total = sum of weight x component)")
     for component in LOSSES:
         loss.add_argument(component.flag, type=float, default=component.default, help=component.help)
+    loss.add_argument("--loss_balancer", type=parse_bool, nargs="?", const=True, default=False,
+                      help="EnCodec/AudioCraft loss balancer: each weight becomes the fraction of the gradient at "
+                           "the output audio that its component drives, whatever the component's scale "
+                           "(balancer.py); the logged loss stays the weighted sum")
+    loss.add_argument("--balancer_ema_decay", type=float, default=0.999,
+                      help="decay of the balancer's bias-corrected moving average of the gradient norms, in [0, 1]")
 
     run = parser.add_argument_group("processes, checkpoints, logging")
     run.add_argument("--nproc", type=int, default=None,
@@ -125,6 +134,8 @@ def check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
     for name in ("weight_decay", "grad_clip"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
             parser.error(f"--{name} must be a number >= 0, got {getattr(args, name)}")
+    if not 0.0 <= args.balancer_ema_decay <= 1.0:
+        parser.error(f"--balancer_ema_decay must be in [0, 1], got {args.balancer_ema_decay}")
     if not 0.0 <= args.dropout < 1.0:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.d_model % args.num_heads or args.d_model % 2:
@@ -224,7 +235,8 @@ def check_data_and_codec(args: argparse.Namespace, parser: argparse.ArgumentPars
 # and the objective, so changing one would silently make a different experiment.
 RESUME_MUST_MATCH = ("d_model", "num_layers", "num_heads", "dropout", "segment_frames", "unity_test", "target_audio",
                      "batch_size", "grad_accum_steps", "world_size", "lr", "warmup_steps", "weight_decay",
-                     "grad_clip", "seed") + tuple(component.flag[2:] for component in LOSSES)
+                     "grad_clip", "seed", "loss_balancer", "balancer_ema_decay") + tuple(
+                         component.flag[2:] for component in LOSSES)
 # Flags that may change on resume: said in one line, recorded in the checkpoint and as an MLflow tag.
 # --epochs keeps the LR schedule of the original run (its length is stored in the checkpoint): added epochs
 # continue at the schedule's final LR, lr/10, so the LR never jumps.
@@ -265,6 +277,7 @@ def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, fi
     saved = dict(state.get("args") or {}, **state["model_config"], segment_frames=state.get("segment_frames"))
     if "world_size" in state:
         saved["world_size"] = state["world_size"]
+    saved.setdefault("loss_balancer", False)     # checkpoints from before the balancer trained without it
     refused, accepted = resume_changes(saved, args, world_size_of(args))
     if refused:
         name, before, now = refused[0]

@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from balancer import LossBalancer
 from checkpoint import BEST_NAME, LATEST_NAME, build_checkpoint, describe_latest, load_checkpoint, save_checkpoint
 from codec import SAMPLE_RATE, FrozenDecoder, check_fingerprint, codec_fingerprint, load_codec
 from data import ContinuationDataset, LatentNormalizer
@@ -228,18 +229,23 @@ def autocast_for(device: torch.device):
 # ------------------------------------------------------------------------------------------ step
 
 def train_step(model, decoder, normalizer, loss_fn, optimizer, scheduler, batches, grad_clip: float,
-               autocast_ctx=contextlib.nullcontext, target_audio: str = "original"):
+               autocast_ctx=contextlib.nullcontext, target_audio: str = "original", balancer: LossBalancer = None):
     """One optimiser step on one batch, or a list of micro-batches, already on the device.
 
     Returns (applied, total, components): the loss figures as example-weighted means over the micro-batches.
-    Per micro-batch: model -> de-normalise -> frozen decoder -> CombinedLoss(output, input ref, target ref)
-    -> backward of (its size / all sizes) x loss, so the gradient is that of the mean over every example.
-    DDP all-reduces the gradients on the last micro-batch only (no_sync before). Then clip and AdamW.
-    A non-finite loss or gradient on ANY rank skips the update on every rank (one all_reduce of a flag),
-    so the replicas never diverge. The scheduler advances either way: the LR is a function of the step.
+    Per micro-batch: model -> de-normalise -> frozen decoder -> output audio y -> CombinedLoss terms on a
+    detached copy of y -> the balancer's gradient at y (balancer.py: sum_i s_i dl_i/dy, s_i = w_i unless
+    --loss_balancer) -> ONE y.backward of it x (its size / all sizes), so the gradient is that of the mean over
+    every example and DDP sees one parameter backward per micro-batch. DDP all-reduces the gradients on the
+    last micro-batch only (no_sync before). Then clip and AdamW. The step's gradient figures are left in
+    balancer.figures. A non-finite loss or gradient on ANY rank skips the update on every rank (one
+    all_reduce of a flag), so the replicas never diverge. The scheduler advances either way: the LR is a
+    function of the step.
     """
     batches = [batches] if isinstance(batches, dict) else list(batches)
     sizes = [batch["input_latent"].shape[0] for batch in batches]
+    balancer = balancer if balancer is not None else LossBalancer(loss_fn.weights)
+    balancer.start_step()
     optimizer.zero_grad(set_to_none=True)
     total, components = 0.0, dict.fromkeys(LOSS_COMPONENTS, 0.0)
     for index, (batch, size) in enumerate(zip(batches, sizes)):
@@ -251,21 +257,31 @@ def train_step(model, decoder, normalizer, loss_fn, optimizer, scheduler, batche
             with autocast_ctx():
                 references = reference_audio(batch, decoder, normalizer, target_audio)   # no autograd inside
                 output_audio = predict_audio(model, normalizer, decoder, batch["input_latent"])
-            micro_total, micro_components = loss_fn(output_audio, *references)    # fp32 inside
+            audio = output_audio.detach().float().requires_grad_(True)    # the loss graph starts here
+            terms = loss_fn.terms(audio, *references)                     # fp32 inside
+            gradient = balancer.gradient({name: terms[name] for name in balancer.names}, audio)
             # every rank always runs backward, so DDP's gradient all-reduce stays in lock-step
-            (micro_total * share).backward()
-        total = total + micro_total.detach() * share
-        components = {name: components[name] + micro_components[name] * share for name in LOSS_COMPONENTS}
-    return optimizer_update(model, optimizer, scheduler, total, grad_clip), total, components
+            output_audio.backward((gradient * share).to(output_audio.dtype))
+        micro_total = loss_fn.weighted_sum(terms).detach()
+        total = total + micro_total * share
+        components = {name: components[name] + terms[name].detach() * share for name in LOSS_COMPONENTS}
+    applied = optimizer_update(model, optimizer, scheduler, total, grad_clip, balancer.finite)
+    balancer.end_step(applied)
+    return applied, total, components
 
 
-def optimizer_update(model, optimizer, scheduler, total: torch.Tensor, grad_clip: float) -> bool:
+def optimizer_update(model, optimizer, scheduler, total: torch.Tensor, grad_clip: float,
+                     also_finite: torch.Tensor | None = None) -> bool:
     """The step's tail, after backward: clip, agree across ranks whether everything is finite, AdamW, LR.
 
-    Returns whether the update was applied (False: a non-finite loss or gradient on some rank)."""
+    also_finite: a further condition (the balancer's reduced norms). Returns whether the update was applied
+    (False: a non-finite loss or gradient on some rank)."""
     max_norm = grad_clip if grad_clip > 0 else float("inf")   # inf: measure the norm without clipping
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    finite = (torch.isfinite(total) & torch.isfinite(grad_norm)).to(torch.float32)
+    finite = torch.isfinite(total) & torch.isfinite(grad_norm)
+    if also_finite is not None:
+        finite = finite & also_finite.to(finite.device)
+    finite = finite.to(torch.float32)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     applied = bool(finite.item())   # the one host sync per step: skipping the update needs the decision here
@@ -304,6 +320,7 @@ class Context:
     decoder: FrozenDecoder
     normalizer: LatentNormalizer
     loss_fn: CombinedLoss
+    balancer: LossBalancer                # the gradient at the output audio, measured or balanced
     raw_model: ContinuationTransformer
     model: torch.nn.Module                # DDP(raw_model, possibly compiled)
     optimizer: torch.optim.Optimizer
@@ -332,6 +349,7 @@ def train_one_epoch(ctx: Context, epoch: int) -> dict:
     ctx.model.train()
     ctx.train_sampler.set_epoch(epoch)     # a different shuffle every epoch, identical on every rank
     sums = torch.zeros(len(METRIC_NAMES) + 1, device=ctx.device)   # weighted sums ..., example count
+    gradient_sums = torch.zeros(ctx.balancer.figure_size(), dtype=torch.float64, device=ctx.device)
     steps = ctx.steps_per_epoch
     bar = tqdm(total=steps, desc=f"Epoch {epoch}/{ctx.args.epochs}", leave=False, file=sys.stderr,
                dynamic_ncols=True, disable=ctx.rank != 0 or not sys.stderr.isatty())
@@ -344,12 +362,13 @@ def train_one_epoch(ctx: Context, epoch: int) -> dict:
         lr = ctx.optimizer.param_groups[0]["lr"]      # the LR this step uses (printed for the epoch's last step)
         applied, total, components = train_step(ctx.model, ctx.decoder, ctx.normalizer, ctx.loss_fn,
                                                 ctx.optimizer, ctx.scheduler, group, ctx.args.grad_clip,
-                                                ctx.autocast, ctx.args.target_audio)
+                                                ctx.autocast, ctx.args.target_audio, ctx.balancer)
         ctx.global_step += 1
         if applied:
             size = sum(batch["input_latent"].shape[0] for batch in group)
             sums[:-1] += stack_metrics(total, components) * size
             sums[-1] += size
+            gradient_sums += ctx.balancer.figures
             ctx.consecutive_skips = 0
         else:
             skipped += 1
@@ -369,7 +388,8 @@ def train_one_epoch(ctx: Context, epoch: int) -> dict:
                   file=sys.stderr, flush=True)
     bar.close()
     means = reduce_means(sums)
-    return {**means, "learning_rate": lr, "skipped_steps": skipped}
+    gradients = ctx.balancer.epoch_figures(all_reduce_sum(gradient_sums))
+    return {**means, "gradients": gradients, "learning_rate": lr, "skipped_steps": skipped}
 
 
 def reduce_means(sums: torch.Tensor) -> dict:
@@ -586,13 +606,17 @@ def build_context(args, resume_state: dict | None) -> Context:
         raw_model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
+    loss_fn = CombinedLoss(**weights_from_flags(args)).to(device)
+    balancer = LossBalancer(loss_fn.weights, args.loss_balancer, args.balancer_ema_decay)
+    if resume_state is not None:
+        balancer.load_state_dict(resume_state.get("balancer"), device)
     compiled = torch.compile(raw_model) if args.compile else raw_model   # fused kernels on GPU
     return Context(
         args=args, rank=rank, world_size=world_size, device=device, autocast=autocast_for(device),
         train_set=train_set, val_set=val_set, train_sampler=train_sampler, train_loader=train_loader,
         val_loader=val_loader, val_indices=val_indices, decoder=decoder,
         normalizer=LatentNormalizer(train_set.latent_mean, train_set.latent_std).to(device),
-        loss_fn=CombinedLoss(**weights_from_flags(args)).to(device), raw_model=raw_model,
+        loss_fn=loss_fn, balancer=balancer, raw_model=raw_model,
         model=DDP(compiled, device_ids=[local_rank] if device.type == "cuda" else None),
         optimizer=optimizer, scheduler=scheduler, schedule_steps=schedule_steps, steps_per_epoch=steps_per_epoch,
         global_step=scheduler.last_epoch)
@@ -620,6 +644,7 @@ def start_logger(ctx: Context, resume_state: dict | None, start_epoch: int) -> M
 def epoch_metrics(train: dict, val: dict | None, nonfinite: int, baselines: dict | None, seconds: float) -> dict:
     """What MLflow gets for one epoch (never a NaN: an epoch without a validation result logs none)."""
     metrics = {f"train_{name}": train[name] for name in METRIC_NAMES}
+    metrics.update({f"train_{name}": value for name, value in train.get("gradients", {}).items()})
     metrics.update(learning_rate=train["learning_rate"], skipped_steps=train["skipped_steps"],
                    epoch_seconds=seconds, val_nonfinite_examples=nonfinite)
     if val is not None:
@@ -701,7 +726,7 @@ class Reporter:
             codec_fingerprint=ctx.train_set.codec_fingerprint, encodec_weights=args.encodec_weights,
             mlflow_run_id=self.logger.run_id, best_val_loss=progress.best_val_loss, best=progress.best,
             val_loss=shown["loss"], segment_frames=args.segment_frames, skipped_steps=progress.skipped_steps,
-            world_size=ctx.world_size)
+            world_size=ctx.world_size, balancer=ctx.balancer.state_dict())
         save_checkpoint(Path(args.checkpoint_dir) / LATEST_NAME, state)
         if is_best:
             save_checkpoint(Path(args.checkpoint_dir) / BEST_NAME, state)

@@ -3,6 +3,8 @@
     python bench/bench_train_step.py                                  # one step config, JSON line
     python bench/bench_train_step.py --segment_seconds 2 4 8          # memory vs segment length
     python bench/bench_train_step.py --segment_seconds 8 --decoder_checkpointing both
+    python bench/bench_train_step.py --loss_balancer true                 # the step with the loss balancer
+    python bench/bench_train_step.py --compare_balancer                   # steps without/with it, interleaved
     python bench/bench_train_step.py --mode loader --data_dir data_cache/demo --num_workers 2
     python bench/bench_train_step.py --target_audio codec                    # references read (stored)
     python bench/bench_train_step.py --target_audio codec --codec_references decoded   # decoded every step
@@ -12,7 +14,10 @@ EnCodec decoder, CombinedLoss, AdamW + the worker's LR schedule) on synthetic la
 train_simple_worker.train_step. It prints one JSON line per config with the median step time, audio
 seconds trained per wall second, the decoder's forward+backward alone on the same batch (the part no
 implementation of this design can avoid), their ratio, the share of each stage (from a second,
-instrumented pass that runs the same operations one at a time) and peak memory (CPU: peak RSS and its
+instrumented pass that runs the same operations one at a time), what measuring the per-component
+gradients at the output audio costs (`loss_gradients`: one autograd.grad per trained component on the loss
+graph, against one backward of the weighted sum through the same graph, as the step did before the
+measurement; `gradient_measurement_overhead` = their difference over the step) and peak memory (CPU: peak RSS and its
 growth during the steps; CUDA: max_memory_allocated). Several configs run in fresh subprocesses so each
 peak is its own. The codec is the random one: timings do not depend on the weights' values.
 With --target_audio codec the batch carries the decoded references, as the loader hands them out once
@@ -33,11 +38,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from balancer import LossBalancer  # noqa: E402
 from codec import FRAME_RATE, HOP_LENGTH, LATENT_DIM, SAMPLE_RATE, FrozenDecoder, load_codec  # noqa: E402
 from data import ContinuationDataset, LatentNormalizer  # noqa: E402
 from evaluation import decode_latents, reference_audio  # noqa: E402
 from losses import LOSSES, CombinedLoss, weights_from_flags  # noqa: E402
 from model import ContinuationTransformer  # noqa: E402
+from train_simple_ddp import parse_bool  # noqa: E402
 from train_simple_worker import autocast_for, build_optimizer, optimizer_update, to_device, train_step  # noqa: E402
 
 
@@ -52,6 +59,10 @@ def parse_args(argv=None):
     for component in LOSSES:   # default: every component trained, the most expensive step
         parser.add_argument(component.flag, type=float, default=0.25, help=component.help)
     parser.add_argument("--grad_clip", type=float, default=1.0)
+    parser.add_argument("--loss_balancer", type=parse_bool, default=False, help="as the launcher's flag")
+    parser.add_argument("--compare_balancer", action="store_true",
+                        help="also time --steps steps without and with the balancer, alternating in this process "
+                             "(robust to a machine whose load drifts): their medians and ratio")
     parser.add_argument("--target_audio", choices=("original", "codec"), default="original",
                         help="codec: the references are the decoder's audio of the true latents")
     parser.add_argument("--codec_references", choices=("stored", "decoded"), default="stored",
@@ -122,24 +133,36 @@ def build_training_parts(args, frames: int, checkpointing: bool, device: torch.d
     optimizer, scheduler = build_optimizer(model, lr=1e-4, weight_decay=0.01, warmup_steps=10, total_steps=1000)
     if args.compile:
         model = torch.compile(model)
-    return model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast_for(device)
+    balancer = LossBalancer(loss_fn.weights, args.loss_balancer)
+    return model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast_for(device), balancer
 
 
 def stage_times(parts, host_batch, device, grad_clip: float, target_audio: str) -> dict:
-    """The step's operations one at a time, each timed (same order and work as train_step)."""
-    model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast = parts
+    """The step's operations one at a time, each timed (same order and work as train_step), and one backward
+    of the weighted sum through the same loss graph (`single_loss_backward`: what the step cost before it
+    measured each component's gradient; not part of the step)."""
+    model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast, balancer = parts
     times = {}
     times["data"], batch = timed(lambda: to_device(host_batch, device), device)
     with autocast():
         times["references"], references = timed(
             lambda: reference_audio(batch, decoder, normalizer, target_audio), device)
         times["model_forward"], prediction = timed(lambda: model(batch["input_latent"]), device)
-        times["decoder_forward"], audio = timed(lambda: decode_latents(decoder, normalizer, prediction), device)
-    times["losses"], (total, _) = timed(lambda: loss_fn(audio, *references), device)
-    times["backward"], _ = timed(total.backward, device)
-
-    times["optimizer"], _ = timed(lambda: optimizer_update(model, optimizer, scheduler, total, grad_clip), device)
-    return times
+        times["decoder_forward"], output = timed(lambda: decode_latents(decoder, normalizer, prediction), device)
+    audio = output.detach().float().requires_grad_(True)
+    times["losses"], terms = timed(lambda: loss_fn.terms(audio, *references), device)
+    balancer.start_step()
+    times["loss_gradients"], gradient = timed(
+        lambda: balancer.gradient({name: terms[name] for name in balancer.names}, audio), device)
+    times["backward"], _ = timed(lambda: output.backward(gradient.to(output.dtype)), device)
+    total = loss_fn.weighted_sum(terms).detach()
+    times["optimizer"], _ = timed(lambda: optimizer_update(model, optimizer, scheduler, total, grad_clip,
+                                                           balancer.finite), device)
+    balancer.end_step(True)
+    again = audio.detach().requires_grad_(True)
+    single_total = loss_fn.weighted_sum(loss_fn.terms(again, *references))
+    single, _ = timed(lambda: torch.autograd.grad(single_total, again), device)
+    return times, single
 
 
 def decoder_alone(decoder, batch, device) -> float:
@@ -152,11 +175,27 @@ def decoder_alone(decoder, batch, device) -> float:
     return seconds
 
 
+def compare_balancer(args, parts, host_batch, device) -> dict:
+    """Median step time without and with the balancer, the two alternating step by step."""
+    model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast, _ = parts
+    balancers = {False: LossBalancer(loss_fn.weights, False), True: LossBalancer(loss_fn.weights, True)}
+    times = {False: [], True: []}
+    for _ in range(args.steps):
+        for balance, balancer in balancers.items():
+            seconds, _ = timed(lambda b=balancer: train_step(
+                model, decoder, normalizer, loss_fn, optimizer, scheduler, to_device(host_batch, device),
+                grad_clip=args.grad_clip, autocast_ctx=autocast, target_audio=args.target_audio, balancer=b), device)
+            times[balance].append(seconds)
+    off, on = statistics.median(times[False]), statistics.median(times[True])
+    return {"step_seconds_balancer_off": round(off, 4), "step_seconds_balancer_on": round(on, 4),
+            "balancer_step_ratio": round(on / off, 4)}
+
+
 def bench_step(args, segment_seconds: float, checkpointing: bool) -> dict:
     device = torch.device(args.device)
     frames = round(segment_seconds * FRAME_RATE)
     parts = build_training_parts(args, frames, checkpointing, device)
-    model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast = parts
+    model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast, balancer = parts
     stored = args.target_audio == "codec" and args.codec_references == "stored"
     host_batch = synthetic_batch(args.batch_size, frames, device, stored_references=stored)
     if device.type == "cuda":
@@ -167,16 +206,21 @@ def bench_step(args, segment_seconds: float, checkpointing: bool) -> dict:
     for index in range(args.warmup + args.steps):
         seconds, _ = timed(lambda: train_step(model, decoder, normalizer, loss_fn, optimizer, scheduler,
                                               to_device(host_batch, device), grad_clip=args.grad_clip,
-                                              autocast_ctx=autocast, target_audio=args.target_audio), device)
+                                              autocast_ctx=autocast, target_audio=args.target_audio,
+                                              balancer=balancer), device)
         if index >= args.warmup:
             step_times.append(seconds)
     peak = peak_rss_mb() if device.type == "cpu" else torch.cuda.max_memory_allocated(device) / 2**20
     batch = to_device(host_batch, device)
     with autocast():
         decoder_times = [decoder_alone(decoder, batch, device) for _ in range(args.steps)]
-    stages = [stage_times(parts, host_batch, device, args.grad_clip, args.target_audio) for _ in range(args.steps)]
+    runs = [stage_times(parts, host_batch, device, args.grad_clip, args.target_audio) for _ in range(args.steps)]
+    stages = [times for times, _ in runs]
     stage_medians = {name: statistics.median(run[name] for run in stages) for name in stages[0]}
     stage_sum = sum(stage_medians.values())
+    single_backward = statistics.median(single for _, single in runs)
+
+    comparison = compare_balancer(args, parts, host_batch, device) if args.compare_balancer else {}
 
     step = statistics.median(step_times)
     decode = statistics.median(decoder_times)
@@ -191,9 +235,14 @@ def bench_step(args, segment_seconds: float, checkpointing: bool) -> dict:
         "audio_seconds_per_second": round(args.batch_size * frames * HOP_LENGTH / SAMPLE_RATE / step, 3),
         "decoder_fwd_bwd_seconds": round(decode, 4),
         "step_over_decoder": round(step / decode, 3),
+        "loss_balancer": args.loss_balancer,
         "stage_share": {name: round(value / stage_sum, 3) for name, value in stage_medians.items()},
+        "loss_gradients_seconds": round(stage_medians["loss_gradients"], 4),
+        "single_loss_backward_seconds": round(single_backward, 4),
+        "gradient_measurement_overhead": round((stage_medians["loss_gradients"] - single_backward) / stage_sum, 4),
         "peak_memory_mb": round(peak, 1),
         "step_memory_growth_mb": round(peak - rss_before, 1) if device.type == "cpu" else round(peak, 1),
+        **comparison,
     }
 
 
