@@ -71,8 +71,8 @@ def mlflow_server(tmp_path_factory) -> str:
 
 
 def _stop_process_group(process: subprocess.Popen) -> None:
-    """SIGTERM the server's process group, then SIGKILL whatever is still there after 10 s."""
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+    """SIGTERM the server's process group, then SIGKILL whatever is still there after 3 s."""
+    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:

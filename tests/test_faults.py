@@ -69,7 +69,7 @@ def test_runs_creating_one_new_sqlite_store_at_once_all_succeed(tmp_path):
     """Without the store lock, two of two such starts failed in alembic's migration ('table ... exists')."""
     script = ("import sys; sys.path.insert(0, sys.argv[1]); from mlflow_logger import MlflowLogger; "
               "print(MlflowLogger(sys.argv[2], 'race').run_id)")
-    uri = sqlite_uri(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'new.db'}"
     starts = [subprocess.Popen([sys.executable, "-c", script, str(ROOT), uri], cwd=tmp_path, env=clean_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
     results = [(process.wait(timeout=RUN_TIMEOUT), process.communicate()) for process in starts]
@@ -101,7 +101,7 @@ def test_an_unusable_checkpoint_dir_is_refused_before_training(tiny_cache, tmp_p
                                       f"({os.strerror(30)})"}
     for folder, expected in cases.items():
         result = run_launcher(["--data_dir", tiny_cache, "--checkpoint_dir", folder, "--epochs", 1,
-                               "--mlflow_tracking_uri", sqlite_uri(tmp_path)] + TINY, cwd=tmp_path)
+                               "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"] + TINY, cwd=tmp_path)
         assert result.returncode == 2 and result.stderr.strip() == expected, result.stderr[-3000:]
         assert not (tmp_path / "mlflow.db").exists()            # refused before anything ran
 
@@ -138,6 +138,28 @@ def test_a_rank_killed_under_torchrun_is_named_once_by_the_survivor(tiny_cache, 
     latest.pt with its epoch, exit non-zero, no traceback or DataLoader / gloo / sqlalchemy noise."""
     ok, detail = fault_trials.torchrun_kill_trial(str(tiny_cache), tmp_path)
     assert ok, detail + "\n" + (tmp_path / "stderr.txt").read_text()[-4000:]
+
+
+def test_a_sigchld_caught_with_the_sigterm_prints_nothing():
+    """torchrun's SIGTERM and the SIGCHLD of a dying DataLoader worker can be pending together; Python then runs
+    the SIGTERM handler first (lower number), which replaces the DataLoader's SIGCHLD handler. Replacing it by
+    SIG_DFL printed 'OSError: Signal 17 ignored due to race condition' with a traceback (1 of 5 kill trials)."""
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+from train_simple_worker import expect_worker_deaths
+signal.signal(signal.SIGCHLD, lambda signum, frame: None)          # the DataLoader's handler
+signal.signal(signal.SIGTERM, lambda signum, frame: expect_worker_deaths())
+both = {{signal.SIGCHLD, signal.SIGTERM}}
+signal.pthread_sigmask(signal.SIG_BLOCK, both)
+os.kill(os.getpid(), signal.SIGCHLD)
+os.kill(os.getpid(), signal.SIGTERM)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, both)                    # both handled now, SIGTERM first
+print("handled")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "handled", result.stderr[-2000:]
+    assert result.stderr == "", result.stderr
 
 
 def test_an_early_rank_failure_leaves_no_process_behind(tiny_cache, tmp_path):

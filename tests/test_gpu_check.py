@@ -3,6 +3,7 @@ its resume with --logger jsonl, the step benchmark) at tiny sizes, so the script
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_check_cpu_mode_passes_and_ends_with_one_json_line(tmp_path):
-    result = subprocess.run(["bash", "bench/gpu_check.sh", "--cpu", "--out_dir", str(tmp_path)], cwd=ROOT,
+def test_gpu_check_cpu_mode_passes_and_ends_with_one_json_line(tiny_cache, tmp_path):
+    # A cache is given, as on the GPU machine (the carried .gpu_check/cache; its own fallback is prepare_data.py
+    # --demo, tested in tests/test_data.py), without decoded references: the training must build them.
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache, ignore=shutil.ignore_patterns("references"))
+    result = subprocess.run(["bash", "bench/gpu_check.sh", "--cpu", "--out_dir", str(tmp_path / "out"),
+                             "--data_dir", str(cache)], cwd=ROOT,
                             capture_output=True, text=True, timeout=600, env={"PYTHON": sys.executable,
                                                                               "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -21,8 +27,8 @@ def test_gpu_check_cpu_mode_passes_and_ends_with_one_json_line(tmp_path):
     assert summary["cuda_tests"]["result"].startswith("4 passed")        # --compile is not run on the CPU
     training = summary["training"]
     assert training["exit_codes"] == [0, 0] and training["epochs"] == 2 and training["references_built"]
-    assert (tmp_path / "training" / "latest.pt").is_file()
-    logged = [json.loads(line) for line in (tmp_path / "training" / "metrics.jsonl").read_text().splitlines()]
+    assert (tmp_path / "out" / "training" / "latest.pt").is_file()
+    logged = [json.loads(line) for line in (tmp_path / "out" / "training" / "metrics.jsonl").read_text().splitlines()]
     assert {row["kind"] for row in logged} >= {"params", "metrics", "finish"}
     assert len({row["run_id"] for row in logged}) == 1                    # the resume continued the same run
     rows = summary["bench"]["rows"]

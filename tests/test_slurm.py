@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from test_ablate import GRID, MAX_WINDOWS, TINY, all_runs  # noqa: E402
-from test_training import epoch_blocks  # noqa: E402
+from test_training import epoch_blocks, sqlite_uri  # noqa: E402
 
 import ablate  # noqa: E402
 from checkpoint import load_checkpoint  # noqa: E402
@@ -86,7 +86,7 @@ def release_requeued(job_id: str) -> None:
 
 def train_flags(cache: Path, checkpoint_dir: Path, epochs: int) -> list:
     return ["--data_dir", cache, "--epochs", epochs, "--batch_size", 2, "--checkpoint_dir", checkpoint_dir,
-            "--mlflow_tracking_uri", f"sqlite:///{checkpoint_dir.parent / 'mlflow.db'}", *TINY_TRAIN]
+            "--mlflow_tracking_uri", sqlite_uri(checkpoint_dir.parent), *TINY_TRAIN]
 
 
 TINY_TRAIN = ["--segment_frames", 8, "--d_model", 32, "--num_layers", 1, "--num_heads", 2, "--num_workers", 0,

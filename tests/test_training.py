@@ -8,11 +8,14 @@ MlflowClient reads for the logging.
 """
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -39,9 +42,30 @@ PARTS = rf"{NUMBER} \(" + ", ".join(rf"{c.short}: {NUMBER}" for c in LOSSES) + r
 EPOCH_BLOCK = re.compile(rf"^Epoch (\d+)/(\d+):\n  Train Loss: {PARTS}\n  Val Loss:   {PARTS}\n  LR: {NUMBER}$",
                          re.MULTILINE)
 RUN_TIMEOUT = 420        # seconds: a hung job fails the test instead of blocking the suite
+_EMPTY_STORE = []        # the path of an empty sqlite MLflow store, made once per test session
 
 
-def run_launcher(argv, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+def sqlite_uri(folder: Path) -> str:
+    """An MLflow sqlite store in `folder`: a copy of an empty one made once, since creating the schema takes
+    5-7 s on 2 cores and a run that creates its own store is not what most tests test (the race test and the
+    default-flags tests still create theirs)."""
+    path = folder / "mlflow.db"
+    if not path.exists():
+        if not _EMPTY_STORE:
+            from mlflow.tracking import MlflowClient
+            empty = Path(tempfile.mkdtemp(prefix="mlflow-empty-")) / "mlflow.db"
+            MlflowClient(f"sqlite:///{empty}").search_experiments()      # creates the schema
+            _EMPTY_STORE.append(empty)
+            atexit.register(shutil.rmtree, empty.parent, ignore_errors=True)
+        shutil.copyfile(_EMPTY_STORE[0], path)
+    return f"sqlite:///{path}"
+
+
+def run_launcher(argv, cwd: Path, env: dict | None = None, new_store: bool = False) -> subprocess.CompletedProcess:
+    """train_simple_ddp.py ARGV in `cwd`; MLflow's default store there starts as a copy of an empty one unless
+    `new_store` (the run creates it, as a user's first run does)."""
+    if not new_store and "--mlflow_tracking_uri" not in map(str, argv):
+        sqlite_uri(Path(cwd))
     environment = {key: value for key, value in os.environ.items()
                    if key not in ("MLFLOW_TRACKING_URI", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     environment.update(env or {})
@@ -472,15 +496,30 @@ def test_resume_auto_continues_to_the_same_weights_and_mlflow_run(crashed_run, r
     assert client.get_run(first_run_id).info.status == "FINISHED"
 
 
-def test_two_processes_match_one_process_on_the_same_global_batch(tiny_cache, tmp_path):
-    common = ["--data_dir", tiny_cache, "--epochs", 1, "--dropout", 0.0,
-              "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"] + TINY
-    one = run_launcher(common + ["--nproc", 1, "--batch_size", 4, "--checkpoint_dir", tmp_path / "one"], tmp_path)
-    # activation checkpointing through the decoder must not change the gradients either
-    two = run_launcher(common + ["--nproc", 2, "--batch_size", 2, "--checkpoint_dir", tmp_path / "two",
-                                 "--decoder_checkpointing", "true"], tmp_path)
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
-    assert_same_training(model_weights(tmp_path / "one"), model_weights(tmp_path / "two"), initial_weights())
+def two_ranks_flags(cache: Path, folder: Path) -> list:
+    """1 epoch, 2 ranks x batch 2, with activation checkpointing through the decoder (it must not change the
+    gradients either); shared by the single-process and the torchrun comparisons."""
+    return ["--data_dir", cache, "--epochs", 1, "--dropout", 0.0, "--mlflow_tracking_uri", sqlite_uri(folder),
+            "--batch_size", 2, "--decoder_checkpointing", "true"] + TINY
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_cache, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The launcher's own spawning of 2 ranks: its checkpoint folder and its output."""
+    folder = tmp_path_factory.mktemp("two_ranks")
+    result = run_launcher(two_ranks_flags(tiny_cache, folder) + ["--nproc", 2, "--checkpoint_dir", folder / "ck"],
+                          folder)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return folder / "ck", result
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(tiny_cache, tmp_path, two_ranks):
+    one = run_launcher(["--data_dir", tiny_cache, "--epochs", 1, "--dropout", 0.0, "--mlflow_tracking_uri",
+                        sqlite_uri(tmp_path), "--nproc", 1, "--batch_size", 4, "--checkpoint_dir", tmp_path / "one"]
+                       + TINY, tmp_path)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two_dir, two = two_ranks
+    assert_same_training(model_weights(tmp_path / "one"), model_weights(two_dir), initial_weights())
     block_one, block_two = epoch_blocks(one.stdout)[1], epoch_blocks(two.stdout)[1]
     for split in ("train", "val"):
         # total, rms_in, rms_tgt and mel are per-example means: the same whatever the sharding
@@ -495,7 +534,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tiny_cache, tm
 def test_non_finite_losses_in_a_row_stop_every_rank(tiny_cache, tmp_path):
     result = run_launcher(["--data_dir", tiny_cache, "--nproc", 2, "--batch_size", 2, "--epochs", 2,
                            "--checkpoint_dir", tmp_path / "ck", "--mlflow_tracking_uri",
-                           f"sqlite:///{tmp_path / 'mlflow.db'}"] + TINY, cwd=tmp_path,
+                           sqlite_uri(tmp_path)] + TINY, cwd=tmp_path,
                           env={"TRAIN_SIMPLE_TEST_NAN": "1:all"})
     assert result.returncode != 0
     assert "update skipped on all ranks (1 in a row)" in result.stderr
@@ -506,7 +545,7 @@ def test_non_finite_losses_in_a_row_stop_every_rank(tiny_cache, tmp_path):
 def test_unity_test_drives_the_loss_down(tiny_cache, tmp_path):
     result = run_launcher(["--data_dir", tiny_cache, "--nproc", 1, "--batch_size", 4, "--epochs", 6,
                            "--unity_test", "true", "--checkpoint_dir", tmp_path / "ck", "--mlflow_tracking_uri",
-                           f"sqlite:///{tmp_path / 'mlflow.db'}", "--target_audio", "original"]
+                           sqlite_uri(tmp_path), "--target_audio", "original"]
                           + TINY + ["--lr", 3e-3, "--dropout", 0.0], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     blocks = epoch_blocks(result.stdout)
@@ -519,21 +558,19 @@ def test_unity_test_drives_the_loss_down(tiny_cache, tmp_path):
 def test_gradient_accumulation_matches_the_larger_batch(tiny_cache, tmp_path):
     """--batch_size 2 --grad_accum_steps 2 takes the steps --batch_size 4 takes (the default weights are per-example
     RMS terms, so the objective is a mean over examples either way): same weights up to float32 rounding, the
-    same number of optimiser steps and LR, and epoch figures that mean the same. So do 2 ranks accumulating
-    micro-batches of 1 (DDP all-reduces on the last micro-batch only): the same 4 examples per step."""
+    same number of optimiser steps and LR, and epoch figures that mean the same. (2 ranks accumulating
+    micro-batches of 1, where DDP all-reduces on the last micro-batch only, run the same train_step in
+    test_balancer.test_one_rank_batch_4_equals_two_ranks_and_accumulation.)"""
     common = ["--data_dir", tiny_cache, "--epochs", 2, "--dropout", 0.0,
-              "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"] + TINY
-    big = run_launcher(common + ["--nproc", 1, "--batch_size", 4, "--checkpoint_dir", tmp_path / "big"], tmp_path)
-    accumulated = run_launcher(common + ["--nproc", 1, "--batch_size", 2, "--grad_accum_steps", 2,
+              "--mlflow_tracking_uri", sqlite_uri(tmp_path), "--nproc", 1] + TINY
+    big = run_launcher(common + ["--batch_size", 4, "--checkpoint_dir", tmp_path / "big"], tmp_path)
+    accumulated = run_launcher(common + ["--batch_size", 2, "--grad_accum_steps", 2,
                                          "--checkpoint_dir", tmp_path / "accum"], tmp_path)
-    ranks = run_launcher(common + ["--nproc", 2, "--batch_size", 1, "--grad_accum_steps", 2,
-                                   "--checkpoint_dir", tmp_path / "ranks"], tmp_path)
-    for result in (big, accumulated, ranks):
+    for result in (big, accumulated):
         assert result.returncode == 0, result.stderr[-2000:]
-    for folder in ("accum", "ranks"):
-        assert_same_training(model_weights(tmp_path / "big"), model_weights(tmp_path / folder), initial_weights())
+    assert_same_training(model_weights(tmp_path / "big"), model_weights(tmp_path / "accum"), initial_weights())
     steps = steps_per_epoch(tiny_cache, nproc=1, batch_size=4)
-    for folder in ("big", "accum", "ranks"):
+    for folder in ("big", "accum"):
         state = load_checkpoint(tmp_path / folder / "latest.pt")
         assert state["scheduler"]["last_epoch"] == 2 * steps and state["schedule_steps"] == 2 * steps
     for epoch in (1, 2):
@@ -542,21 +579,18 @@ def test_gradient_accumulation_matches_the_larger_batch(tiny_cache, tmp_path):
         assert a["train"][0] == pytest.approx(b["train"][0], rel=1e-3)
 
 
-def test_torchrun_and_the_launcher_train_the_same_weights(tiny_cache, tmp_path):
+def test_torchrun_and_the_launcher_train_the_same_weights(tiny_cache, tmp_path, two_ranks):
     """The multi-node path (torchrun starts the ranks, the script runs the worker directly) against the
     launcher's own spawning: the same ranks doing the same work, so the weights are identical."""
-    common = ["--data_dir", tiny_cache, "--epochs", 1, "--batch_size", 2, "--dropout", 0.0,
-              "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"] + TINY
-    spawned = run_launcher(common + ["--nproc", 2, "--checkpoint_dir", tmp_path / "spawned"], tmp_path)
     environment = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
     torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               str(ROOT / "train_simple_ddp.py"), *map(str, common),
+                               str(ROOT / "train_simple_ddp.py"), *map(str, two_ranks_flags(tiny_cache, tmp_path)),
                                "--checkpoint_dir", str(tmp_path / "torchrun")],
                               cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=RUN_TIMEOUT)
-    assert spawned.returncode == 0, spawned.stderr[-2000:]
     assert torchrun.returncode == 0, torchrun.stderr[-3000:]
+    spawned_dir, spawned = two_ranks
     assert epoch_blocks(torchrun.stdout)[1] == epoch_blocks(spawned.stdout)[1]
-    assert_same_weights(model_weights(tmp_path / "spawned"), model_weights(tmp_path / "torchrun"), atol=0.0)
+    assert_same_weights(model_weights(spawned_dir), model_weights(tmp_path / "torchrun"), atol=0.0)
     assert load_checkpoint(tmp_path / "torchrun" / "latest.pt")["world_size"] == 2
 
 
@@ -574,7 +608,7 @@ def test_the_slurm_template_runs_torchrun_on_every_node(tiny_cache, tmp_path):
                        SLURM_JOB_NODELIST="node1", SLURM_JOB_ID="4242", SLURM_GPUS_ON_NODE="2",
                        SLURM_SUBMIT_DIR=str(ROOT), RDZV_PORT=str(free_port()))
     argv = ["--data_dir", tiny_cache, "--epochs", 1, "--batch_size", 2, "--checkpoint_dir", tmp_path / "ck",
-            "--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"] + TINY
+            "--mlflow_tracking_uri", sqlite_uri(tmp_path)] + TINY
     result = subprocess.run(["bash", str(ROOT / "cluster" / "train.sbatch"), *map(str, argv)], cwd=tmp_path,
                             env=environment, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
