@@ -17,7 +17,7 @@ set -euo pipefail
 DIR=${DEV_SLURM_DIR:-/tmp/dev_slurm-$(id -u)}
 PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server-core mariadb-client-core)
 COMMANDS=(slurmctld slurmd sbatch munged slurmdbd mariadbd mariadb-install-db mariadb)
-DAEMONS=(slurmd slurmctld slurmdbd mariadb munged)       # stop order (start is the reverse)
+DAEMONS=(slurmd slurmctld slurmdbd mariadb munged)       # start is the reverse order
 START_TIMEOUT=${DEV_SLURM_TIMEOUT:-90}                     # seconds for each daemon to answer
 
 say() { echo "dev_slurm: $*" >&2; }
@@ -177,17 +177,20 @@ node_idle() {
 }
 
 stop() {
-    local pid_file pid
+    # SIGTERM to every daemon at once, then wait for all: each takes 2-4 s to exit, so one by one took ~12 s.
+    local pid_file pid pids=()
     for name in "${DAEMONS[@]}"; do
         pid_file="$DIR/run/$name.pid"
         [[ -s $pid_file ]] || continue
         pid=$(cat "$pid_file")
-        if kill -0 "$pid" 2>/dev/null; then
-            kill -TERM "$pid" 2>/dev/null || true
-            for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-            kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+        if kill -0 "$pid" 2>/dev/null && kill -TERM "$pid" 2>/dev/null; then
+            pids+=("$pid")
         fi
         rm -f "$pid_file"
+    done
+    for pid in "${pids[@]}"; do
+        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
     done
     return 0
 }
