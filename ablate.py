@@ -47,6 +47,7 @@ from ablation_report import BASELINES, figure_names, write_report  # noqa: E402,
 from executors import ExecutorError, Runner  # noqa: E402
 from mlflow_logger import PARENT_TAG, git_commit  # noqa: E402  (light: no torch, no mlflow at import)
 from mlflow_logger import short as one_line  # noqa: E402
+from utils import exit_now  # noqa: E402  (light: standard library only)
 
 ROOT = Path(__file__).resolve().parent
 LAUNCHER = ROOT / "train_simple_ddp.py"
@@ -887,7 +888,4 @@ def log_evaluation(study_run: Study, run_id: str, result: dict) -> None:
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)     # no teardown of torch and MLflow (~2 s on 2 cores): every file and run is written by now
+    exit_now(main())     # every file and run is written by now

@@ -30,7 +30,7 @@ from checkpoint import describe_latest
 from codec import HOP_LENGTH, WEIGHT_CHOICES_HELP, CodecLoadError, codec_fingerprint, load_codec
 from evaluation import TARGET_AUDIO_CHOICES, resolve_target_audio
 from losses import LOSSES, CombinedLoss, check_weights, weights_from_flags
-from utils import OneLineParser, check_mlflow_server, free_port
+from utils import OneLineParser, check_mlflow_server, exit_now, free_port
 
 
 def parse_bool(text: str) -> bool:
@@ -371,7 +371,7 @@ def main(argv=None) -> int:
     nproc = resolve_nproc(args)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
                       LOCAL_WORLD_SIZE=str(nproc))
-    # Ranks that fail or are interrupted leave with os._exit, so the semaphores of their DataLoader queues
+    # Ranks leave with os._exit (train_simple_worker.leave), so the semaphores of their DataLoader queues
     # are freed by multiprocessing's resource tracker, which would warn about each: it inherits this -W.
     sys.warnoptions.append("ignore:resource_tracker:UserWarning")
     become_subreaper()
@@ -495,7 +495,4 @@ def stop(ranks: list) -> None:
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)     # no teardown of torch (~1 s on 2 cores): the ranks are gone and nothing is left to write
+    exit_now(main())     # the ranks are gone and nothing is left to write

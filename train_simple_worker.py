@@ -55,7 +55,7 @@ from evaluation import (
 from losses import LOSS_COMPONENTS, LOSSES, CombinedLoss, weights_from_flags
 from mlflow_logger import JsonlLogger, MlflowLogger, git_commit
 from model import ContinuationTransformer
-from utils import one_line, strip_exception_prefix, warn
+from utils import exit_now, one_line, strip_exception_prefix, warn
 
 MAX_CONSECUTIVE_SKIPS = 10     # this many non-finite steps in a row end the run: training has diverged
 AUDIO_EXAMPLES = 3             # validation examples written as WAV + spectrogram every --log_audio_every epochs
@@ -873,9 +873,7 @@ def leave(code: int) -> NoReturn:
     each on a busy machine) and print their tracebacks ('DataLoader worker ... is killed by signal: Terminated'
     when torchrun has signalled them). The workers die with the rank (die_with_parent), and a resource tracker
     frees their semaphores (its warnings are off: guarded_run)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_now(code)
 
 
 def error_line(error: BaseException) -> str:
