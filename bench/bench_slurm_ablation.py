@@ -4,12 +4,13 @@
     python bench/bench_slurm_ablation.py --epochs 2 --cells 2
 
 1. The same tiny grid (--cells cells x 1 seed, --epochs epochs, 1 CPU process each) on the 4-track test cache:
-   once with --executor local, once with --executor slurm (a fresh study each, one MLflow server on 127.0.0.1):
-   the time from the command to every cell submitted, each cell's queue wait and run time from sacct, and the
-   wall time of both studies; overhead per cell = (slurm wall - local wall) / cells when the cells run one at a
-   time (--slurm_parallel 1), so the two do the same work in the same order.
+   --repeats times with --executor local and with --executor slurm, interleaved (a fresh study each, one MLflow
+   server on 127.0.0.1): the time from the command to every cell submitted, each cell's queue wait and run time
+   from sacct, and the wall time of every study; overhead per cell = (median slurm wall - median local wall) /
+   cells when the cells run one at a time (--slurm_parallel 1), so the two do the same work in the same order.
 2. The demo corpus prepared by `sbatch --array=0-1 cluster/prepare.sbatch` and by one prepare_data.py process:
-   wall times and the SHA-256 of every file in tracks/, and the manifests apart from timings.
+   wall times (the array's: from submission to the merged manifest) and the SHA-256 of every file in tracks/, and
+   the manifests apart from timings.
 Everything goes to a temporary folder, deleted afterwards unless --keep.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +40,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", type=int, default=2, help="cells in the grid (default 2)")
     parser.add_argument("--epochs", type=int, default=1, help="epochs per cell (default 1)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="studies per executor, interleaved local, slurm, local, ... (default 3): the first "
+                             "study on a fresh server and cold caches is the slowest, whichever executor runs it")
     parser.add_argument("--keep", action="store_true", help="keep the work folder afterwards")
     parser.add_argument("--skip_prepare", action="store_true", help="only the ablation figures")
     return parser.parse_args(argv)
@@ -74,11 +79,12 @@ def start_mlflow(work: Path) -> tuple[subprocess.Popen, str]:
     sys.exit("bench_slurm_ablation.py: mlflow server did not answer")
 
 
-def run_study(executor: str, work: Path, cache: Path, grid: Path, uri: str, epochs: int) -> dict:
-    out = work / f"study_{executor}"
+def run_study(executor: str, work: Path, cache: Path, grid: Path, uri: str, epochs: int, repeat: int) -> dict:
+    out = work / f"study_{executor}_{repeat}"
     command = [sys.executable, str(REPO / "ablate.py"), "--executor", executor, "--data_dir", str(cache),
                "--out_dir", str(out), "--grid", str(grid), "--seeds", "1", "--max_windows", "4",
-               "--mlflow_tracking_uri", uri, "--experiment_name", f"bench-{executor}", "--epochs", str(epochs), *TINY]
+               "--mlflow_tracking_uri", uri, "--experiment_name", f"bench-{executor}-{repeat}", "--epochs",
+               str(epochs), *TINY]
     if executor == "slurm":
         command += ["--slurm_parallel", "1"]
     started = time.perf_counter()
@@ -113,19 +119,25 @@ def bench_ablation(work: Path, args) -> None:
     grid.write_text(json.dumps([{"name": f"cell{index}", "flags": {"loss_weight_target": 1.0 / (index + 1)}}
                                 for index in range(args.cells)]))
     server, uri = start_mlflow(work)
+    walls = {"local": [], "slurm": []}
     try:
-        local = run_study("local", work, cache, grid, uri, args.epochs)
-        slurm = run_study("slurm", work, cache, grid, uri, args.epochs)
+        for repeat in range(args.repeats):
+            for executor in walls:
+                study = run_study(executor, work, cache, grid, uri, args.epochs, repeat)
+                walls[executor].append(study["wall"])
     finally:
         server.terminate()
         server.wait(timeout=30)
+    slurm = study
     times = sacct_times(slurm["out"])
     print(f"ablation ({args.cells} cells x 1 seed, {args.epochs} epoch(s), tiny model, CPU): command to every cell "
           f"submitted {slurm['submitted']:.1f} s; per cell queued " +
           ", ".join(f"{queued:.0f} s" for _, queued, _ in times) + ", running " +
           ", ".join(f"{elapsed:.0f} s" for _, _, elapsed in times), flush=True)
-    print(f"ablation wall: local {local['wall']:.1f} s, slurm (--slurm_parallel 1) {slurm['wall']:.1f} s; overhead "
-          f"per cell {(slurm['wall'] - local['wall']) / args.cells:.1f} s", flush=True)
+    local, slurm = (statistics.median(walls[executor]) for executor in ("local", "slurm"))
+    print("ablation wall (in order of the runs): local " + ", ".join(f"{wall:.1f}" for wall in walls["local"]) +
+          " s; slurm (--slurm_parallel 1) " + ", ".join(f"{wall:.1f}" for wall in walls["slurm"]) +
+          f" s; overhead per cell (medians) {(slurm - local) / args.cells:.1f} s", flush=True)
 
 
 def digests(cache: Path) -> dict[str, str]:
@@ -144,12 +156,14 @@ def bench_prepare(work: Path) -> None:
     subprocess.run([sys.executable, str(REPO / "prepare_data.py"), *flags, "--out_dir", str(work / "one")],
                    check=True, stdout=subprocess.DEVNULL)
     one = time.perf_counter() - started
-    started = time.perf_counter()
+    submitted = time.time()
     subprocess.run(["sbatch", "--wait", "--array=0-1", "--cpus-per-task=1", "--time=30",
                     f"--output={work}/prepare-%A_%a.out", str(REPO / "cluster" / "prepare.sbatch"), *flags,
                     "--out_dir", str(work / "sharded")], check=True, cwd=REPO, stdout=subprocess.DEVNULL,
                    env={**os.environ, "PYTHON": sys.executable})
-    sharded = time.perf_counter() - started
+    # Until the merge wrote the manifest (its last write), not until `sbatch --wait` returned: that polls the
+    # job's state at growing intervals and came back 16 s after the manifest here.
+    sharded = (work / "sharded" / "manifest.json").stat().st_mtime - submitted
     manifest = data.read_manifest(work / "one")
     minutes = sum(track["duration"] for track in manifest["tracks"]) / 60
     same = digests(work / "one") == digests(work / "sharded")
