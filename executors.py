@@ -6,7 +6,7 @@ submitit (SlurmExecutor). Both have the same small interface:
     cancel()        stop what runs (local: the running launcher; slurm: scancel the study's recorded jobs)
 
 A Slurm array element is one multi-GPU job: CellJob runs the cell's launcher under torchrun (one process per GPU,
-one torchrun per node, c10d rendezvous on the first node) with --resume auto. submitit does the sbatch script,
+one torchrun per node, rendezvous on the first node) with --resume auto. submitit does the sbatch script,
 the array, sacct polling and the requeue on a time limit (CellJob.checkpoint). A preemption or `scontrol requeue`
 sends SIGTERM: the ranks stop at a safe point and the requeued element continues from CHECKPOINT_DIR/latest.pt.
 The job ids of a study are recorded in OUT_DIR/slurm/jobs.json, so a later invocation waits for the cells still
@@ -347,10 +347,12 @@ class CellJob:
                    "--nproc_per_node", str(self.nproc_per_node)]
         if nodes == 1:      # a free port on this node: two cells may share it
             command.append("--standalone")
-        else:               # a port from the job id, so elements on the same head node do not collide
-            port = 20000 + int(env.job_id.split("_")[0]) % 20000
-            command += ["--node_rank", str(env.node), "--rdzv_backend", "c10d",
-                        "--rdzv_endpoint", f"{env.hostnames[0]}:{port}", "--rdzv_id", env.job_id]
+        else:
+            # Static rendezvous: --node_rank fixes the ranks, so global rank 0 (the run's output, in log_path) is
+            # on node 0; c10d numbers the nodes in the order they join. The port comes from the element's own
+            # job id (an array's elements share the array's id), so elements on one head node do not collide.
+            port = 20000 + int(env.raw_job_id) % 20000
+            command += ["--node_rank", str(env.node), "--master_addr", env.hostnames[0], "--master_port", str(port)]
         return command + self.launcher_argv
 
     def __call__(self) -> dict:

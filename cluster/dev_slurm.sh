@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A real one-node Slurm cluster for development and the tests: munge, mariadb, slurmdbd, slurmctld, slurmd,
-# all under one folder, started without systemd or cgroups.
+# all under one folder, started without systemd or cgroups. DEV_SLURM_NODES=2 makes it two nodes on this one
+# machine (its host name and `localhost`, both resolving here; one slurmd each), for multi-node jobs.
 #
 #   eval "$(cluster/dev_slurm.sh start)"     # prints: export SLURM_CONF=DIR/slurm.conf
 #   sbatch ... / ablate.py --executor slurm ...
@@ -19,14 +20,28 @@ PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server-core maria
 COMMANDS=(slurmctld slurmd sbatch munged slurmdbd mariadbd mariadb-install-db mariadb)
 DAEMONS=(slurmd slurmctld slurmdbd mariadb munged)       # start is the reverse order
 START_TIMEOUT=${DEV_SLURM_TIMEOUT:-90}                     # seconds for each daemon to answer
+NODES=${DEV_SLURM_NODES:-1}
 
 say() { echo "dev_slurm: $*" >&2; }
 fail() { say "$*"; exit 1; }
 export PATH="$PATH:/usr/sbin:/sbin"
 
-alive() {   # alive NAME: its pid file names a live process
-    local pid_file="$DIR/run/$1.pid"
-    [[ -s $pid_file ]] && kill -0 "$(cat "$pid_file")" 2>/dev/null
+pid_files() {   # pid_files NAME: the pid files of NAME's daemons (slurmd: one per node, slurmd-NODE.pid)
+    local pid_file
+    for pid_file in "$DIR/run/$1.pid" "$DIR/run/$1"-*.pid; do [[ -s $pid_file ]] && echo "$pid_file"; done
+    return 0
+}
+
+alive() {   # alive NAME: a pid file of NAME names a live process
+    local pid_file
+    for pid_file in $(pid_files "$1"); do kill -0 "$(cat "$pid_file")" 2>/dev/null && return 0; done
+    return 1
+}
+
+node_names() {   # the cluster's node names, one per line: the host name, then localhost for a second node
+    hostname -s
+    ((NODES == 2)) && echo localhost
+    return 0
 }
 
 wait_for() {   # wait_for NAME COMMAND...: until COMMAND succeeds, or the daemon died / the timeout passed
@@ -56,17 +71,20 @@ free_port() {
 }
 
 write_config() {
-    local host user node ctld_port slurmd_port dbd_port db_port
+    local host user node ctld_port slurmd_port dbd_port db_port names ports
     host=$(hostname -s)
     user=$(id -un)
     # Sockets, CoresPerSocket, ThreadsPerCore must match the machine, or slurmd is drained: take slurmd's own.
     node=$(slurmd -C | head -n 1 | sed -e 's/^NodeName=[^ ]*//' -e 's/RealMemory=[0-9]*//')
     ctld_port=$(free_port); slurmd_port=$(free_port); dbd_port=$(free_port); db_port=$(free_port)
+    names=$(node_names | paste -sd,)
+    ports=$slurmd_port
+    ((NODES == 2)) && ports="$slurmd_port,$(free_port)"      # one slurmd per node: each its own port
     mkdir -p "$DIR"/{run,log,state,spool,munge,mysql}
     chmod 711 "$DIR/munge"          # munged: the socket folder must be searchable
     echo "$db_port" >"$DIR/mysql.port"
     cat >"$DIR/slurm.conf" <<EOF
-# Written by cluster/dev_slurm.sh: a one-node cluster without systemd, cgroups or mail.
+# Written by cluster/dev_slurm.sh: a cluster on this one machine without systemd, cgroups or mail.
 ClusterName=dev
 SlurmctldHost=$host
 SlurmUser=$user
@@ -78,9 +96,9 @@ AuthInfo=socket=$DIR/munge/munge.socket
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/run/slurmctld.pid
-SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmdPidFile=$DIR/run/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$DIR/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MailProg=/bin/true
@@ -103,7 +121,7 @@ AccountingStoragePort=$dbd_port
 AccountingStoragePass=$DIR/munge/munge.socket     # the munge socket for slurmdbd (AuthInfo is not used there)
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
-NodeName=$host NodeAddr=127.0.0.1 $node State=UNKNOWN
+NodeName=$names NodeHostname=$host NodeAddr=127.0.0.1 Port=$ports $node State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
     cat >"$DIR/slurmdbd.conf" <<EOF
@@ -156,7 +174,7 @@ start() {
         return 0
     fi
     stop 2>/dev/null || true
-    [[ -s $DIR/slurm.conf ]] || write_config
+    write_config
     export SLURM_CONF=$DIR/slurm.conf
     start_munge
     start_mariadb
@@ -165,28 +183,30 @@ start() {
     sacctmgr -i add cluster dev >/dev/null 2>&1 || true     # fails harmlessly if it is registered already
     slurmctld || fail "slurmctld did not start; see $DIR/log/slurmctld.log"
     wait_for slurmctld scontrol ping
-    slurmd || fail "slurmd did not start; see $DIR/log/slurmd.log"
-    wait_for slurmd node_idle
+    for name in $(node_names); do
+        slurmd -N "$name" || fail "slurmd did not start; see $DIR/log/slurmd-$name.log"
+    done
+    wait_for slurmd nodes_idle
     echo "export SLURM_CONF=$DIR/slurm.conf"
 }
 
-node_idle() {
-    local state
-    state=$(sinfo -h -N -o %T | head -n 1)
-    [[ $state == idle* || $state == mix* || $state == alloc* ]]
+nodes_idle() {   # every node has registered and can take jobs
+    local states
+    states=$(sinfo -h -N -o %T)
+    (($(wc -l <<<"$states") == NODES)) && ! grep -qvE '^(idle|mix|alloc)' <<<"$states"
 }
 
 stop() {
     # SIGTERM to every daemon at once, then wait for all: each takes 2-4 s to exit, so one by one took ~12 s.
     local pid_file pid pids=()
     for name in "${DAEMONS[@]}"; do
-        pid_file="$DIR/run/$name.pid"
-        [[ -s $pid_file ]] || continue
-        pid=$(cat "$pid_file")
-        if kill -0 "$pid" 2>/dev/null && kill -TERM "$pid" 2>/dev/null; then
-            pids+=("$pid")
-        fi
-        rm -f "$pid_file"
+        for pid_file in $(pid_files "$name"); do
+            pid=$(cat "$pid_file")
+            if kill -0 "$pid" 2>/dev/null && kill -TERM "$pid" 2>/dev/null; then
+                pids+=("$pid")
+            fi
+            rm -f "$pid_file"
+        done
     done
     for pid in "${pids[@]}"; do
         for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
@@ -196,7 +216,9 @@ stop() {
 }
 
 case "${1:-}" in
-    start) start ;;
+    start) [[ $NODES == 1 || $NODES == 2 ]] || fail "DEV_SLURM_NODES=$NODES: 1 or 2 (the second node is localhost)"
+           start ;;
     stop) stop ;;
-    *) echo "usage: $0 start|stop   (folder: \$DEV_SLURM_DIR, default /tmp/dev_slurm-\$UID)" >&2; exit 2 ;;
+    *) echo "usage: $0 start|stop   (folder: \$DEV_SLURM_DIR, default /tmp/dev_slurm-\$UID; nodes: \$DEV_SLURM_NODES, 1 or 2)" >&2
+       exit 2 ;;
 esac

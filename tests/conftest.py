@@ -4,9 +4,10 @@
                     the 'random' codec; 150 frames per track = 17 examples of 2 x 8 frames each.
     mlflow_server   a real `mlflow server` on 127.0.0.1 at a free port (sqlite backend, artifacts in a
                     temporary folder), started once per session, stopped at teardown. Its tracking URI.
-    slurm           a real one-node Slurm (cluster/dev_slurm.sh start in a temporary folder; SLURM_CONF set for
-                    the session), stopped at teardown. Skipped where Slurm cannot be installed (not root), but
-                    in CI ($CI set, as .ci/run does) a Slurm that cannot start fails the tests.
+    slurm           a real Slurm of two nodes on this machine (DEV_SLURM_NODES=2 cluster/dev_slurm.sh start in a
+                    temporary folder; SLURM_CONF set for the session), stopped at teardown. Skipped where
+                    Slurm cannot be installed (not root), but in CI ($CI set, as .ci/run does) a Slurm that
+                    cannot start fails the tests.
 """
 from __future__ import annotations
 
@@ -88,6 +89,7 @@ def _stop_process_group(process: subprocess.Popen) -> None:
 
 
 SLURM_CANNOT_INSTALL = 3       # cluster/dev_slurm.sh's exit code: Slurm missing and not root
+SLURM_NODES = 2                # two nodes on this machine, so that multi-node jobs run for real
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +97,7 @@ def slurm(tmp_path_factory) -> Path:
     """A running one-node Slurm for the session; the folder of its configuration and logs."""
     folder = tmp_path_factory.mktemp("dev_slurm")
     script = ROOT / "cluster" / "dev_slurm.sh"
-    env = {**os.environ, "DEV_SLURM_DIR": str(folder)}
+    env = {**os.environ, "DEV_SLURM_DIR": str(folder), "DEV_SLURM_NODES": str(SLURM_NODES)}
     in_ci = bool(os.environ.get("CI"))
     try:
         started = subprocess.run(["bash", str(script), "start"], env=env, capture_output=True, text=True,

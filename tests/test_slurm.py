@@ -3,9 +3,11 @@
     cluster/train.sbatch      a tiny 2-process CPU job end to end, with a `scontrol requeue` in the middle of
                               the run: it must finish every epoch from latest.pt
     ablate.py --executor slurm  a 2-cell grid: --no_wait submits one job array; the next invocation waits for
-                              those jobs (submits nothing) while one is requeued mid-run, evaluates and
-                              reports; a third starts nothing; Ctrl-C while waiting leaves the jobs and prints
-                              the scancel line; --cancel; bad Slurm flags and a local sqlite store refused
+                              those jobs (submits nothing) while one is requeued mid-run (a preemption) and
+                              the other gets submitit's time-limit signal, evaluates and reports; a third
+                              starts nothing; Ctrl-C while waiting leaves the jobs and prints the scancel
+                              line; --cancel; bad Slurm flags and a local sqlite store refused
+    --slurm_nodes 2           one cell on the fixture's two nodes: one torchrun each, rank 0 on the first
     cluster/prepare.sbatch    a 2-shard array job equals a one-machine run, by checksums
 
 Everything is tiny (1-3 epochs of a 1-layer model on the 4-track demo cache); the jobs run on this machine.
@@ -139,23 +141,31 @@ def run_ablate(study: dict, *extra) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=2 * JOB_TIMEOUT)
 
 
-# The target cell trains 3 epochs, so that it can be requeued in the middle.
-SLURM_GRID = [{"name": "target", "flags": {"loss_weight_target": 1.0, "epochs": 3}}, GRID[1]]
+# Both cells train 3 epochs, so that each can be stopped in the middle and continue from latest.pt: the target
+# cell as a preemption stops it (`scontrol requeue`: SIGTERM), the spectral cell as its time limit does (submitit's
+# USR2, sent early by hand: CellJob.checkpoint stops the ranks and submitit requeues the element).
+SLURM_GRID = [{"name": "target", "flags": {"loss_weight_target": 1.0, "epochs": 3}},
+              {"name": GRID[1]["name"], "flags": {**GRID[1]["flags"], "epochs": 3}}]
+INTERRUPTIONS = {"target/seed0": ["scontrol", "requeue"], "spectral/seed0": ["scancel", "--signal=USR2"]}
 
 
-def gather_with_a_requeue(study: dict, label: str) -> subprocess.CompletedProcess:
-    """The invocation that waits for the submitted jobs; `scontrol requeue` of `label`'s element once its
-    epoch 1 is saved (the ablate.py waiting must say 'requeued' and the cell continue from latest.pt)."""
+def gather_with_interruptions(study: dict) -> subprocess.CompletedProcess:
+    """The invocation that waits for the submitted jobs; each cell interrupted by INTERRUPTIONS once its epoch 1
+    is saved (the ablate.py waiting must say 'requeued' and the cells continue from latest.pt)."""
     process = subprocess.Popen(ablate_command(study), cwd=study["out"].parent, env=environment(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    cell_name, seed = label.split("/")
-    latest = study["out"] / cell_name / seed / "latest.pt"
-    job = study["records"][label]["job_id"]
+    waiting, interrupted = dict(INTERRUPTIONS), []
     deadline = time.monotonic() + JOB_TIMEOUT
-    while not latest.is_file() and time.monotonic() < deadline and process.poll() is None:
+    while waiting and time.monotonic() < deadline and process.poll() is None:
+        for label, command in list(waiting.items()):
+            if (study["out"] / label / "latest.pt").is_file():
+                job = study["records"][label]["job_id"]
+                subprocess.run([*command, job], check=True, timeout=60)
+                interrupted.append(job)
+                del waiting[label]
         time.sleep(0.2)
-    subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
-    release_requeued(job)
+    for job in interrupted:
+        release_requeued(job)
     stdout, stderr = process.communicate(timeout=2 * JOB_TIMEOUT)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
@@ -170,7 +180,7 @@ def slurm_study(tiny_cache, mlflow_server, tmp_path_factory):
              "experiment": "ablation-slurm-test", "client": MlflowClient(mlflow_server)}
     state["submitted"] = run_ablate(state, "--no_wait")
     state["records"] = json.loads((state["out"] / "slurm" / "jobs.json").read_text())
-    state["gathered"] = gather_with_a_requeue(state, "target/seed0")
+    state["gathered"] = gather_with_interruptions(state)
     runs_before = {run.info.run_id for run in all_runs(state["client"], state["experiment"])}
     state["third"] = run_ablate(state)
     state["new_runs"] = {run.info.run_id for run in all_runs(state["client"], state["experiment"])} - runs_before
@@ -193,11 +203,19 @@ def test_the_next_invocation_waits_for_the_same_jobs_and_reports(slurm_study):
     assert gathered.stderr.count("; waiting for it") == 2
     for label, record in slurm_study["records"].items():
         assert f"cell {label} (job {record['job_id']}): done" in gathered.stderr
-    target = slurm_study["records"]["target/seed0"]["job_id"]
-    assert f"cell target/seed0 (job {target}): requeued" in gathered.stderr
-    log = (slurm_study["out"] / "target" / "seed0" / "train.log").read_text()
-    assert "resuming at epoch" in log and sorted(epoch_blocks(log)) == [1, 2, 3], log[-3000:]
-    assert load_checkpoint(slurm_study["out"] / "target" / "seed0" / "latest.pt")["epoch"] == 3
+    for label in INTERRUPTIONS:
+        job = slurm_study["records"][label]["job_id"]
+        assert f"cell {label} (job {job}): requeued" in gathered.stderr
+        log = (slurm_study["out"] / label / "train.log").read_text()
+        assert "resuming at epoch" in log and sorted(epoch_blocks(log)) == [1, 2, 3], log[-3000:]
+        assert load_checkpoint(slurm_study["out"] / label / "latest.pt")["epoch"] == 3
+        shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=60).stdout
+        assert "Restarts=1" in shown, shown
+    # the time-limit path: submitit caught the USR2, called CellJob.checkpoint and requeued the element itself
+    usr2 = slurm_study["records"]["spectral/seed0"]["job_id"]
+    submitit_log = "".join(path.read_text() for path in sorted((slurm_study["out"] / "slurm" / usr2).glob("*_log.*")))
+    for said in ("Caught signal SIGUSR2", "Calling checkpoint method", f"Requeued job {usr2}"):
+        assert said in submitit_log, submitit_log[-3000:]
     assert json.loads((slurm_study["out"] / "slurm" / "jobs.json").read_text()) == slurm_study["records"]
     report = slurm_study["out"] / "report"
     assert {"results.csv", "results.md", "results.png"} <= {path.name for path in report.iterdir()}
@@ -222,6 +240,27 @@ def test_a_third_invocation_starts_nothing(slurm_study):
     assert "submitted" not in third.stderr and "evaluation: job" not in third.stderr
     assert slurm_study["new_runs"] == set()
     assert json.loads((slurm_study["out"] / "slurm" / "jobs.json").read_text()) == slurm_study["records"]
+
+
+def test_a_two_node_cell_runs_one_rank_per_node_with_rank_0_on_the_first(tiny_cache, mlflow_server, tmp_path):
+    """--slurm_nodes 2: one torchrun per node (static rendezvous on the first node), world size 2; rank 0's output
+    (the epoch blocks) is the cell's train.log, the second node's output train.log.node1."""
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps(GRID[:1]))              # the target cell, 1 epoch (TINY)
+    study = {"cache": tiny_cache, "uri": mlflow_server, "out": tmp_path / "study", "grid": grid,
+             "experiment": "ablation-slurm-two-nodes"}
+    result = run_ablate(study, "--slurm_nodes", 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cell = study["out"] / "target" / "seed0"
+    job = json.loads((study["out"] / "slurm" / "jobs.json").read_text())["target/seed0"]["job_id"]
+    nodes = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job, "-o", "NNodes,State"], capture_output=True,
+                           text=True, timeout=60).stdout.split()
+    assert nodes == ["2|COMPLETED"], nodes
+    assert load_checkpoint(cell / "latest.pt")["world_size"] == 2          # --nproc 1 on each of 2 nodes
+    log, second = (cell / "train.log").read_text(), (cell / "train.log.node1").read_text()
+    assert "2 x cpu" in log and sorted(epoch_blocks(log)) == [1], log[-3000:]
+    assert epoch_blocks(second) == {} and "Traceback" not in second, second[-3000:]
+    assert "| target |" in result.stdout
 
 
 def test_ctrl_c_while_waiting_leaves_the_jobs_and_cancel_stops_them(slurm_study, tmp_path):
