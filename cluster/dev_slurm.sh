@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# A real one-node Slurm cluster for development and the tests: munge, mariadb, slurmdbd, slurmctld, slurmd,
-# all under one folder, started without systemd or cgroups. DEV_SLURM_NODES=2 makes it two nodes on this one
-# machine (its host name and `localhost`, both resolving here; one slurmd each), for multi-node jobs.
+# A real Slurm cluster on this machine for development and the tests: munge, mariadb, slurmdbd, slurmctld,
+# slurmd, all under one folder, started without systemd or cgroups. One node; DEV_SLURM_NODES=2 makes it two
+# (the host name and `localhost`, both resolving to this machine; one slurmd each), for multi-node jobs.
 #
 #   eval "$(cluster/dev_slurm.sh start)"     # prints: export SLURM_CONF=DIR/slurm.conf
 #   sbatch ... / ablate.py --executor slurm ...

@@ -94,7 +94,7 @@ SLURM_NODES = 2                # two nodes on this machine, so that multi-node j
 
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory) -> Path:
-    """A running one-node Slurm for the session; the folder of its configuration and logs."""
+    """A running Slurm of SLURM_NODES nodes for the session; the folder of its configuration and logs."""
     folder = tmp_path_factory.mktemp("dev_slurm")
     script = ROOT / "cluster" / "dev_slurm.sh"
     env = {**os.environ, "DEV_SLURM_DIR": str(folder), "DEV_SLURM_NODES": str(SLURM_NODES)}
