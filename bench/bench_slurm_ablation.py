@@ -42,7 +42,7 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=1, help="epochs per cell (default 1)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="studies per executor, interleaved local, slurm, local, ... (default 3): the first "
-                             "study on a fresh server and cold caches is the slowest, whichever executor runs it")
+                             "study, on a fresh server and cold caches, is the slowest")
     parser.add_argument("--keep", action="store_true", help="keep the work folder afterwards")
     parser.add_argument("--skip_prepare", action="store_true", help="only the ablation figures")
     return parser.parse_args(argv)
@@ -119,19 +119,19 @@ def bench_ablation(work: Path, args) -> None:
     grid.write_text(json.dumps([{"name": f"cell{index}", "flags": {"loss_weight_target": 1.0 / (index + 1)}}
                                 for index in range(args.cells)]))
     server, uri = start_mlflow(work)
-    walls = {"local": [], "slurm": []}
+    studies = {"local": [], "slurm": []}
     try:
         for repeat in range(args.repeats):
-            for executor in walls:
-                study = run_study(executor, work, cache, grid, uri, args.epochs, repeat)
-                walls[executor].append(study["wall"])
+            for executor, done in studies.items():
+                done.append(run_study(executor, work, cache, grid, uri, args.epochs, repeat))
     finally:
         server.terminate()
         server.wait(timeout=30)
-    slurm = study
-    times = sacct_times(slurm["out"])
+    walls = {executor: [study["wall"] for study in done] for executor, done in studies.items()}
+    last = studies["slurm"][-1]
+    times = sacct_times(last["out"])
     print(f"ablation ({args.cells} cells x 1 seed, {args.epochs} epoch(s), tiny model, CPU): command to every cell "
-          f"submitted {slurm['submitted']:.1f} s; per cell queued " +
+          f"submitted {last['submitted']:.1f} s; per cell queued " +
           ", ".join(f"{queued:.0f} s" for _, queued, _ in times) + ", running " +
           ", ".join(f"{elapsed:.0f} s" for _, _, elapsed in times), flush=True)
     local, slurm = (statistics.median(walls[executor]) for executor in ("local", "slurm"))

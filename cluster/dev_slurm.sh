@@ -71,15 +71,14 @@ free_port() {
 }
 
 write_config() {
-    local host user node ctld_port slurmd_port dbd_port db_port names ports
+    local host user node ctld_port dbd_port db_port names ports
     host=$(hostname -s)
     user=$(id -un)
     # Sockets, CoresPerSocket, ThreadsPerCore must match the machine, or slurmd is drained: take slurmd's own.
     node=$(slurmd -C | head -n 1 | sed -e 's/^NodeName=[^ ]*//' -e 's/RealMemory=[0-9]*//')
-    ctld_port=$(free_port); slurmd_port=$(free_port); dbd_port=$(free_port); db_port=$(free_port)
+    ctld_port=$(free_port); dbd_port=$(free_port); db_port=$(free_port)
     names=$(node_names | paste -sd,)
-    ports=$slurmd_port
-    ((NODES == 2)) && ports="$slurmd_port,$(free_port)"      # one slurmd per node: each its own port
+    ports=$(for _ in $(node_names); do free_port; done | paste -sd,)     # one slurmd per node: each its own port
     mkdir -p "$DIR"/{run,log,state,spool,munge,mysql}
     chmod 711 "$DIR/munge"          # munged: the socket folder must be searchable
     echo "$db_port" >"$DIR/mysql.port"
@@ -90,7 +89,7 @@ SlurmctldHost=$host
 SlurmUser=$user
 SlurmdUser=$user
 SlurmctldPort=$ctld_port
-SlurmdPort=$slurmd_port
+SlurmdPort=${ports%%,*}
 AuthType=auth/munge
 AuthInfo=socket=$DIR/munge/munge.socket
 StateSaveLocation=$DIR/state
