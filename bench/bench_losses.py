@@ -11,16 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from anywhere: import the repo's modules
+import torch
 
-import torch  # noqa: E402
-
-from codec import SAMPLE_RATE  # noqa: E402
-from losses import CombinedLoss  # noqa: E402
+from music_continuation.codec import SAMPLE_RATE
+from music_continuation.losses.audio import CombinedLoss
 
 FFT_SIZES, HOP_SIZES = (512, 1024, 2048), (128, 256, 512)
 

@@ -23,12 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from music_continuation.data import cache as data
+from music_continuation.data import demo_corpus
+from music_continuation.data import prepare as prepare_data
 
-import data  # noqa: E402
-import demo_corpus  # noqa: E402
-import prepare_data  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None):

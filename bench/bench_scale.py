@@ -27,14 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from music_continuation.data import cache as data
+from music_continuation.data import demo_corpus
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import data  # noqa: E402
-import demo_corpus  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -30,7 +30,6 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 TINY = ["--segment_frames", "8", "--d_model", "32", "--num_layers", "1", "--num_heads", "2", "--num_workers", "0",
         "--warmup_steps", "2", "--lr", "1e-3", "--log_audio_every", "0", "--nproc", "1", "--batch_size", "4"]
@@ -63,7 +62,7 @@ def start_slurm(work: Path) -> bool:
 
 
 def start_mlflow(work: Path) -> tuple[subprocess.Popen, str]:
-    from utils import free_port
+    from music_continuation.utils import free_port
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--workers", "1", "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}",
@@ -112,7 +111,7 @@ def sacct_times(out: Path) -> list[tuple[str, float, float]]:
 
 
 def bench_ablation(work: Path, args) -> None:
-    import prepare_data
+    from music_continuation.data import prepare as prepare_data
     cache = work / "cache"
     prepare_data.prepare_demo(cache, num_tracks=4, seconds=2.0, val_fraction=0.25, device="cpu", progress=False)
     grid = work / "grid.json"
@@ -147,8 +146,8 @@ def digests(cache: Path) -> dict[str, str]:
 def bench_prepare(work: Path) -> None:
     from bench_prepare import without_timings
 
-    import data
-    import demo_corpus
+    from music_continuation.data import cache as data
+    from music_continuation.data import demo_corpus
     audio_dir = REPO / "data_cache" / "demo" / "audio"
     demo_corpus.write_corpus(audio_dir)
     flags = ["--audio_dir", str(audio_dir), "--encodec_weights", "random", "--device", "cpu"]
@@ -176,7 +175,6 @@ def bench_prepare(work: Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    sys.path.insert(0, str(REPO / "bench"))
     work = Path(tempfile.mkdtemp(prefix="bench_slurm_"))
     stop = start_slurm(work)
     try:

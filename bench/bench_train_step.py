@@ -33,19 +33,17 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from balancer import LossBalancer  # noqa: E402
-from codec import FRAME_RATE, HOP_LENGTH, LATENT_DIM, SAMPLE_RATE, FrozenDecoder, load_codec  # noqa: E402
-from data import ContinuationDataset, LatentNormalizer  # noqa: E402
-from evaluation import decode_latents, reference_audio  # noqa: E402
-from losses import LOSSES, CombinedLoss, weights_from_flags  # noqa: E402
-from model import ContinuationTransformer  # noqa: E402
-from train_simple_ddp import parse_bool  # noqa: E402
-from train_simple_worker import autocast_for, build_optimizer, optimizer_update, to_device, train_step  # noqa: E402
+from music_continuation.codec import FRAME_RATE, HOP_LENGTH, LATENT_DIM, SAMPLE_RATE, FrozenDecoder, load_codec
+from music_continuation.data.cache import ContinuationDataset, LatentNormalizer
+from music_continuation.evaluation.scoring import decode_latents, reference_audio
+from music_continuation.losses.audio import LOSSES, CombinedLoss, weights_from_flags
+from music_continuation.losses.balancer import LossBalancer
+from music_continuation.model import ContinuationTransformer
+from music_continuation.training.launcher import parse_bool
+from music_continuation.training.worker import autocast_for, build_optimizer, optimizer_update, to_device, train_step
 
 
 def parse_args(argv=None):
@@ -254,7 +252,7 @@ def bench_loader(args, segment_seconds: float) -> dict:
     frames = round(segment_seconds * FRAME_RATE)
     dataset = ContinuationDataset(args.data_dir, "train", frames)
     if args.target_audio == "codec" and args.codec_references == "stored":   # read the references too
-        from references import build_references
+        from music_continuation.data.references import build_references
         codec = load_codec(dataset.encodec_weights, "cpu")
         dataset.use_references(build_references(args.data_dir, dataset.manifest, FrozenDecoder(codec),
                                                 dataset.codec_fingerprint, frames))

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 TINY = ["--segment_frames", "8", "--d_model", "32", "--num_layers", "1", "--num_heads", "2", "--warmup_steps", "2",
         "--lr", "1e-3", "--log_audio_every", "0", "--batch_size", "2", "--num_workers", "2"]
@@ -66,7 +65,7 @@ def rank_pid(agent: int, rank: int) -> int | None:
 
 
 def latest_epoch(folder: Path) -> int | None:
-    from checkpoint import CheckpointError, load_checkpoint
+    from music_continuation.training.checkpoint import CheckpointError, load_checkpoint
     try:
         return load_checkpoint(folder / "latest.pt")["epoch"]
     except CheckpointError:

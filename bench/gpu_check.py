@@ -6,7 +6,7 @@
 
 Steps, each recorded in the summary (and any failure makes the exit status 1):
     environment   torch, CUDA, GPU name and memory, Python; the modules the check imports
-    cuda_tests    pytest -m cuda tests/test_cuda.py (nccl with one rank, bf16 autocast with fp32 losses,
+    cuda_tests    pytest -m cuda tests/training/test_cuda.py (nccl with one rank, bf16 autocast with fp32 losses,
                   --compile and its state-dict keys, --decoder_checkpointing, references decoded on the device)
     training      train_simple_ddp.py at the trainer's default model size (d_model 512 x 8 layers, batch 8, 2 s
                   segments, codec targets, --logger jsonl) for a few hundred steps, then a resume for one more
@@ -111,7 +111,8 @@ def run_logged(command: list, log: Path, env: dict, timeout: float) -> tuple[int
 
 
 def cuda_tests(env: dict, out_dir: Path, cpu: bool) -> dict:
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "tests/test_cuda.py"]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda",
+               "tests/training/test_cuda.py"]
     if cpu:
         command += ["-k", "not compile"]
     code, text, seconds = run_logged(command, out_dir / "cuda_tests.log", env, 600)
@@ -122,8 +123,7 @@ def cuda_tests(env: dict, out_dir: Path, cpu: bool) -> dict:
 
 def training(env: dict, out_dir: Path, data_dir: str, sizes: dict) -> dict:
     """A few hundred steps at the given size, then a resume for one more epoch."""
-    sys.path.insert(0, str(ROOT))
-    from data import ContinuationDataset
+    from music_continuation.data.cache import ContinuationDataset
     examples = len(ContinuationDataset(data_dir, "train", sizes["segment_frames"]))
     steps_per_epoch = examples // sizes["batch_size"]
     epochs = max(1, -(-sizes["train_steps"] // steps_per_epoch))

@@ -22,15 +22,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 MLFLOW_START_TIMEOUT = 240.0     # seconds; a cold `mlflow server` takes ~10-50 s on a busy 2-core machine
 
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> Path:
-    import prepare_data
+    from music_continuation.data import prepare as prepare_data
     cache = tmp_path_factory.mktemp("tiny_cache") / "demo"
     prepare_data.prepare_demo(cache, num_tracks=4, seconds=2.0, val_fraction=0.25, device="cpu", progress=False)
     return cache
@@ -39,7 +37,7 @@ def tiny_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("mlflow_server")
-    from utils import free_port
+    from music_continuation.utils import free_port
     port = free_port()
     command = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
                "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
@@ -129,7 +127,7 @@ _RANDOM_CODECS: dict = {}
 def reuse_random_codec(monkeypatch):
     """prepare_data.load_codec gives one 'random' codec per device for the whole session (building it takes
     1-3 s): for tests that prepare many tiny caches in-process. The codec is never changed by encoding."""
-    import prepare_data
+    from music_continuation.data import prepare as prepare_data
     real = prepare_data.load_codec
 
     def load_codec(weights, device=None):

@@ -4,8 +4,8 @@ import urllib.error
 import pytest
 import torch
 
-import codec
-from codec import CHECKPOINT_NAME, HOP_LENGTH, LATENT_DIM, CodecLoadError, FrozenDecoder, load_codec
+from music_continuation import codec
+from music_continuation.codec import CHECKPOINT_NAME, HOP_LENGTH, LATENT_DIM, CodecLoadError, FrozenDecoder, load_codec
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from utils import atomic_path, check_mlflow_server, free_port, one_line
+from music_continuation.utils import atomic_path, check_mlflow_server, free_port, one_line
 
 
 def test_atomic_path_replaces_on_success_and_keeps_the_old_file_on_failure(tmp_path):

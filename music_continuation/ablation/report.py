@@ -1,0 +1,271 @@
+"""The ablation study's report: results.csv, results.md and results.png from the evaluated cells (pandas tables).
+
+    rows: one per cell x seed, {"cell", "seed", "hash", "run_id", "result": evaluation.evaluate_checkpoint's
+          figures, "unity": bool, "metrics": the cell's MLflow run metrics (last value of each)}
+
+results.csv has one line per cell x seed with every figure, its skill, the baselines' figures and the training
+gradient share of each loss component (train_grad_share_<component> of the run's last epoch; blank when the run
+did not log it). results.md has per cell the mean ± std over seeds, the baselines, the skills and the shares.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+BASELINES = ("silence", "repeat", "oracle")   # = evaluation.BASELINES (not imported: it loads torch; a test pins it)
+HIGHER_IS_BETTER = {"rhythm", "chroma"}  # 'level' is best at 1; everything else is an error (lower is better)
+GRAD_SHARE_PREFIX = "train_grad_share_"  # the launcher's per-epoch metric: a component's share of the gradient
+# losses.LOSS_COMPONENTS (not imported: it loads torch); the share columns' order, and their names when no run has any
+LOSS_COMPONENTS = ("rms_input", "rms_target", "spectral", "mel")
+
+
+
+def figure_names() -> tuple:
+    from music_continuation.evaluation import scoring as evaluation
+    return tuple(evaluation.SCORE_NAMES)
+
+
+def spread(values: list) -> tuple:
+    """(mean, sample std) of the defined values; (None, None) if none, std None with one value."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def better(name: str, a: float, b: float, skill: bool = False) -> bool:
+    """Is a better than b for this figure (or for its skill)?"""
+    if skill or name in HIGHER_IS_BETTER:
+        return a > b
+    if name == "level":
+        return abs(a - 1.0) < abs(b - 1.0)
+    return a < b
+
+
+def fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if value != 0 and (abs(value) >= 1e4 or abs(value) < 1e-3):
+        return f"{value:.3e}"
+    return f"{value:.{digits}f}"
+
+
+MARKDOWN_LEGEND = (
+    "Mean ± standard deviation over seeds (sample std, n-1; none with one seed; per-seed values in results.csv). "
+    "Best cell in each column in **bold**: lowest for the loss components and latent_mse, closest to 1 for "
+    "level, highest for rhythm, chroma and skill. `loss` is each cell's own weighted total, so it is not "
+    "comparable across cells (not marked): compare the components. Unity cells (`--unity_test`: target = "
+    "input) are the pipeline's sanity check, not a contender: never marked. A baseline figure is one value when it "
+    "is the same for every cell, else its range over the cells (`loss` follows each cell's weights; a unity "
+    "cell's target is its input; the plot then marks each cell's own baseline over its bar).")
+
+
+def write_report(rows: list[dict], cells_in_order: list[str], report_dir: Path, header: list[str]) -> str:
+    """results.csv, results.md and results.png from the evaluated rows; returns the Markdown."""
+    from music_continuation.utils import atomic_path
+    names = figure_names()
+    report_dir.mkdir(parents=True, exist_ok=True)
+    table = results_table(rows, names)
+    with atomic_path(report_dir / "results.csv") as tmp:
+        table.to_csv(tmp, index=False, na_rep="", float_format=None)
+    by_cell = {name: [r for r in rows if r["cell"] == name] for name in cells_in_order}
+    by_cell = {name: group for name, group in by_cell.items() if group}
+    markdown = markdown_report(rows, by_cell, names, header, table)
+    with atomic_path(report_dir / "results.md") as tmp:
+        tmp.write_text(markdown)
+    plot(summarise(table, list(by_cell), names), baselines_per_cell(rows, list(by_cell), names), names,
+         report_dir / "results.png")
+    return markdown
+
+
+def share_components(rows: list[dict]) -> list[str]:
+    """The components of the train_grad_share_* metrics the runs logged (LOSS_COMPONENTS order), or all of
+    LOSS_COMPONENTS when none did (their columns are then blank)."""
+    found = {key[len(GRAD_SHARE_PREFIX):] for r in rows for key in (r.get("metrics") or {})
+             if key.startswith(GRAD_SHARE_PREFIX)}
+    if not found:
+        return list(LOSS_COMPONENTS)
+    return [c for c in LOSS_COMPONENTS if c in found] + sorted(found - set(LOSS_COMPONENTS))
+
+
+def results_table(rows: list[dict], names):
+    """One row per cell x seed with every figure, its skill, the baselines' figures and the gradient shares."""
+    import pandas as pd
+    components = share_components(rows)
+    records = []
+    for row in rows:
+        result, metrics = row["result"], row.get("metrics") or {}
+        record = {"cell": row["cell"], "seed": row["seed"], "hash": row["hash"], "run_id": row["run_id"] or "",
+                  "epoch": result.get("epoch"), "windows": result.get("windows"),
+                  "target_audio": result.get("target_audio"),
+                  "weights": " ".join(f"{k}={v:g}" for k, v in (result.get("weights") or {}).items())}
+        record.update({n: number(result["model"].get(n)) for n in names})
+        record.update({f"skill_{n}": number((result.get("skill") or {}).get(n)) for n in names})
+        record.update({f"{b}_{n}": number(result["baselines"][b].get(n)) for b in BASELINES for n in names})
+        record.update({f"grad_share_{c}": number(metrics.get(GRAD_SHARE_PREFIX + c)) for c in components})
+        records.append(record)
+    return pd.DataFrame.from_records(records, columns=list(records[0]) if records else None)
+
+
+def number(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+def summarise(table, cells: list[str], columns) -> dict:
+    """{cell: {column: (mean, sample std)}} over the cell's seeds; None where undefined (std of one seed)."""
+    grouped = table.groupby("cell", sort=False)[list(columns)].agg(["mean", "std"])
+
+    def defined(value):
+        return None if value is None or math.isnan(value) else float(value)
+    return {c: {n: (defined(grouped.loc[c, (n, "mean")]), defined(grouped.loc[c, (n, "std")])) for n in columns}
+            for c in cells}
+
+
+def markdown_report(rows: list[dict], by_cell: dict, names, header: list[str], table=None) -> str:
+    """results.md: per cell the mean ± std over seeds of every figure, the baselines, the skill table and the
+    gradient shares."""
+    table = results_table(rows, names) if table is None else table
+    cells = list(by_cell)
+    summary = summarise(table, cells, names)
+    skills = summarise(table, cells, [f"skill_{n}" for n in names])
+    skills = {c: {n: skills[c][f"skill_{n}"] for n in names} for c in cells}
+    skill_names = [n for n in names if any(skills[c][n][0] is not None for c in skills)]
+    baselines = {b: {n: spread_same([r["result"]["baselines"][b].get(n) for r in rows]) for n in names}
+                 for b in BASELINES}
+    unity = {r["cell"] for r in rows if r.get("unity")}     # a sanity check (target = input): not a contender
+    marks = best_of(summary, names, unity, skip=("loss",))
+    lines = header + ["", MARKDOWN_LEGEND, "",
+                      "| cell | weights in/tgt/spec/mel | seeds | " + " | ".join(names) + " |",
+                      "|---|---|---|" + "---|" * len(names)]
+    for c, group in by_cell.items():
+        lines.append(f"| {c} | {weights_of(group)} | {len(group)} | "
+                     + " | ".join(cell_text(summary, marks, c, n) for n in names) + " |")
+    for b in BASELINES:
+        lines.append(f"| *{b}* | | | " + " | ".join(baselines[b][n] for n in names) + " |")
+    if skill_names:
+        skill_marks = best_of(skills, skill_names, unity, skip=("loss",), skill=True)
+        lines += ["", "Skill per figure, (repeat - model) / (repeat - oracle): 1 = as good as the oracle, "
+                  "0 = no better than repeating the context (mean ± std over seeds; best in **bold**).", "",
+                  "| cell | " + " | ".join(f"skill {n}" for n in skill_names) + " |",
+                  "|---|" + "---|" * len(skill_names)]
+        for c in by_cell:
+            lines.append(f"| {c} | " + " | ".join(cell_text(skills, skill_marks, c, n) for n in skill_names) + " |")
+    lines += share_lines(table, cells, share_components(rows))
+    return "\n".join(lines) + "\n"
+
+
+def share_lines(table, cells: list[str], components: list[str]) -> list[str]:
+    """The gradient-share table: each component's share of the training gradient in the run's last epoch
+    (train_grad_share_<component>), mean ± std over seeds; '-' where the runs did not log it."""
+    columns = [f"grad_share_{c}" for c in components]
+    shares = summarise(table, cells, columns)
+    lines = ["", "Gradient share per loss component in the last training epoch (train_grad_share_<component>; "
+             "mean ± std over seeds; - : not logged).", "",
+             "| cell | " + " | ".join(f"share {c}" for c in components) + " |", "|---|" + "---|" * len(components)]
+    for c in cells:
+        texts = []
+        for column in columns:
+            mean, std = shares[c][column]
+            texts.append("-" if mean is None else fmt(mean) + ("" if std is None else f" ± {std:.2g}"))
+        lines.append(f"| {c} | " + " | ".join(texts) + " |")
+    return lines
+
+
+def best_of(table: dict, columns, unity: set, skip=(), skill: bool = False) -> dict:
+    """{column: the cell with the best mean} (unity cells never; a column needs two contenders)."""
+    marks = {}
+    for n in columns:
+        if n in skip:
+            continue
+        candidates = [(c, table[c][n][0]) for c in table if table[c][n][0] is not None and c not in unity]
+        if len(candidates) > 1:
+            top = candidates[0]
+            for candidate in candidates[1:]:
+                if better(n, candidate[1], top[1], skill):
+                    top = candidate
+            marks[n] = top[0]
+    return marks
+
+
+def cell_text(table: dict, marks: dict, c: str, n: str) -> str:
+    mean, std = table[c][n]
+    text = fmt(mean) + ("" if std is None else f" ± {std:.2g}")
+    return f"**{text}**" if marks.get(n) == c else text
+
+
+def weights_of(group: list) -> str:
+    weights = group[0]["result"].get("weights") or {}
+    return "/".join(f"{weights.get(k, 0):g}" for k in ("rms_input", "rms_target", "spectral", "mel"))
+
+
+def agree(values: list) -> bool:
+    return bool(values) and None not in values and max(values) - min(values) <= 1e-9 * max(1.0, abs(max(values)))
+
+
+def spread_same(values: list) -> str:
+    """A baseline's figure as text: the value if every cell's evaluation agrees, else the range over cells."""
+    defined = [v for v in values if v is not None]
+    if not defined:
+        return "n/a"
+    if agree(values):
+        return fmt(defined[0])
+    return f"{fmt(min(defined))} – {fmt(max(defined))}"
+
+
+def baselines_per_cell(rows: list[dict], cells: list[str], names) -> dict:
+    """{baseline: {figure: {cell: mean over the cell's seeds, or None}}} for the plot."""
+    result = {}
+    for b in BASELINES:
+        result[b] = {n: {c: spread([r["result"]["baselines"][b].get(n) for r in rows if r["cell"] == c])[0]
+                         for c in cells} for n in names}
+    return result
+
+
+def plot(summary: dict, baselines: dict, names, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from music_continuation.utils import atomic_path
+    cells = list(summary)
+    columns = 3
+    rows = math.ceil(len(names) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    styles = {"silence": ("tab:gray", ":"), "repeat": ("tab:orange", "--"), "oracle": ("tab:green", "-.")}
+    for axis, name in zip(axes.flat, names):
+        means = [summary[c][name][0] for c in cells]
+        errors = [summary[c][name][1] or 0.0 for c in cells]
+        x = range(len(cells))
+        axis.bar(x, [m if m is not None else 0.0 for m in means], yerr=errors, capsize=3, color="tab:blue",
+                 alpha=0.8)
+        for b, (colour, style) in styles.items():
+            values = [baselines[b][name][c] for c in cells]
+            if agree(values):          # the same for every cell: one line across the panel
+                axis.axhline(values[0], color=colour, linestyle=style, linewidth=1.2, label=b)
+            else:                      # each cell's own (its weights, or unity's windows): a line over its bar
+                for position, value in enumerate(values):
+                    if value is not None:
+                        axis.hlines(value, position - 0.45, position + 0.45, color=colour, linestyle=style,
+                                    linewidth=1.2, label=b)
+        title = f"{name} (own weights: not comparable)" if name == "loss" else name
+        axis.set_title(title, fontsize=9)
+        axis.set_xticks(list(x))
+        axis.set_xticklabels(cells, rotation=30, ha="right", fontsize=7)
+        axis.tick_params(axis="y", labelsize=7)
+    for axis in list(axes.flat)[len(names):]:
+        axis.axis("off")
+    handles = {}
+    for axis in axes.flat:
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:
+        figure.legend(list(handles.values()), [f"baseline: {label}" for label in handles], loc="upper right",
+                      fontsize=8, ncol=len(handles))
+    figure.suptitle("bars: mean over seeds, whiskers: std over seeds", fontsize=9, x=0.02, ha="left")
+    figure.tight_layout(rect=(0, 0, 1, 0.95))
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+
+

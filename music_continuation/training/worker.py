@@ -1,0 +1,905 @@
+"""One training process of the DDP job (started by train_simple_ddp.py, or by torchrun through it).
+
+Read top to bottom: process-group setup, the training step, one epoch, validation, the epoch's
+report, then `run`, which wires it all together, and `guarded_run`, which turns any failure into one
+line. Every setting comes from the launcher's parsed flags (`args`).
+
+Learning-rate schedule (per optimiser step s of S = epochs x optimiser steps per epoch, fixed when the
+run starts and kept on resume): linear warm-up over W = --warmup_steps, then cosine decay to lr/10:
+    lr(s) = lr * (s + 1) / W                                          for s < W
+    lr(s) = lr * (0.1 + 0.9 * 0.5 * (1 + cos(pi * (s - W) / (S - W))))  for W <= s < S, lr/10 after S
+An optimiser step averages the gradients of --grad_accum_steps micro-batches of --batch_size per rank.
+Metrics: every figure is summed as (batch mean x batch size) in device tensors and reduced across
+ranks once per epoch (SUM), then divided by the number of examples, so the epoch figures are means
+over all examples whatever the number of processes or micro-batches.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import math
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import NoReturn
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from music_continuation.codec import SAMPLE_RATE, FrozenDecoder, check_fingerprint, codec_fingerprint, load_codec
+from music_continuation.data.cache import ContinuationDataset, LatentNormalizer
+from music_continuation.evaluation.scoring import (
+    BASELINES,
+    EvaluationError,
+    ScoreSums,
+    decode_latents,
+    predict_audio,
+    reference_audio,
+    score_baselines_batch,
+    skill,
+)
+from music_continuation.losses.audio import LOSS_COMPONENTS, LOSSES, CombinedLoss, weights_from_flags
+from music_continuation.losses.balancer import LossBalancer
+from music_continuation.model import ContinuationTransformer
+from music_continuation.training.checkpoint import (
+    BEST_NAME,
+    LATEST_NAME,
+    build_checkpoint,
+    describe_latest,
+    load_checkpoint,
+    save_checkpoint,
+)
+from music_continuation.training.mlflow_logger import JsonlLogger, MlflowLogger, git_commit
+from music_continuation.utils import exit_now, one_line, strip_exception_prefix, warn
+
+MAX_CONSECUTIVE_SKIPS = 10     # this many non-finite steps in a row end the run: training has diverged
+AUDIO_EXAMPLES = 3             # validation examples written as WAV + spectrogram every --log_audio_every epochs
+METRIC_NAMES = ("loss",) + LOSS_COMPONENTS     # order of the accumulated training sums
+# Long enough for rank 0's end-of-epoch work (checkpoints, MLflow with capped retries) while the others
+# wait in the next collective; a rank that is really gone is noticed by the launcher long before.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
+ARTIFACT_WAIT_SECONDS = 120    # at the end, how long rank 0 waits for background artifact uploads
+NAMED_BAD_EXAMPLES = 5         # non-finite validation examples named per warning
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. the loss keeps diverging); the message says why."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM reached this rank: unwind (finally blocks run), then exit quietly."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_signals_received = []    # filled by the rank's signal handler (guarded_run); acted on at safe points
+
+
+def stop_if_signalled() -> None:
+    """Raise Interrupted at a safe point (between steps and batches) once SIGINT/SIGTERM has arrived.
+
+    The handler only records the signal: raising from inside it could land in a DataLoader's or a
+    library's cleanup code and print its traceback. A rank blocked in a collective is stopped by its
+    peers leaving (the collective fails) or, at the latest, by the launcher's SIGKILL.
+    """
+    if _signals_received:
+        raise Interrupted(_signals_received[0])
+
+
+# ------------------------------------------------------------------------------------- distributed
+
+def setup_distributed() -> tuple[int, int, int, torch.device]:
+    """(rank, local_rank, world_size, device) from the env set by torchrun or by the launcher."""
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)   # before any CUDA work, so this process never touches GPU 0 by accident
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))   # no oversubscribed cores
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT)
+    record_peers(world_size)
+    return rank, local_rank, world_size, device
+
+
+_peers = []    # [(host, pid)] of every rank, by rank: who to look for when this rank's job breaks down
+
+
+def record_peers(world_size: int) -> None:
+    """Every rank's (host, pid), gathered once at start (the same collective on every rank)."""
+    table = [None] * world_size
+    dist.all_gather_object(table, (socket.gethostname(), os.getpid()))
+    _peers[:] = table
+
+
+def lost_peers() -> list[int]:
+    """Ranks on this host whose process is gone (or a zombie): a peer killed or dead without a report.
+    Ranks on other hosts cannot be looked at; their loss shows as a failed collective."""
+    host, lost = socket.gethostname(), []
+    for rank, (peer_host, pid) in enumerate(_peers):
+        if peer_host != host or pid == os.getpid():
+            continue
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            state = "gone"
+        if state in ("gone", "Z", "X"):
+            lost.append(rank)
+    return lost
+
+
+COLLECTIVE_FAILURES = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                       "Connection refused")   # what gloo / the store say when a peer's process is gone
+
+
+def peer_loss_line(error: BaseException, rank: int, checkpoint_dir) -> tuple[bool, str | None]:
+    """(a peer was lost, the one line this rank prints or None): the lowest surviving rank on this host says
+    which rank was lost, so the line comes once and never blames the rank that prints it."""
+    lost = lost_peers()
+    collective = isinstance(error, getattr(dist, "DistError", ())) or any(
+        text in str(error) for text in COLLECTIVE_FAILURES)
+    if not lost and not collective:
+        return False, None
+    if lost:
+        host = socket.gethostname()
+        survivors = [r for r, (peer_host, _) in enumerate(_peers) if peer_host == host and r not in lost]
+        if rank != min(survivors):
+            return True, None
+        who = ", ".join(f"rank {r} (pid {_peers[r][1]})" for r in lost)
+        what = f"{who} {'was' if len(lost) == 1 else 'were'} lost: killed, or out of memory (see the system log)"
+    else:
+        what = (f"lost contact with a peer rank ({one_line(error)}): a process on another host died "
+                f"or the network failed")
+    return True, f"error: {what}; rank {rank} stopped too. {describe_latest(checkpoint_dir)}"
+
+
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies (a killed launcher or rank leaves no orphans)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
+
+
+def loader_worker_init(_worker_id: int, rank_pid: int | None = None) -> None:
+    """DataLoader workers are forked from a rank: drop the rank's signal handlers (its rank stops them;
+    Ctrl-C in a terminal reaches them too and must not print their tracebacks) and die with the rank.
+    A rank that died while this worker was starting is already gone when the death signal is set, so
+    the signal would never come: then the parent is no longer the rank (`rank_pid`), and the worker leaves."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent()
+    if rank_pid is not None and os.getppid() != rank_pid:
+        os._exit(0)
+
+
+def spawned_worker(index: int, args, resume_path: str | None, reports) -> None:
+    """Entry point of a rank started by the launcher: its index is both rank and local rank."""
+    os.environ["RANK"] = os.environ["LOCAL_RANK"] = str(index)
+    die_with_parent()
+    leave(guarded_run(args, resume_path, reports))
+
+
+def seed_everything(seed: int, rank: int, epoch: int) -> None:
+    """Reseed from (seed, rank, epoch) at every epoch start: dropout differs across ranks, and a resumed run
+    draws exactly the numbers an uninterrupted one would, with no RNG state in the checkpoint."""
+    state = np.random.SeedSequence([seed, rank, epoch]).generate_state(2)
+    torch.manual_seed(int(state[0]))
+    np.random.seed(int(state[1]))
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+# --------------------------------------------------------------------------------------- schedule
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, final_factor: float = 0.1) -> float:
+    """Multiplier of the peak LR at optimiser step `step` (0-based): linear warm-up, then cosine to final_factor."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final_factor + (1.0 - final_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model, lr: float, weight_decay: float, warmup_steps: int, total_steps: int):
+    """AdamW and its per-step LR schedule (lr_factor)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, warmup_steps=warmup_steps, total_steps=total_steps))
+    return optimizer, scheduler
+
+
+def autocast_for(device: torch.device):
+    """A zero-argument callable returning the step's autocast context: bf16 on CUDA (no loss scaling
+    needed; the losses cast to fp32 themselves), nothing on CPU (plain fp32, also what makes tests exact)."""
+    if device.type == "cuda":
+        return functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+# ------------------------------------------------------------------------------------------ step
+
+def train_step(model, decoder, normalizer, loss_fn, optimizer, scheduler, batches, grad_clip: float,
+               autocast_ctx=contextlib.nullcontext, target_audio: str = "original", balancer: LossBalancer = None):
+    """One optimiser step on one batch, or a list of micro-batches, already on the device.
+
+    Returns (applied, total, components): the loss figures as example-weighted means over the micro-batches.
+    Per micro-batch: model -> de-normalise -> frozen decoder -> output audio y -> CombinedLoss terms on a
+    detached copy of y -> the balancer's gradient at y (balancer.py: sum_i s_i dl_i/dy, s_i = w_i unless
+    --loss_balancer) -> ONE y.backward of it x (its size / all sizes), so the gradient is that of the mean over
+    every example and DDP sees one parameter backward per micro-batch. DDP all-reduces the gradients on the
+    last micro-batch only (no_sync before). Then clip and AdamW. The step's gradient figures are left in
+    balancer.figures. A non-finite loss or gradient on ANY rank skips the update on every rank (one
+    all_reduce of a flag), so the replicas never diverge. The scheduler advances either way: the LR is a
+    function of the step.
+    """
+    batches = [batches] if isinstance(batches, dict) else list(batches)
+    sizes = [batch["input_latent"].shape[0] for batch in batches]
+    balancer = balancer if balancer is not None else LossBalancer(loss_fn.weights)
+    balancer.start_step()
+    optimizer.zero_grad(set_to_none=True)
+    total, components = 0.0, dict.fromkeys(LOSS_COMPONENTS, 0.0)
+    for index, (batch, size) in enumerate(zip(batches, sizes)):
+        last = index == len(batches) - 1
+        # DDP decides in the forward whether the backward all-reduces: both go inside no_sync
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        share = size / sum(sizes)
+        with sync:
+            with autocast_ctx():
+                references = reference_audio(batch, decoder, normalizer, target_audio)   # no autograd inside
+                output_audio = predict_audio(model, normalizer, decoder, batch["input_latent"])
+            audio = output_audio.detach().float().requires_grad_(True)    # the loss graph starts here
+            terms = loss_fn.terms(audio, *references)                     # fp32 inside
+            gradient = balancer.gradient({name: terms[name] for name in balancer.names}, audio)
+            # every rank always runs backward, so DDP's gradient all-reduce stays in lock-step
+            output_audio.backward((gradient * share).to(output_audio.dtype))
+        micro_total = loss_fn.weighted_sum(terms).detach()
+        total = total + micro_total * share
+        components = {name: components[name] + terms[name].detach() * share for name in LOSS_COMPONENTS}
+    applied = optimizer_update(model, optimizer, scheduler, total, grad_clip, balancer.finite)
+    balancer.end_step(applied)
+    return applied, total, components
+
+
+def optimizer_update(model, optimizer, scheduler, total: torch.Tensor, grad_clip: float,
+                     also_finite: torch.Tensor | None = None) -> bool:
+    """The step's tail, after backward: clip, agree across ranks whether everything is finite, AdamW, LR.
+
+    also_finite: a further condition (the balancer's reduced norms). Returns whether the update was applied
+    (False: a non-finite loss or gradient on some rank)."""
+    max_norm = grad_clip if grad_clip > 0 else float("inf")   # inf: measure the norm without clipping
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    finite = torch.isfinite(total) & torch.isfinite(grad_norm)
+    if also_finite is not None:
+        finite = finite & also_finite.to(finite.device)
+    finite = finite.to(torch.float32)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    applied = bool(finite.item())   # the one host sync per step: skipping the update needs the decision here
+    if applied:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return applied
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    # non_blocking: with pinned host memory the copy overlaps with the previous step's GPU work.
+    return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+
+
+def stack_metrics(total: torch.Tensor, components: dict) -> torch.Tensor:
+    return torch.stack([total.float()] + [components[name].float() for name in LOSS_COMPONENTS])
+
+
+# -------------------------------------------------------------------------------------- context
+
+@dataclass
+class Context:
+    """Everything the epoch functions share."""
+    args: object
+    rank: int
+    world_size: int
+    device: torch.device
+    autocast: object                      # zero-argument callable -> autocast context (autocast_for)
+    train_set: ContinuationDataset
+    val_set: ContinuationDataset
+    train_sampler: DistributedSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    val_indices: list                     # this rank's validation windows, in loader order (padding included)
+    decoder: FrozenDecoder
+    normalizer: LatentNormalizer
+    loss_fn: CombinedLoss
+    balancer: LossBalancer                # the gradient at the output audio, measured or balanced
+    raw_model: ContinuationTransformer
+    model: torch.nn.Module                # DDP(raw_model, possibly compiled)
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    schedule_steps: int
+    steps_per_epoch: int                  # optimiser steps
+    global_step: int = 0
+    consecutive_skips: int = 0
+
+
+def micro_batch_groups(loader, accum: int):
+    """Lists of `accum` consecutive batches (one optimiser step each); a last incomplete group is dropped
+    (every rank has the same number of batches, so every rank drops the same)."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == accum:
+            yield group
+            group = []
+
+
+# ----------------------------------------------------------------------------------------- epoch
+
+def train_one_epoch(ctx: Context, epoch: int) -> dict:
+    """One pass over this rank's shard; returns the epoch means over all ranks' examples, the LR, skips."""
+    ctx.model.train()
+    ctx.train_sampler.set_epoch(epoch)     # a different shuffle every epoch, identical on every rank
+    sums = torch.zeros(len(METRIC_NAMES) + 1, device=ctx.device)   # weighted sums ..., example count
+    gradient_sums = torch.zeros(ctx.balancer.figure_size(), dtype=torch.float64, device=ctx.device)
+    steps = ctx.steps_per_epoch
+    bar = tqdm(total=steps, desc=f"Epoch {epoch}/{ctx.args.epochs}", leave=False, file=sys.stderr,
+               dynamic_ncols=True, disable=ctx.rank != 0 or not sys.stderr.isatty())
+    plain_progress = ctx.rank == 0 and bar.disable
+    skipped, lr, started = 0, ctx.optimizer.param_groups[0]["lr"], time.perf_counter()
+    for index, group in enumerate(micro_batch_groups(ctx.train_loader, ctx.args.grad_accum_steps)):
+        stop_if_signalled()
+        group = [to_device(batch, ctx.device) for batch in group]
+        _test_only_fault_injection(ctx.rank, ctx.global_step, group[0])
+        lr = ctx.optimizer.param_groups[0]["lr"]      # the LR this step uses (printed for the epoch's last step)
+        applied, total, components = train_step(ctx.model, ctx.decoder, ctx.normalizer, ctx.loss_fn,
+                                                ctx.optimizer, ctx.scheduler, group, ctx.args.grad_clip,
+                                                ctx.autocast, ctx.args.target_audio, ctx.balancer)
+        ctx.global_step += 1
+        if applied:
+            size = sum(batch["input_latent"].shape[0] for batch in group)
+            sums[:-1] += stack_metrics(total, components) * size
+            sums[-1] += size
+            gradient_sums += ctx.balancer.figures
+            ctx.consecutive_skips = 0
+        else:
+            skipped += 1
+            ctx.consecutive_skips += 1
+            if ctx.rank == 0:
+                warn(f"step {ctx.global_step}: non-finite loss or gradient on some rank, update "
+                     f"skipped on all ranks ({ctx.consecutive_skips} in a row)")
+            if ctx.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:   # the same on every rank: all stop together
+                raise TrainingError(f"{ctx.consecutive_skips} consecutive steps had a non-finite loss or "
+                                    f"gradient (step {ctx.global_step}): training diverged; lower --lr or "
+                                    f"--grad_clip, or check the data")
+        bar.update()
+        if not bar.disable and (index % 10 == 0 or index == steps - 1):
+            bar.set_postfix(loss=f"{total.item():.4f}", lr=f"{lr:.2e}")   # synced already by train_step
+        if plain_progress and steps >= 20 and (index + 1) % max(1, steps // 10) == 0 and index + 1 < steps:
+            print(f"  epoch {epoch}: {index + 1}/{steps} steps, {time.perf_counter() - started:.0f} s",
+                  file=sys.stderr, flush=True)
+    bar.close()
+    means = reduce_means(sums)
+    gradients = ctx.balancer.epoch_figures(all_reduce_sum(gradient_sums))
+    return {**means, "gradients": gradients, "learning_rate": lr, "skipped_steps": skipped}
+
+
+def reduce_means(sums: torch.Tensor) -> dict:
+    """SUM the (weighted sums, count) vector over ranks once, then divide: means over all examples."""
+    sums = all_reduce_sum(sums.clone()).cpu()
+    count = sums[-1].item()
+    means = sums[:-1] / count if count > 0 else torch.full_like(sums[:-1], float("nan"))
+    return dict(zip(METRIC_NAMES, means.tolist()))
+
+
+def real_val_batches(ctx: Context):
+    """(batch on the device, dataset indices) of this rank's real validation examples.
+
+    DistributedSampler pads the shards to equal length by repeating the first examples. Rank r's i-th
+    example is index r + world_size * i of the padded list, so it is real iff that is < len(val_set): only
+    a prefix of each rank's shard is real, and the rest is cut off before the model runs.
+    """
+    real_on_this_rank = len(range(ctx.rank, len(ctx.val_set), ctx.world_size))
+    seen = 0
+    for batch in ctx.val_loader:
+        stop_if_signalled()
+        size = batch["input_latent"].shape[0]
+        real = max(0, min(size, real_on_this_rank - seen))
+        indices = ctx.val_indices[seen: seen + real]
+        seen += size
+        if real:
+            yield to_device({name: tensor[:real] for name, tensor in batch.items()}, ctx.device), indices
+
+
+def non_finite_examples(batch: dict, references, output_audio) -> torch.Tensor:
+    """Per example: 0 finite, 1 non-finite data (latents or reference audio), 2 non-finite model output."""
+    def finite(tensor):
+        return torch.isfinite(tensor.float()).flatten(1).all(dim=1)
+    data_ok = finite(batch["input_latent"]) & finite(references[0]) & finite(references[1])
+    return torch.where(data_ok, torch.where(finite(output_audio), 0, 2), 1)
+
+
+@torch.no_grad()
+def validate(ctx: Context) -> tuple[dict | None, int]:
+    """(validation figures over every real example of every rank, number of non-finite examples).
+
+    Figures are evaluation.ScoreSums means (loss, the four components, latent_mse, level); None when some
+    example was non-finite: each rank names its own in one warning, and the epoch has no validation result.
+    """
+    model = ctx.raw_model      # not the DDP wrapper: validation needs no collectives
+    model.eval()
+    sums = ScoreSums(ctx.device, "validation")
+    bad = []
+    for batch, indices in real_val_batches(ctx):
+        with ctx.autocast():
+            references = reference_audio(batch, ctx.decoder, ctx.normalizer, ctx.args.target_audio)
+            prediction = model(batch["input_latent"])
+            output_audio = decode_latents(ctx.decoder, ctx.normalizer, prediction)
+        status = non_finite_examples(batch, references, output_audio)
+        keep = status == 0
+        bad += [(index, int(code)) for index, code in zip(indices, status.tolist()) if code]
+        if keep.any():
+            sums.add(output_audio[keep], (references[0][keep], references[1][keep]), ctx.loss_fn,
+                     prediction[keep], batch["target_latent"][keep])
+    model.train()
+    counts = all_reduce_sum(torch.cat([sums.vector(), torch.tensor([float(len(bad))], dtype=torch.float64,
+                                                                     device=ctx.device)]))
+    if bad:
+        warn_non_finite(ctx, bad)
+    nonfinite = int(counts[-1].item())
+    return (None if nonfinite else ScoreSums.from_vector(counts[:-1], "validation").means()), nonfinite
+
+
+def warn_non_finite(ctx: Context, bad: list) -> None:
+    reasons = {1: "non-finite latents or reference audio in the cache", 2: "non-finite model output"}
+    named = []
+    for index, code in bad[:NAMED_BAD_EXAMPLES]:
+        track, frame = ctx.val_set.window_location(index)
+        named.append(f"track {track} window at frame {frame} ({reasons[code]})")
+    more = f" and {len(bad) - NAMED_BAD_EXAMPLES} more" if len(bad) > NAMED_BAD_EXAMPLES else ""
+    warn(f"rank {ctx.rank}: {len(bad)} validation example(s) are non-finite: {'; '.join(named)}{more}")
+
+
+def baseline_figures(ctx: Context) -> dict | None:
+    """{silence, repeat, oracle: figures} over the whole validation split (once per run; None if they cannot
+    be computed, e.g. non-finite data, which validation then names)."""
+    sums = {name: ScoreSums(ctx.device, name) for name in BASELINES}
+    for batch, _ in real_val_batches(ctx):
+        with ctx.autocast():
+            score_baselines_batch(batch, ctx.decoder, ctx.normalizer, ctx.loss_fn, ctx.args.target_audio, sums)
+    vectors = all_reduce_sum(torch.stack([sums[name].vector() for name in BASELINES]))
+    try:
+        return {name: ScoreSums.from_vector(vector, name).means() for name, vector in zip(BASELINES, vectors)}
+    except EvaluationError as error:
+        warn(f"no baselines for this run: {error}")
+        return None
+
+
+def format_epoch_block(epoch: int, epochs: int, train: dict, val: dict, lr: float) -> str:
+    def line(label, means):
+        parts = ", ".join(f"{component.short}: {means[component.name]:.4f}" for component in LOSSES)
+        return f"  {label:<11} {means['loss']:.4f} ({parts})"
+    return "\n".join([f"Epoch {epoch}/{epochs}:", line("Train Loss:", train), line("Val Loss:", val),
+                      f"  LR: {lr:.2e}"])
+
+
+@torch.no_grad()
+def write_audio_examples(ctx: Context, epoch: int) -> Path:
+    """A few validation examples as WAV and, per example, the listening page's figure.
+
+    exampleK_input.wav is the real audio of the input window, exampleK_output.wav the model's
+    continuation, exampleK_target.wav what validation scores it against (--target_audio) and, with
+    codec targets, exampleK_original.wav the real audio that follows the input. exampleK_spectrogram.png
+    is plots.plot_continuations, as on the listening page: the input followed by each of them, the
+    seam marked.
+    """
+    import soundfile
+
+    from music_continuation.evaluation.listening_page import ending_title
+    from music_continuation.evaluation.plots import plot_continuations
+
+    folder = Path(ctx.args.checkpoint_dir) / "samples" / f"epoch_{epoch:04d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    count = min(AUDIO_EXAMPLES, len(ctx.val_set))
+    indices = np.linspace(0, len(ctx.val_set) - 1, count).round().astype(int)
+    target_audio = ctx.args.target_audio
+    endings = {"output": "continuation", "target": "target", "original": "original"}   # clip -> the page's ending
+    model = ctx.raw_model
+    model.eval()
+    for row, index in enumerate(indices):
+        example = {name: tensor.unsqueeze(0).to(ctx.device) for name, tensor in ctx.val_set[int(index)].items()}
+        with ctx.autocast():
+            references = reference_audio(example, ctx.decoder, ctx.normalizer, target_audio)
+            output = predict_audio(model, ctx.normalizer, ctx.decoder, example["input_latent"])
+        clips = {"input": example["input_audio"], "output": output, "target": references[1]}
+        if target_audio == "codec":
+            clips["original"] = example["target_audio"]
+        clips = {name: audio[0, 0].float().cpu() for name, audio in clips.items()}
+        for name, audio in clips.items():
+            soundfile.write(folder / f"example{row}_{name}.wav", audio.clamp(-1, 1).numpy(), SAMPLE_RATE)
+        plot_continuations(folder / f"example{row}_spectrogram.png", clips["input"],
+                           [(ending_title(ending, target_audio), clips[name]) for name, ending in endings.items()
+                            if name in clips], title=f"epoch {epoch}: validation example {index}")
+    model.train()
+    return folder
+
+
+# --------------------------------------------------------------------------------------- test-only
+
+def _test_only_fault_injection(rank: int, step: int, batch: dict) -> None:
+    """TEST-ONLY hooks for tests/training/test_training.py; inert unless these variables are set.
+
+    TRAIN_SIMPLE_TEST_FAIL="R:S"        rank R raises at global step S (a crashing rank must end the job)
+    TRAIN_SIMPLE_TEST_NAN="R:S1,S2|all"  rank R's batch becomes NaN at those steps (collective skipping)
+    TRAIN_SIMPLE_TEST_SLOW="SECONDS"     every step sleeps this long (time to interrupt a run)
+    """
+    fail = os.environ.get("TRAIN_SIMPLE_TEST_FAIL")
+    if fail and fail.split(":")[0] == str(rank) and int(fail.split(":")[1]) == step:
+        raise RuntimeError(f"test-only failure injected on rank {rank} at step {step}")
+    nan = os.environ.get("TRAIN_SIMPLE_TEST_NAN")
+    if nan and nan.split(":")[0] == str(rank):
+        steps = nan.split(":")[1]
+        if steps == "all" or str(step) in steps.split(","):
+            batch["input_latent"][0, 0, 0] = float("nan")
+    if os.environ.get("TRAIN_SIMPLE_TEST_SLOW"):
+        time.sleep(float(os.environ["TRAIN_SIMPLE_TEST_SLOW"]))
+
+
+# ------------------------------------------------------------------------------------------- run
+
+def build_loaders(args, rank: int, world_size: int, device: torch.device):
+    train_set = ContinuationDataset(args.data_dir, "train", args.segment_frames, args.unity_test)
+    val_set = ContinuationDataset(args.data_dir, "val", args.segment_frames, args.unity_test)
+    # Same seed on every rank -> one global permutation split into disjoint shards; drop_last keeps
+    # every rank at the same number of full batches (a rank with one batch more would hang in DDP).
+    train_sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, seed=args.seed, drop_last=True)
+    val_sampler = DistributedSampler(val_set, world_size, rank, shuffle=False, drop_last=False)
+    loader_options = dict(batch_size=args.batch_size, num_workers=args.num_workers,
+                          pin_memory=device.type == "cuda",            # page-locked buffers: faster async copies
+                          persistent_workers=args.num_workers > 0,     # no worker re-spawn every epoch
+                          worker_init_fn=(functools.partial(loader_worker_init, rank_pid=os.getpid())
+                                          if args.num_workers > 0 else None))
+    train_loader = DataLoader(train_set, sampler=train_sampler, drop_last=True, **loader_options)
+    val_loader = DataLoader(val_set, sampler=val_sampler, **loader_options)
+    return train_set, val_set, train_sampler, train_loader, val_loader, list(val_sampler)
+
+
+def attach_references(train_set, val_set, decoder, device) -> None:
+    """Build (or check, or resume) the cache's decoded references for these windows on every rank together,
+    and have both datasets hand them out (references.py)."""
+    from music_continuation.data.references import build_references
+    references = build_references(train_set.cache_dir, train_set.manifest, decoder, train_set.codec_fingerprint,
+                                  train_set.segment_frames, train_set.stride_frames, device,
+                                  check_stop=stop_if_signalled)
+    train_set.use_references(references)
+    val_set.use_references(references)
+
+
+def build_context(args, resume_state: dict | None) -> Context:
+    rank, local_rank, world_size, device = setup_distributed()
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")   # TF32 matmuls for whatever runs outside autocast
+    train_set, val_set, train_sampler, train_loader, val_loader, val_indices = build_loaders(
+        args, rank, world_size, device)
+    # The frozen decoder is never wrapped in DDP: it has nothing to train.
+    codec = load_codec(args.encodec_weights, device)
+    check_fingerprint(train_set.codec_fingerprint, codec_fingerprint(codec), f"the cache {args.data_dir}")
+    decoder = FrozenDecoder(codec, checkpointing=args.decoder_checkpointing)
+    del codec
+    if args.target_audio == "codec":   # every segment decoded once (collective), then read, never decoded per step
+        attach_references(train_set, val_set, decoder, device)
+    torch.manual_seed(args.seed)     # the same init on every rank (DDP also broadcasts rank 0's)
+    raw_model = ContinuationTransformer(d_model=args.d_model, num_layers=args.num_layers,
+                                        num_heads=args.num_heads, dropout=args.dropout).to(device)
+    steps_per_epoch = len(train_loader) // args.grad_accum_steps
+    schedule_steps = resume_state["schedule_steps"] if resume_state else args.epochs * steps_per_epoch
+    optimizer, scheduler = build_optimizer(raw_model, args.lr, args.weight_decay, args.warmup_steps, schedule_steps)
+    if resume_state is not None:
+        raw_model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+    loss_fn = CombinedLoss(**weights_from_flags(args)).to(device)
+    balancer = LossBalancer(loss_fn.weights, args.loss_balancer, args.balancer_ema_decay)
+    if resume_state is not None:
+        balancer.load_state_dict(resume_state.get("balancer"), device)
+    compiled = torch.compile(raw_model) if args.compile else raw_model   # fused kernels on GPU
+    return Context(
+        args=args, rank=rank, world_size=world_size, device=device, autocast=autocast_for(device),
+        train_set=train_set, val_set=val_set, train_sampler=train_sampler, train_loader=train_loader,
+        val_loader=val_loader, val_indices=val_indices, decoder=decoder,
+        normalizer=LatentNormalizer(train_set.latent_mean, train_set.latent_std).to(device),
+        loss_fn=loss_fn, balancer=balancer, raw_model=raw_model,
+        model=DDP(compiled, device_ids=[local_rank] if device.type == "cuda" else None),
+        optimizer=optimizer, scheduler=scheduler, schedule_steps=schedule_steps, steps_per_epoch=steps_per_epoch,
+        global_step=scheduler.last_epoch)
+
+
+def start_logger(ctx: Context, resume_state: dict | None, start_epoch: int) -> MlflowLogger:
+    """Rank 0's MLflow run: a new one with every flag as a parameter, or the checkpoint's, reopened."""
+    args = ctx.args
+    run_id = resume_state.get("mlflow_run_id") if resume_state else None
+    tags = dict(tag.split("=", 1) for tag in args.mlflow_tag)
+    if getattr(args, "logger", "mlflow") == "jsonl":
+        logger = JsonlLogger(Path(args.checkpoint_dir) / "metrics.jsonl", run_id, tags)
+    else:
+        logger = MlflowLogger(args.mlflow_tracking_uri, args.experiment_name, args.run_name, run_id,
+                              args.mlflow_parent_run_id, tags)
+    if not logger.resumed:
+        logger.log_params({**vars(args), "world_size": ctx.world_size, "device": ctx.device.type,
+                           "codec_fingerprint": ctx.train_set.codec_fingerprint, "git_commit": git_commit()})
+    if resume_state and args.resume_changes:   # params are write-once: accepted changes become a tag
+        logger.set_tag(f"resume_epoch_{start_epoch}_changes",
+                       ", ".join(f"{name} {before} -> {now}" for name, (before, now) in args.resume_changes.items()))
+    return logger
+
+
+def epoch_metrics(train: dict, val: dict | None, nonfinite: int, baselines: dict | None, seconds: float) -> dict:
+    """What MLflow gets for one epoch (never a NaN: an epoch without a validation result logs none)."""
+    metrics = {f"train_{name}": train[name] for name in METRIC_NAMES}
+    metrics.update({f"train_{name}": value for name, value in train.get("gradients", {}).items()})
+    metrics.update(learning_rate=train["learning_rate"], skipped_steps=train["skipped_steps"],
+                   epoch_seconds=seconds, val_nonfinite_examples=nonfinite)
+    if val is not None:
+        metrics.update({f"val_{name}": val[name] for name in METRIC_NAMES + ("latent_mse", "level")
+                        if val[name] is not None})
+        val_skill = run_skill(val, baselines)
+        if val_skill is not None:
+            metrics["val_skill"] = val_skill
+    return {name: value for name, value in metrics.items() if math.isfinite(value)}
+
+
+def run_skill(val: dict | None, baselines: dict | None):
+    if val is None or baselines is None:
+        return None
+    return skill(val, baselines["repeat"], baselines["oracle"])["loss"]
+
+
+def summary_line(progress: "Progress", baselines: dict | None, checkpoint_dir) -> str:
+    """The launcher's last line: the best epoch against the trivial baselines."""
+    def figure(value):
+        return "n/a" if value is None else f"{value:.4f}"
+    best = progress.best
+    val = best["val"] or {"level": None}      # a checkpoint from an older version records no figures
+    head = (f"done: best val loss {progress.best_val_loss:.4f} (epoch {best['epoch']}), "
+            f"skill {figure(run_skill(best['val'], baselines))}, level {figure(val['level'])}")
+    if baselines is not None:
+        head += "; baselines " + ", ".join(f"{name} {baselines[name]['loss']:.4f}" for name in BASELINES)
+    return f"{head}; checkpoints in {checkpoint_dir}"
+
+
+@dataclass
+class Progress:
+    """What a run carries from epoch to epoch, and across a resume through the checkpoint."""
+    start_epoch: int = 1
+    best_val_loss: float = math.inf
+    best: dict = field(default_factory=lambda: {"epoch": None, "val": None})   # the best epoch's figures
+    skipped_steps: int = 0
+    resume_history: list = field(default_factory=list)
+
+    @classmethod
+    def of(cls, state: dict | None, changes: dict) -> "Progress":
+        if state is None:
+            return cls()
+        history = list(state.get("resume_history", []))
+        if changes:
+            history.append({"epoch": state["epoch"] + 1, "changed": changes})
+        return cls(state["epoch"] + 1, state["best_val_loss"], state.get("best", {"epoch": None, "val": None}),
+                   state.get("skipped_steps", 0), history)
+
+    def record(self, epoch: int, train: dict, val: dict | None) -> bool:
+        """Count the epoch; True if it is the best so far (val is reduced: the same answer on every rank)."""
+        self.skipped_steps += train["skipped_steps"]
+        if val is None or not val["loss"] < self.best_val_loss:
+            return False
+        self.best_val_loss, self.best = val["loss"], {"epoch": epoch, "val": val}
+        return True
+
+
+class Reporter:
+    """Rank 0's end-of-epoch work: the printed block, checkpoints, MLflow metrics and audio samples.
+
+    Artifact uploads run in a background thread, so a slow server never stalls the other ranks (they
+    wait for rank 0 at the next collective)."""
+
+    def __init__(self, ctx: Context, logger: MlflowLogger):
+        self.ctx, self.logger = ctx, logger
+        self.uploader, self.uploads = ThreadPoolExecutor(max_workers=1), []
+        self.not_uploaded = []     # epochs whose samples were never sent: that epoch's metric logging failed
+
+    def epoch(self, epoch: int, train: dict, val: dict | None, nonfinite: int, baselines: dict | None,
+              progress: Progress, is_best: bool, seconds: float) -> None:
+        ctx, args = self.ctx, self.ctx.args
+        shown = val if val is not None else dict.fromkeys(METRIC_NAMES, float("nan"))
+        print(format_epoch_block(epoch, args.epochs, train, shown, train["learning_rate"]), flush=True)
+        state = build_checkpoint(
+            model=ctx.raw_model, optimizer=ctx.optimizer, scheduler=ctx.scheduler, schedule_steps=ctx.schedule_steps,
+            epoch=epoch, args=vars(args), resume_history=progress.resume_history,
+            normalizer_stats=(ctx.train_set.latent_mean, ctx.train_set.latent_std),
+            codec_fingerprint=ctx.train_set.codec_fingerprint, encodec_weights=args.encodec_weights,
+            mlflow_run_id=self.logger.run_id, best_val_loss=progress.best_val_loss, best=progress.best,
+            val_loss=shown["loss"], segment_frames=args.segment_frames, skipped_steps=progress.skipped_steps,
+            world_size=ctx.world_size, balancer=ctx.balancer.state_dict())
+        save_checkpoint(Path(args.checkpoint_dir) / LATEST_NAME, state)
+        if is_best:
+            save_checkpoint(Path(args.checkpoint_dir) / BEST_NAME, state)
+        sent = self.logger.log_metrics(epoch_metrics(train, val, nonfinite, baselines, seconds), step=epoch)
+        if args.log_audio_every and epoch % args.log_audio_every == 0:
+            self.samples(epoch, write_audio_examples(ctx, epoch), sent)
+
+    def samples(self, epoch: int, folder: Path, sent: bool) -> None:
+        """Upload an epoch's sample folder in the background, unless its metrics could not be sent: a server
+        that just failed would only make the next uploads wait too. Those epochs are named by close()."""
+        if sent:
+            self.uploads.append(self.uploader.submit(self.logger.log_artifacts, folder, f"samples/epoch_{epoch:04d}"))
+        else:
+            self.not_uploaded.append(epoch)
+
+    def close(self, status: str) -> None:
+        if wait(self.uploads, timeout=ARTIFACT_WAIT_SECONDS).not_done:
+            warn(f"MLflow artifact uploads still running after {ARTIFACT_WAIT_SECONDS} s; the files stay on disk")
+        self.uploader.shutdown(wait=False, cancel_futures=True)
+        if self.not_uploaded:
+            warn(f"the samples of epoch(s) {', '.join(map(str, self.not_uploaded))} were not uploaded to MLflow "
+                 f"(their metric logging failed); they stay in {Path(self.ctx.args.checkpoint_dir) / 'samples'}")
+        self.logger.finish(status)
+
+
+def announce(ctx: Context, logger: MlflowLogger, baselines: dict | None, resumed_at: int | None) -> None:
+    """Rank 0's first line (and the baselines, once per run, at MLflow step 0)."""
+    if baselines is not None and resumed_at is None:
+        logger.log_metrics({f"val_baseline_{name}_loss": baselines[name]["loss"] for name in BASELINES}, step=0)
+    verb = f"resuming at epoch {resumed_at}" if resumed_at else "starting"
+    print(f"{verb}: {ctx.raw_model.num_parameters():,} parameters, {len(ctx.train_set)} train / "
+          f"{len(ctx.val_set)} val examples of 2 x {ctx.args.segment_frames} frames, {ctx.world_size} x "
+          f"{ctx.device.type}, {ctx.steps_per_epoch} steps per epoch, targets: {ctx.args.target_audio} audio; "
+          f"MLflow run {logger.run_id} at {logger.tracking_uri}", flush=True)
+
+
+def run(args, resume_path: str | None = None) -> None:
+    resume_state = load_checkpoint(resume_path) if resume_path else None
+    ctx = build_context(args, resume_state)
+    progress = Progress.of(resume_state, args.resume_changes)
+    reporter = None
+    if ctx.rank == 0:
+        reporter = Reporter(ctx, start_logger(ctx, resume_state, progress.start_epoch))
+    baselines = baseline_figures(ctx)
+    if reporter is not None:
+        announce(ctx, reporter.logger, baselines, progress.start_epoch if resume_state else None)
+    status = "FAILED"
+    try:
+        for epoch in range(progress.start_epoch, args.epochs + 1):
+            seed_everything(args.seed, ctx.rank, epoch)
+            started = time.perf_counter()
+            train = train_one_epoch(ctx, epoch)
+            val, nonfinite = validate(ctx)
+            is_best = progress.record(epoch, train, val)
+            if reporter is not None:   # after this epoch's collectives: the others wait for it in the next one
+                reporter.epoch(epoch, train, val, nonfinite, baselines, progress, is_best,
+                               time.perf_counter() - started)
+        status = "FINISHED"
+    except Interrupted:
+        status = "KILLED"
+        raise
+    finally:
+        if status != "FINISHED":
+            expect_worker_deaths()
+        if reporter is not None:
+            reporter.close(status)
+    # Every rank ends here together: no rank tears the process group down while rank 0 still uses it.
+    dist.barrier()
+    dist.destroy_process_group()
+    if progress.best_val_loss == math.inf:
+        raise TrainingError("validation was non-finite in every epoch (the warnings above name the examples); "
+                            "no best.pt was written")
+    if ctx.rank == 0:
+        print(summary_line(progress, baselines, args.checkpoint_dir), flush=True)
+
+
+# ------------------------------------------------------------------------------------- failures
+
+def guarded_run(args, resume_path: str | None, reports=None) -> int:
+    """run(), with every failure turned into one line: returns 0 after success, and a failure exits (leave).
+
+    The full traceback goes to CHECKPOINT_DIR/logs/rank<R>.log. Under the launcher (`reports` is its
+    queue) the line is reported there and the launcher prints it once; under torchrun this rank prints it.
+    SIGINT/SIGTERM unwind the run (MLflow marks it KILLED) and exit 130/143 without a traceback.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    # A rank that leaves with os._exit (leave) leaves its DataLoader queues' semaphores to the resource
+    # tracker, which would warn about each; the tracker this rank may start inherits this -W.
+    sys.warnoptions.append("ignore:resource_tracker:UserWarning")
+    interrupted = _signals_received
+    def on_signal(signum, frame):
+        interrupted.append(signum)
+        expect_worker_deaths()      # torchrun signals the DataLoader workers too
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    try:
+        run(args, resume_path)
+        if reports is not None:
+            reports.put(("done", rank, None))
+        return 0
+    except BaseException as error:  # noqa: BLE001 - this is the one place every failure is reported
+        if reports is None:       # under torchrun: a peer's death reaches us as a failed collective or SIGTERM
+            lost, line = peer_loss_line(error, rank, args.checkpoint_dir)
+            if lost:
+                if line:
+                    print(line, file=sys.stderr, flush=True)
+                leave(1)
+        if interrupted:           # also errors caused by peers that were stopped at the same moment
+            if reports is None and rank == 0:
+                print(f"interrupted: {describe_latest(args.checkpoint_dir)}", file=sys.stderr, flush=True)
+            leave(128 + interrupted[0])
+        log = write_traceback(args.checkpoint_dir, rank)
+        message = f"rank {rank}: {error_line(error)} (traceback in {log})"
+        if reports is not None:
+            reports.put(("error", rank, message))
+        else:
+            print(f"error: training failed on {message}", file=sys.stderr, flush=True)
+        leave(1)
+
+
+def expect_worker_deaths() -> None:
+    """A stopping rank expects its DataLoader workers to die: replace the DataLoader's SIGCHLD handler, which would
+    raise 'DataLoader worker ... is killed by signal' into whatever runs next (closing the MLflow run).
+
+    By a handler that does nothing, not SIG_DFL: Python runs pending handlers in signal-number order, so a SIGCHLD
+    caught together with the SIGTERM whose handler calls this would find no handler left and print 'OSError:
+    Signal 17 ignored due to race condition' with a traceback."""
+    with contextlib.suppress(ValueError):      # not the main thread
+        signal.signal(signal.SIGCHLD, _ignore_signal)
+
+
+def _ignore_signal(_signum, _frame) -> None:
+    pass
+
+
+def leave(code: int) -> NoReturn:
+    """Every rank exits here, once it has reported and closed its MLflow run: a failed or interrupted one inside
+    the except block, a finished one after guarded_run; under the launcher and under torchrun alike.
+
+    os._exit skips the interpreter's teardown: after a success that is 2-3 s of freeing torch per process on 2
+    cores (nothing is left to write: checkpoints are on disk, the MLflow run is closed, the streams are flushed
+    here). After a failure, unwinding further would also shut the DataLoader workers down one by one (seconds
+    each on a busy machine) and print their tracebacks ('DataLoader worker ... is killed by signal: Terminated'
+    when torchrun has signalled them). The workers die with the rank (die_with_parent), and a resource tracker
+    frees their semaphores (its warnings are off: guarded_run)."""
+    exit_now(code)
+
+
+def error_line(error: BaseException) -> str:
+    """The error in one line. A DataLoader worker's error arrives as 'Caught X in DataLoader worker process N.'
+    followed by the worker's traceback, whose last line is the actual error."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        return strip_exception_prefix(text.splitlines()[-1])
+    return one_line(error)
+
+
+def write_traceback(checkpoint_dir, rank: int) -> Path | str:
+    """Append the current exception's traceback to CHECKPOINT_DIR/logs/rank<R>.log; its path."""
+    path = Path(checkpoint_dir) / "logs" / f"rank{rank}.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as log:
+            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} rank {rank}\n{traceback.format_exc()}\n")
+        return path
+    except OSError:     # e.g. the disk is full: the traceback then goes to stderr after all
+        traceback.print_exc()
+        return "stderr above"

@@ -1,0 +1,133 @@
+"""Small helpers the scripts share: atomic file writes, one-line messages, the MLflow server probe, a free port."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import socket
+import sys
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import NoReturn
+
+# atomic_path's temporary files: hidden ".STEM.tmp-PID.SUFFIX" beside the target (group 1: the writer's pid),
+# so a killed writer's leftovers can be recognised and removed.
+TEMPORARY_NAME = re.compile(r"^\..+\.tmp-(\d+)(\.[^.]+)?$")
+# The folder that holds the package. A child Python process (a study's cell, a Slurm job) imports the package
+# from here when it runs from a checkout that is not installed.
+PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+MLFLOW_PROBE_TIMEOUT = 5.0   # seconds: a tracking server that does not answer /health by then is taken as down
+
+
+def export_package_path() -> None:
+    """Put PACKAGE_PARENT on $PYTHONPATH, which every child process inherits: `python -m music_continuation...`
+    then works in children from an uninstalled checkout as it does in this process."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(PACKAGE_PARENT) not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_PARENT), *paths])
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a hidden temporary path beside `path` to write; then fsync it and rename it over `path`.
+
+    Readers, and a crash at any moment, see the old file or the new one, never a torn one. If the
+    writer raises, the temporary file is removed and `path` is left as it was. The temporary name
+    keeps the suffix, because soundfile and matplotlib choose the file format from it.
+    """
+    path = Path(path)
+    tmp_path = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp_path
+        descriptor = os.open(tmp_path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+# "data.CacheError: " / "RuntimeError: ": the class prefix of a traceback's last line (a DataLoader worker's error)
+EXCEPTION_PREFIX = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*\.)*[A-Z][A-Za-z0-9_]*(?:Error|Exception): ")
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of an error's message (its type name if it has none), for one-line user errors.
+    An OSError names its file: 'PATH: reason'."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    text = str(error).strip()
+    return strip_exception_prefix(text.splitlines()[0]) if text else type(error).__name__
+
+
+def strip_exception_prefix(line: str) -> str:
+    """'data.CacheError: X' -> 'X': a user reads the reason, not the class that carried it."""
+    return EXCEPTION_PREFIX.sub("", line.strip(), count=1)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `error: MESSAGE`, exit status 2: no usage block (--help has it)."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_command(parser, check_flags, body, argv, user_errors: tuple) -> int:
+    """A command-line tool: parse argv, check_flags(parser, args) (parser.error for bad flags), then body(args)
+    -> exit code, with a user error (one of `user_errors`) as one line and exit status 2. The encodec
+    package's FutureWarning (deprecated weight_norm) is not the user's to act on."""
+    args = parser.parse_args(argv)
+    check_flags(parser, args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            return body(args)
+        except user_errors as error:
+            print(f"error: {one_line(error)}", file=sys.stderr)
+            return 2
+
+
+def missing_keys(mapping, required: tuple) -> list:
+    """The keys of `required` that `mapping` lacks (all of them if it is not a dict): for one-line file errors."""
+    return [key for key in required if not isinstance(mapping, dict) or key not in mapping]
+
+
+def warn(message: str) -> None:
+    """One 'warning: ...' line on stderr, flushed at once (progress bars and other ranks write there too)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def exit_now(code: int) -> NoReturn:
+    """Flush the streams and end the process without the interpreter's teardown (os._exit): freeing torch and
+    MLflow takes 1-3 s per process on 2 cores. Only for a process whose files and runs are all written."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (the OS picks it: bind to port 0), for a rendezvous or a test server."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_mlflow_server(uri: str | None, timeout: float = MLFLOW_PROBE_TIMEOUT) -> None:
+    """Raise OSError (with the reason) unless the MLflow server at an http(s) `uri` answers /health.
+
+    MLflow's own client retries a dead server with back-off for minutes; this asks once, quickly.
+    A local store (sqlite, file, or no URI) has nothing to reach and always passes.
+    """
+    if not uri or not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status != 200:
+                raise OSError(f"HTTP {response.status}")
+    except (OSError, ValueError) as error:     # URLError is an OSError; a malformed URI a ValueError
+        raise OSError(getattr(error, "reason", error)) from None
