@@ -25,6 +25,7 @@ def test_one_line_takes_the_first_line_or_the_type_name():
     assert one_line(KeyError()) == "KeyError"
 
 
+@pytest.mark.slow
 def test_mlflow_probe_passes_local_stores_and_names_why_a_server_is_dead():
     for uri in (None, "sqlite:///mlflow.db", "file:///tmp/mlruns"):
         check_mlflow_server(uri, timeout=1.0)

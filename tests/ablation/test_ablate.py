@@ -139,6 +139,7 @@ def test_default_grid_has_the_five_cells():
 
 # ------------------------------------------------------------------------------------- the study
 
+@pytest.mark.slow
 def test_sigint_stops_the_study_cleanly_with_exit_130(study):
     result = study["interrupted"]
     assert result["code"] == 130, result["stderr"][-3000:]
@@ -148,6 +149,7 @@ def test_sigint_stops_the_study_cleanly_with_exit_130(study):
             os.killpg(pid, 0)
 
 
+@pytest.mark.slow
 def test_rerun_finishes_the_study_and_reports_the_failed_cell(study):
     result = study["second"]
     assert result.returncode == 1, result.stderr[-3000:]
@@ -158,6 +160,7 @@ def test_rerun_finishes_the_study_and_reports_the_failed_cell(study):
     assert "overhead: " in result.stdout
 
 
+@pytest.mark.slow
 def test_parent_and_children_carry_their_tags(study):
     parent, children = parent_and_children(study)
     assert parent.info.status == "FINISHED"                    # the third invocation completed its cells
@@ -174,6 +177,7 @@ def test_parent_and_children_carry_their_tags(study):
         assert run.data.metrics["eval_rms_target"] > 0                # the evaluation went to the cell's run
 
 
+@pytest.mark.slow
 def test_third_invocation_starts_no_run_and_succeeds(study):
     result = study["third"]
     assert result.returncode == 0, result.stderr[-3000:]
@@ -182,6 +186,7 @@ def test_third_invocation_starts_no_run_and_succeeds(study):
     assert "| target |" in result.stdout and "| *oracle* |" in result.stdout
 
 
+@pytest.mark.slow
 def test_report_equals_evaluating_each_checkpoint(study):
     from music_continuation.evaluation import scoring as evaluation
     rows = list(csv.DictReader(open(study["out"] / "report" / "results.csv")))
@@ -208,6 +213,7 @@ def test_report_equals_evaluating_each_checkpoint(study):
     assert "**" in markdown and "not comparable" in markdown
 
 
+@pytest.mark.slow
 def test_png_is_a_real_image(study):
     import matplotlib
     matplotlib.use("Agg")
@@ -221,6 +227,7 @@ def test_png_is_a_real_image(study):
     assert artifacts == {"report/results.csv", "report/results.md", "report/results.png"}
 
 
+@pytest.mark.slow
 def test_printed_command_makes_the_same_child_run_and_report_only_rebuilds(study):
     result = run_ablate(study, "--seeds", 2, "--only", "target", "--print_commands")
     assert result.returncode == 0, result.stderr[-3000:]

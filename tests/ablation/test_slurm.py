@@ -30,6 +30,8 @@ from music_continuation.training.checkpoint import load_checkpoint
 from tests.ablation.test_ablate import GRID, MAX_WINDOWS, TINY, all_runs
 from tests.training.test_training import epoch_blocks, sqlite_uri
 
+pytestmark = pytest.mark.slow     # every test here starts a launch, a server, torchrun or Slurm
+
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.usefixtures("slurm")

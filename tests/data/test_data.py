@@ -442,6 +442,7 @@ def test_cache_from_another_codec_is_refused_and_kept(tmp_path, monkeypatch):
     assert {path.name: path.read_bytes() for path in (cache / "tracks").iterdir()} == files_before
 
 
+@pytest.mark.slow
 def test_random_codec_is_identical_across_processes(prepared, random_codec):
     script = "import codec; print(codec.codec_fingerprint(codec.load_codec('random')))"
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True,

@@ -81,6 +81,7 @@ def test_shards_are_chosen_by_a_hash_of_the_relative_path():
     assert [shard_of_source(path, 4) for path in more[:2000]] == shards     # adding files moves no existing one
 
 
+@pytest.mark.slow
 def test_two_shards_at_once_equal_one_machine(tmp_path):
     """cluster/prepare.sbatch, as two array tasks started together on one machine: the last to finish merges; the
     cache equals a one-machine run's (identical arrays, the same manifest apart from timings)."""
@@ -132,6 +133,7 @@ def test_unmerged_shards_are_refused_until_every_shard_has_run(tmp_path, capsys)
     assert not any(path.exists() for path in data.track_paths(cache, gone[1]["id"]))
 
 
+@pytest.mark.slow
 def test_a_shard_already_running_is_refused(tmp_path):
     """POSIX locks exclude another process (on any host of a shared file system); a killed holder's lock is gone."""
     audio_dir = write_tracks(tmp_path / "audio", ["a.wav"])

@@ -257,6 +257,7 @@ def test_two_checkpoints_are_scored_on_the_same_windows(tiny_cache, tmp_path):
     assert a["baselines"]["oracle"]["loss"] == 0.0 and a["skill"]["level"] is None
 
 
+@pytest.mark.slow
 def test_evaluate_cli_end_to_end(tiny_cache, tmp_path):
     checkpoint = make_checkpoint(tmp_path / "best.pt", tiny_cache)
     out = tmp_path / "scores" / "eval.json"

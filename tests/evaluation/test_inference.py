@@ -727,6 +727,7 @@ def test_cache_from_another_codec(setup, tmp_path, capsys):
     assert_one_line_error(code, err, "fedcba9876543210", str(cache))
 
 
+@pytest.mark.slow
 def test_mlflow_logs_the_folder_to_the_checkpoint_run(setup, mlflow_server, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=mlflow_server)

@@ -223,6 +223,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, parts: dict
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_one_rank_batch_4_equals_two_ranks_and_accumulation(parts, tmp_path):
     """1 rank x batch 4 == 2 ranks x batch 2 == batch 2 x accum 2 (and 2 ranks x batch 1 x accum 2), balanced."""
     from music_continuation.losses.audio import CombinedLoss
@@ -290,6 +291,7 @@ def small_cache(tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.mark.slow
 def test_balanced_run_logs_shares_and_resumes_bit_exactly(small_cache, mlflow_server, tmp_path):
     """The launcher with --loss_balancer true: MLflow gets the shares, and a run that crashed in epoch 2 and
     was resumed ends with the weights and moving average of an uninterrupted one."""

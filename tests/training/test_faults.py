@@ -146,6 +146,8 @@ def test_a_sigchld_caught_with_the_sigterm_prints_nothing():
     script = """
 import os, signal
 from music_continuation.training.worker import expect_worker_deaths
+
+pytestmark = pytest.mark.slow     # every test here starts a launch, a server, torchrun or Slurm
 signal.signal(signal.SIGCHLD, lambda signum, frame: None)          # the DataLoader's handler
 signal.signal(signal.SIGTERM, lambda signum, frame: expect_worker_deaths())
 both = {signal.SIGCHLD, signal.SIGTERM}

@@ -25,6 +25,8 @@ from music_continuation.training import worker as train_simple_worker
 from music_continuation.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tests.training.test_training import ROOT, RUN_TIMEOUT, TINY, epoch_blocks, make_trainable, run_launcher, sqlite_uri
 
+pytestmark = pytest.mark.slow     # every test here starts a launch, a server, torchrun or Slurm
+
 TINY_SIZES = TINY[:8] + ["--num_workers", 1, "--log_audio_every", 0]   # sizes only: loader workers on
 
 

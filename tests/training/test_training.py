@@ -262,6 +262,7 @@ def _nan_collective_worker(rank: int, world_size: int, port: int, out_dir: str, 
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_nan_on_one_rank_skips_the_step_on_every_rank(step_parts, tmp_path):
     """2 ranks, NaN on rank 1 at step 1: both skip it, stay identical, and match one process that skips it."""
     torch.multiprocessing.spawn(_nan_collective_worker, args=(2, free_port(), str(tmp_path),
@@ -284,6 +285,7 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(step_parts, tmp_path):
     assert_same_training(model.state_dict(), ranks[0]["model"], make_trainable()[0].state_dict())
 
 
+@pytest.mark.slow
 def test_mlflow_failure_mid_run_warns_queues_and_retries(mlflow_server, capsys):
     from mlflow.tracking import MlflowClient
     logger = train_simple_worker.MlflowLogger(mlflow_server, "mid-run-failure", "flaky")
@@ -372,6 +374,7 @@ def test_resume_with_other_model_flags_is_refused(tiny_cache, tmp_path, capsys):
     assert "the checkpoint has --d_model 64" in message
 
 
+@pytest.mark.slow
 def test_cli_exits_non_zero_with_one_line_error(tiny_cache, tmp_path):
     result = run_launcher(["--data_dir", tiny_cache, "--loss_weight_input", -1] + TINY, cwd=tmp_path)
     assert result.returncode != 0
@@ -379,6 +382,7 @@ def test_cli_exits_non_zero_with_one_line_error(tiny_cache, tmp_path):
     assert errors == ["error: --loss_weight_input must be a number >= 0, got -1.0"]
 
 
+@pytest.mark.slow
 def test_unreachable_mlflow_server_stops_before_training(tiny_cache, tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
     result = run_launcher(["--data_dir", tiny_cache, "--mlflow_tracking_uri", dead, "--checkpoint_dir",
@@ -388,6 +392,7 @@ def test_unreachable_mlflow_server_stops_before_training(tiny_cache, tmp_path):
     assert "Epoch" not in result.stdout and not list((tmp_path / "ck").glob("*.pt"))
 
 
+@pytest.mark.slow
 def test_run_script_defaults_overrides_and_demo_preset(tmp_path):
     def traced(env, *args):
         result = subprocess.run(["bash", "-x", str(ROOT / "run_train_simple.sh"), *args, "--data_dir",
@@ -419,6 +424,7 @@ def reference_run(tiny_cache, mlflow_server, tmp_path_factory):
     return {"argv": argv, "result": result, "checkpoints": folder / "ck"}
 
 
+@pytest.mark.slow
 def test_two_process_run_prints_epoch_blocks_and_logs_to_mlflow(reference_run, mlflow_server):
     from mlflow.tracking import MlflowClient
     result = reference_run["result"]
@@ -483,6 +489,7 @@ def test_a_failing_rank_ends_the_job_with_its_error(crashed_run):
     assert load_checkpoint(crashed_run["checkpoints"] / "latest.pt")["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_resume_auto_continues_to_the_same_weights_and_mlflow_run(crashed_run, reference_run, mlflow_server):
     from mlflow.tracking import MlflowClient
     first_run_id = load_checkpoint(crashed_run["checkpoints"] / "latest.pt")["mlflow_run_id"]
@@ -518,6 +525,7 @@ def two_ranks(tiny_cache, tmp_path_factory) -> tuple[Path, subprocess.CompletedP
     return folder / "ck", result
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_on_the_same_global_batch(tiny_cache, tmp_path, two_ranks):
     one = run_launcher(["--data_dir", tiny_cache, "--epochs", 1, "--dropout", 0.0, "--mlflow_tracking_uri",
                         sqlite_uri(tmp_path), "--nproc", 1, "--batch_size", 4, "--checkpoint_dir", tmp_path / "one"]
@@ -536,6 +544,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tiny_cache, tm
     assert block_one["lr"] == block_two["lr"]
 
 
+@pytest.mark.slow
 def test_non_finite_losses_in_a_row_stop_every_rank(tiny_cache, tmp_path):
     result = run_launcher(["--data_dir", tiny_cache, "--nproc", 2, "--batch_size", 2, "--epochs", 2,
                            "--checkpoint_dir", tmp_path / "ck", "--mlflow_tracking_uri",
@@ -547,6 +556,7 @@ def test_non_finite_losses_in_a_row_stop_every_rank(tiny_cache, tmp_path):
     assert "Epoch 1/2" not in result.stdout
 
 
+@pytest.mark.slow
 def test_unity_test_drives_the_loss_down(tiny_cache, tmp_path):
     result = run_launcher(["--data_dir", tiny_cache, "--nproc", 1, "--batch_size", 4, "--epochs", 6,
                            "--unity_test", "true", "--checkpoint_dir", tmp_path / "ck", "--mlflow_tracking_uri",
@@ -560,6 +570,7 @@ def test_unity_test_drives_the_loss_down(tiny_cache, tmp_path):
     assert last < 0.7 * first, f"unity val loss went from {first} to {last}"
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_the_larger_batch(tiny_cache, tmp_path):
     """--batch_size 2 --grad_accum_steps 2 takes the steps --batch_size 4 takes (the default weights are per-example
     RMS terms, so the objective is a mean over examples either way): same weights up to float32 rounding, the
@@ -584,6 +595,7 @@ def test_gradient_accumulation_matches_the_larger_batch(tiny_cache, tmp_path):
         assert a["train"][0] == pytest.approx(b["train"][0], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_torchrun_and_the_launcher_train_the_same_weights(tiny_cache, tmp_path, two_ranks):
     """The multi-node path (torchrun starts the ranks, the script runs the worker directly) against the
     launcher's own spawning: the same ranks doing the same work, so the weights are identical."""
@@ -599,6 +611,7 @@ def test_torchrun_and_the_launcher_train_the_same_weights(tiny_cache, tmp_path, 
     assert load_checkpoint(tmp_path / "torchrun" / "latest.pt")["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_the_slurm_template_runs_torchrun_on_every_node(tiny_cache, tmp_path):
     """cluster/train.sbatch on a one-node 'allocation': srun and scontrol are stand-ins, torchrun and the
     training are real. It must start torchrun with the c10d rendezvous and pass every flag through."""
