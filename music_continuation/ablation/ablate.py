@@ -883,7 +883,8 @@ def study_listening(out_dir: Path, study_run: Study) -> dict | None:
     """The ratings of the study's listening test (OUT_DIR/listening), logged to MLflow, or None: without a test or
     ratings, or (one warning line) when the ratings belong to a test whose conditions changed."""
     from music_continuation.study.ratings import StudyError, Test
-    from music_continuation.study.report import log_metrics, study_listening as listening_of
+    from music_continuation.study.report import log_metrics
+    from music_continuation.study.report import study_listening as listening_of
     try:
         listening = listening_of(out_dir)
     except StudyError as error:

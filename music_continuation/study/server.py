@@ -34,9 +34,9 @@ from .ratings import (
     StudyError,
     Test,
     append_rating,
-    read_ratings,
     rater_done,
     rater_state,
+    read_ratings,
     validate,
 )
 

@@ -1,7 +1,7 @@
 // The rating page: one trial per screen, a slider per stimulus, ratings POSTed as they are given.
 "use strict";
 
-const state = { session: null, index: 0, audios: [], playing: null, position: 0 };
+const state = { session: null, index: 0, audios: [], playing: null, position: 0, saving: Promise.resolve() };
 const $ = (id) => document.getElementById(id);
 
 function showError(message) {
@@ -143,7 +143,11 @@ function stimulusRow(trial, stimulus) {
     row.classList.remove("unrated");
     shown.textContent = slider.value;
   });
-  slider.addEventListener("change", () => save(trial, stimulus, Number(slider.value), row, shown));
+  // One save at a time, in the order given: the last value moved to is the last one stored.
+  slider.addEventListener("change", () => {
+    const value = Number(slider.value);
+    state.saving = state.saving.then(() => save(trial, stimulus, value, row, shown));
+  });
   row.append(label, button, slider, shown);
   return row;
 }
