@@ -151,3 +151,76 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+BROWSER_PACKAGES = ("chromium", "chromium-driver")     # Debian's headless browser and its WebDriver
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def _install_browser() -> str | None:
+    """apt-get install Debian's chromium + chromium-driver where missing (as root); None, or why not."""
+    if Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists():
+        return None
+    if os.geteuid() != 0:
+        return f"{CHROMIUM} / {CHROMEDRIVER} missing and not root (apt-get install {' '.join(BROWSER_PACKAGES)})"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *BROWSER_PACKAGES]):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            return f"{' '.join(command)} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A headless Chromium driven by selenium for the session. Skipped where it cannot be installed or started,
+    but in CI ($CI set) that fails the tests."""
+    in_ci = bool(os.environ.get("CI"))
+    problem = _install_browser()
+    driver = None
+    if problem is None:
+        try:
+            from selenium import webdriver
+            from selenium.webdriver.chrome.service import Service
+            options = webdriver.ChromeOptions()
+            options.binary_location = CHROMIUM
+            for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,900",
+                             "--autoplay-policy=no-user-gesture-required", "--mute-audio"):
+                options.add_argument(argument)
+            driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+        except Exception as error:  # noqa: BLE001 - ImportError, WebDriverException: the browser cannot start
+            problem = f"headless Chromium did not start: {str(error).strip().splitlines()[0][:300]}"
+    if driver is None:
+        if in_ci:
+            pytest.fail(problem, pytrace=False)
+        pytest.skip(problem)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+TINY_STUDY_FLAGS = ["--segment_frames", "8", "--d_model", "32", "--num_layers", "1", "--num_heads", "2",
+                    "--num_workers", "0", "--warmup_steps", "2", "--lr", "1e-3", "--log_audio_every", "0",
+                    "--epochs", "1", "--nproc", "1", "--batch_size", "4"]
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tiny_cache, tmp_path_factory) -> dict:
+    """A finished ablate.py study of two tiny cells (target, spectral; one seed, one epoch) on the tiny cache,
+    tracked in a sqlite MLflow store: {"out": folder, "uri": tracking URI}."""
+    import json
+    folder = tmp_path_factory.mktemp("tiny_study")
+    grid = folder / "grid.json"
+    grid.write_text(json.dumps([{"name": "target", "flags": {"loss_weight_target": 1.0}},
+                                {"name": "spectral", "flags": {"loss_weight_target": 0.5,
+                                                               "loss_weight_spectral": 0.5}}]))
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    env = {key: value for key, value in os.environ.items() if key not in ("MLFLOW_TRACKING_URI", "RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, str(ROOT / "ablate.py"), "--data_dir", str(tiny_cache), "--out_dir",
+                           str(folder / "study"), "--grid", str(grid), "--seeds", "1", "--max_windows", "2",
+                           "--mlflow_tracking_uri", uri, "--experiment_name", "tiny-study", *TINY_STUDY_FLAGS],
+                          cwd=folder, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"out": folder / "study", "uri": uri}

@@ -84,6 +84,7 @@ NOT_SETTINGS = {"checkpoint_dir", "resume", "mlflow_tracking_uri", "experiment_n
 
 TAG_STUDY, TAG_CELL, TAG_SEED, TAG_HASH = "ablation_study", "ablation_cell", "ablation_seed", "ablation_hash"
 CELL_FILE = "cell.json"                  # in each cell's folder: its name, seed, hash, settings and command
+REPORT_ROWS = "report_rows.json"         # what the report is made of: the study's listening report remakes it
 EVAL_CACHE = "evaluation.json"           # in each cell's folder: the last evaluation of its best.pt
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -864,7 +865,9 @@ def report(rows: list, missing: list, failures: list, plan: dict, study_run: Stu
                   f"Shared flags: `{shlex.join(tokens_of(shared)) or '(none)'}`."]
         if missing or failures:
             header.append(f"Not in the table: {', '.join(missing + [f.split(' ')[0] for f in failures])}.")
-        markdown = write_report(rows, plan["names"], report_dir, header)
+        listening = study_listening(out_dir, study_run)
+        write_json(out_dir / REPORT_ROWS, {"rows": rows, "names": plan["names"], "header": header})
+        markdown = write_report(rows, plan["names"], report_dir, header, listening=listening)
         try:
             study_run.client.log_artifacts(study_run.run_id, str(report_dir), "report")
         except Exception as error:  # noqa: BLE001
@@ -874,6 +877,23 @@ def report(rows: list, missing: list, failures: list, plan: dict, study_run: Stu
         print(f"[ablate] report: {report_dir}/results.md, results.csv, results.png", file=sys.stderr, flush=True)
     if missing:
         print(f"[ablate] not finished yet (not in the report): {', '.join(missing)}", file=sys.stderr, flush=True)
+
+
+def study_listening(out_dir: Path, study_run: Study) -> dict | None:
+    """The ratings of the study's listening test (OUT_DIR/listening), logged to MLflow, or None: without a test or
+    ratings, or (one warning line) when the ratings belong to a test whose conditions changed."""
+    from music_continuation.study.ratings import StudyError, Test
+    from music_continuation.study.report import log_metrics
+    from music_continuation.study.report import study_listening as listening_of
+    try:
+        listening = listening_of(out_dir)
+    except StudyError as error:
+        print(f"warning: listening test left out of the report: {error}", file=sys.stderr, flush=True)
+        return None
+    if listening is not None:
+        for warning in log_metrics(study_run.client, Test.load(listening["test_dir"]), listening):
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+    return listening
 
 
 def log_evaluation(study_run: Study, run_id: str, result: dict) -> None:

@@ -61,21 +61,24 @@ MARKDOWN_LEGEND = (
     "cell's target is its input; the plot then marks each cell's own baseline over its bar).")
 
 
-def write_report(rows: list[dict], cells_in_order: list[str], report_dir: Path, header: list[str]) -> str:
-    """results.csv, results.md and results.png from the evaluated rows; returns the Markdown."""
+def write_report(rows: list[dict], cells_in_order: list[str], report_dir: Path, header: list[str],
+                 listening: dict | None = None) -> str:
+    """results.csv, results.md and results.png from the evaluated rows; returns the Markdown. `listening`: the
+    statistics of the study's listening test (music_continuation.study.ratings.summarise, with "runs"), which
+    add the listening columns, a section of results.md and a panel of the plot."""
     from music_continuation.utils import atomic_path
     names = figure_names()
     report_dir.mkdir(parents=True, exist_ok=True)
-    table = results_table(rows, names)
+    table = results_table(rows, names, listening)
     with atomic_path(report_dir / "results.csv") as tmp:
         table.to_csv(tmp, index=False, na_rep="", float_format=None)
     by_cell = {name: [r for r in rows if r["cell"] == name] for name in cells_in_order}
     by_cell = {name: group for name, group in by_cell.items() if group}
-    markdown = markdown_report(rows, by_cell, names, header, table)
+    markdown = markdown_report(rows, by_cell, names, header, table, listening)
     with atomic_path(report_dir / "results.md") as tmp:
         tmp.write_text(markdown)
     plot(summarise(table, list(by_cell), names), baselines_per_cell(rows, list(by_cell), names), names,
-         report_dir / "results.png")
+         report_dir / "results.png", listening)
     return markdown
 
 
@@ -89,8 +92,9 @@ def share_components(rows: list[dict]) -> list[str]:
     return [c for c in LOSS_COMPONENTS if c in found] + sorted(found - set(LOSS_COMPONENTS))
 
 
-def results_table(rows: list[dict], names):
-    """One row per cell x seed with every figure, its skill, the baselines' figures and the gradient shares."""
+def results_table(rows: list[dict], names, listening: dict | None = None):
+    """One row per cell x seed with every figure, its skill, the baselines' figures and the gradient shares
+    (and with a listening test: its cell's rating, CI, n and Wilcoxon p, and this seed's own mean rating)."""
     import pandas as pd
     components = share_components(rows)
     records = []
@@ -104,8 +108,19 @@ def results_table(rows: list[dict], names):
         record.update({f"skill_{n}": number((result.get("skill") or {}).get(n)) for n in names})
         record.update({f"{b}_{n}": number(result["baselines"][b].get(n)) for b in BASELINES for n in names})
         record.update({f"grad_share_{c}": number(metrics.get(GRAD_SHARE_PREFIX + c)) for c in components})
+        if listening is not None:
+            record.update(listening_columns(listening, row["cell"], row["seed"]))
         records.append(record)
     return pd.DataFrame.from_records(records, columns=list(records[0]) if records else None)
+
+
+def listening_columns(listening: dict, cell: str, seed) -> dict:
+    """The listening test's columns of one cell x seed row (NaN where the cell or seed was not rated)."""
+    stats = listening["cells"].get(cell) or {}
+    own = listening["conditions"].get(f"{cell}/seed{seed}") or {}
+    return {"listening_mean": number(stats.get("mean")), "listening_ci95": number(stats.get("ci95")),
+            "listening_n": stats.get("n", 0), "listening_wilcoxon_p": number(stats.get("wilcoxon_p")),
+            "listening_seed_mean": number(own.get("mean"))}
 
 
 def number(value) -> float:
@@ -122,7 +137,8 @@ def summarise(table, cells: list[str], columns) -> dict:
             for c in cells}
 
 
-def markdown_report(rows: list[dict], by_cell: dict, names, header: list[str], table=None) -> str:
+def markdown_report(rows: list[dict], by_cell: dict, names, header: list[str], table=None,
+                    listening: dict | None = None) -> str:
     """results.md: per cell the mean ± std over seeds of every figure, the baselines, the skill table and the
     gradient shares."""
     table = results_table(rows, names) if table is None else table
@@ -135,14 +151,17 @@ def markdown_report(rows: list[dict], by_cell: dict, names, header: list[str], t
                  for b in BASELINES}
     unity = {r["cell"] for r in rows if r.get("unity")}     # a sanity check (target = input): not a contender
     marks = best_of(summary, names, unity, skip=("loss",))
+    extra = " listening (MUSHRA) |" if listening else ""
     lines = header + ["", MARKDOWN_LEGEND, "",
-                      "| cell | weights in/tgt/spec/mel | seeds | " + " | ".join(names) + " |",
-                      "|---|---|---|" + "---|" * len(names)]
+                      "| cell | weights in/tgt/spec/mel | seeds | " + " | ".join(names) + " |" + extra,
+                      "|---|---|---|" + "---|" * (len(names) + bool(listening))]
     for c, group in by_cell.items():
         lines.append(f"| {c} | {weights_of(group)} | {len(group)} | "
-                     + " | ".join(cell_text(summary, marks, c, n) for n in names) + " |")
+                     + " | ".join(cell_text(summary, marks, c, n) for n in names) + " |"
+                     + (f" {listening_text(listening, c)} |" if listening else ""))
     for b in BASELINES:
-        lines.append(f"| *{b}* | | | " + " | ".join(baselines[b][n] for n in names) + " |")
+        lines.append(f"| *{b}* | | | " + " | ".join(baselines[b][n] for n in names) + " |"
+                     + (f" {listening_text(listening, b)} |" if listening else ""))
     if skill_names:
         skill_marks = best_of(skills, skill_names, unity, skip=("loss",), skill=True)
         lines += ["", "Skill per figure, (repeat - model) / (repeat - oracle): 1 = as good as the oracle, "
@@ -152,7 +171,24 @@ def markdown_report(rows: list[dict], by_cell: dict, names, header: list[str], t
         for c in by_cell:
             lines.append(f"| {c} | " + " | ".join(cell_text(skills, skill_marks, c, n) for n in skill_names) + " |")
     lines += share_lines(table, cells, share_components(rows))
+    if listening:
+        lines += listening_lines(listening)
     return "\n".join(lines) + "\n"
+
+
+def listening_text(listening: dict, cell: str) -> str:
+    """A cell's (or the repeat baseline's) listening figure: mean ± 95% CI (n, p against the best cell)."""
+    from music_continuation.study.report import cell_text as text
+    value = text(listening, cell)
+    return f"**{value}**" if cell == listening["best"] and value != "-" else value
+
+
+def listening_lines(listening: dict) -> list[str]:
+    """The listening test's section of results.md: who was kept and dropped, and every condition's rating."""
+    from music_continuation.study.ratings import markdown_table, screening_line
+    from music_continuation.study.report import LEGEND
+    return ["", f"Listening test ({listening['test_dir']}, {listening['ratings']} ratings): "
+            + screening_line(listening), "", LEGEND, "", *markdown_table(listening)]
 
 
 def share_lines(table, cells: list[str], components: list[str]) -> list[str]:
@@ -222,7 +258,7 @@ def baselines_per_cell(rows: list[dict], cells: list[str], names) -> dict:
     return result
 
 
-def plot(summary: dict, baselines: dict, names, path: Path) -> None:
+def plot(summary: dict, baselines: dict, names, path: Path, listening: dict | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -230,7 +266,7 @@ def plot(summary: dict, baselines: dict, names, path: Path) -> None:
     from music_continuation.utils import atomic_path
     cells = list(summary)
     columns = 3
-    rows = math.ceil(len(names) / columns)
+    rows = math.ceil((len(names) + bool(listening)) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
     styles = {"silence": ("tab:gray", ":"), "repeat": ("tab:orange", "--"), "oracle": ("tab:green", "-.")}
     for axis, name in zip(axes.flat, names):
@@ -253,7 +289,9 @@ def plot(summary: dict, baselines: dict, names, path: Path) -> None:
         axis.set_xticks(list(x))
         axis.set_xticklabels(cells, rotation=30, ha="right", fontsize=7)
         axis.tick_params(axis="y", labelsize=7)
-    for axis in list(axes.flat)[len(names):]:
+    if listening:
+        listening_panel(list(axes.flat)[len(names)], listening, cells)
+    for axis in list(axes.flat)[len(names) + bool(listening):]:
         axis.axis("off")
     handles = {}
     for axis in axes.flat:
@@ -262,10 +300,29 @@ def plot(summary: dict, baselines: dict, names, path: Path) -> None:
     if handles:
         figure.legend(list(handles.values()), [f"baseline: {label}" for label in handles], loc="upper right",
                       fontsize=8, ncol=len(handles))
-    figure.suptitle("bars: mean over seeds, whiskers: std over seeds", fontsize=9, x=0.02, ha="left")
+    figure.suptitle("bars: mean over seeds, whiskers: std over seeds"
+                    + ("; listening: mean and 95% CI over raters x trials" if listening else ""),
+                    fontsize=9, x=0.02, ha="left")
     figure.tight_layout(rect=(0, 0, 1, 0.95))
     with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=100)
     plt.close(figure)
 
 
+
+
+def listening_panel(axis, listening: dict, cells: list[str]) -> None:
+    """The listening test's bar per cell (mean, 95% CI whiskers) with its reference, repeat and anchor lines."""
+    stats = [listening["cells"].get(c) or {} for c in cells]
+    axis.bar(range(len(cells)), [s.get("mean") or 0.0 for s in stats], yerr=[s.get("ci95") or 0.0 for s in stats],
+             capsize=3, color="tab:purple", alpha=0.8)
+    styles = {"reference": ("tab:green", "-."), "repeat": ("tab:orange", "--"), "anchor": ("tab:gray", ":")}
+    for kind, (colour, style) in styles.items():
+        mean = (listening["cells"].get(kind) or {}).get("mean")
+        if mean is not None:
+            axis.axhline(mean, color=colour, linestyle=style, linewidth=1.2, label=f"rated {kind}")
+    axis.set_ylim(0, 100)
+    axis.set_title("listening (MUSHRA 0-100)", fontsize=9)
+    axis.set_xticks(list(range(len(cells))))
+    axis.set_xticklabels(cells, rotation=30, ha="right", fontsize=7)
+    axis.tick_params(axis="y", labelsize=7)

@@ -1,0 +1,1 @@
+"""Blind listening tests (MUSHRA) across an ablation study's cells: render, serve, rate, report."""
