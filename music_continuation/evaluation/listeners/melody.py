@@ -105,9 +105,10 @@ class Transcriber:
         if note.shape[0] < 2:
             return []
         min_frames = int(np.round(MIN_NOTE_SECONDS * c.AUDIO_SAMPLE_RATE / c.FFT_HOP))
-        events = creation.output_to_notes_polyphonic(
-            note.copy(), onset.copy(), onset_thresh=ONSET_THRESHOLD, frame_thresh=FRAME_THRESHOLD,
-            min_note_len=min_frames, infer_onsets=True, max_freq=None, min_freq=None, melodia_trick=True)
+        with np.errstate(invalid="ignore", divide="ignore"):    # silence: its onset rescaling divides 0 by 0
+            events = creation.output_to_notes_polyphonic(
+                note.copy(), onset.copy(), onset_thresh=ONSET_THRESHOLD, frame_thresh=FRAME_THRESHOLD,
+                min_note_len=min_frames, infer_onsets=True, max_freq=None, min_freq=None, melodia_trick=True)
         times = creation.model_frames_to_time(note.shape[0])
         return sorted((float(times[start]), float(times[end]), int(pitch)) for start, end, pitch, _ in events)
 
