@@ -14,7 +14,9 @@ import statistics
 from pathlib import Path
 
 BASELINES = ("silence", "repeat", "oracle")   # = evaluation.BASELINES (not imported: it loads torch; a test pins it)
-HIGHER_IS_BETTER = {"rhythm", "chroma"}  # 'level' is best at 1; everything else is an error (lower is better)
+# 'level' and 'tempo_ratio' are best at 1; everything else is an error or a distance (lower is better)
+HIGHER_IS_BETTER = {"rhythm", "chroma", "melody_f1", "pitch_class_agreement", "beat_f1"}
+CLOSEST_TO_ONE = {"level", "tempo_ratio"}
 GRAD_SHARE_PREFIX = "train_grad_share_"  # the launcher's per-epoch metric: a component's share of the gradient
 # losses.LOSS_COMPONENTS (not imported: it loads torch); the share columns' order, and their names when no run has any
 LOSS_COMPONENTS = ("rms_input", "rms_target", "spectral", "mel")
@@ -38,7 +40,7 @@ def better(name: str, a: float, b: float, skill: bool = False) -> bool:
     """Is a better than b for this figure (or for its skill)?"""
     if skill or name in HIGHER_IS_BETTER:
         return a > b
-    if name == "level":
+    if name in CLOSEST_TO_ONE:
         return abs(a - 1.0) < abs(b - 1.0)
     return a < b
 
@@ -53,8 +55,9 @@ def fmt(value, digits: int = 4) -> str:
 
 MARKDOWN_LEGEND = (
     "Mean ± standard deviation over seeds (sample std, n-1; none with one seed; per-seed values in results.csv). "
-    "Best cell in each column in **bold**: lowest for the loss components and latent_mse, closest to 1 for "
-    "level, highest for rhythm, chroma and skill. `loss` is each cell's own weighted total, so it is not "
+    "Best cell in each column in **bold**: lowest for the loss components, latent_mse and frechet_codec, closest "
+    "to 1 for level and tempo_ratio, highest for rhythm, chroma, melody_f1, "
+    "pitch_class_agreement, beat_f1 and skill. `loss` is each cell's own weighted total, so it is not "
     "comparable across cells (not marked): compare the components. Unity cells (`--unity_test`: target = "
     "input) are the pipeline's sanity check, not a contender: never marked. A baseline figure is one value when it "
     "is the same for every cell, else its range over the cells (`loss` follows each cell's weights; a unity "

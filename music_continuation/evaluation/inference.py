@@ -81,6 +81,7 @@ from music_continuation.codec import (
     load_codec,
 )
 from music_continuation.evaluation import scoring as evaluation
+from music_continuation.evaluation.listeners import BEAT_TRACKERS, ListenerUnavailable
 from music_continuation.evaluation.listening_page import (
     ENDINGS,
     METRIC_NAMES,
@@ -316,6 +317,7 @@ class Scorer:
     loss_fn: CombinedLoss
     target_audio: str          # "original" or "codec" (resolved)
     device: torch.device | str
+    listeners: object = None   # listeners.Listeners, or None with --no_listeners
 
 
 @torch.no_grad()
@@ -341,9 +343,10 @@ def score(example: Example, segment_samples: int, scorer: Scorer) -> None:
     references = evaluation.reference_audio(batch, scorer.decoder, normalizer, scorer.target_audio, decoded)
     model_sums = ScoreSums(device, f"{example.name}: model").add(
         output.to(device), references, scorer.loss_fn, example.predicted_latent[None].to(device),
-        batch["target_latent"], musical=True)
+        batch["target_latent"], musical=True, listeners=scorer.listeners)
     baseline_sums = evaluation.score_baselines_batch(batch, scorer.decoder, normalizer, scorer.loss_fn,
-                                                     scorer.target_audio, musical=True, decoded=decoded)
+                                                     scorer.target_audio, musical=True, decoded=decoded,
+                                                     listeners=scorer.listeners)
     example.metrics = model_sums.means()
     example.baselines = {name: baseline_sums[name].means() for name in BASELINES}
     if scorer.target_audio == "original":
@@ -507,6 +510,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "codec (default: the checkpoint's --target_audio; original if it records none)")
     parser.add_argument("--encodec_weights", default=None,
                         help="EnCodec weights (default: as recorded in the checkpoint); must match the checkpoint")
+    parser.add_argument("--no_listeners", action="store_true",
+                        help="skip the pretrained listeners (melody_f1, beat_f1, frechet_codec, ...: "
+                             "docs/musical-figures.md)")
+    parser.add_argument("--beat_tracker", default="librosa", choices=BEAT_TRACKERS,
+                        help="beat tracker of beat_f1 (madmom: CC BY-NC-SA 4.0 models)")
     parser.add_argument("--mlflow", action="store_true", help="log the output folder to the checkpoint's MLflow run")
     parser.add_argument("--mlflow_tracking_uri", default=None,
                         help="MLflow tracking URI (default: the one recorded in the checkpoint's flags)")
@@ -605,11 +613,15 @@ def run(args) -> int:
         return 1
 
     decoder = FrozenDecoder(codec)
+    listeners = None
+    if not args.no_listeners:
+        from music_continuation.evaluation.listeners import Listeners
+        listeners = Listeners(codec, args.beat_tracker, args.device)
     del codec
     wall = generate(examples, model, normalizer, decoder, windows, args.batch_size, args.device)
     generated_seconds = len(examples) * windows * segment_samples / SAMPLE_RATE
     loss_fn = CombinedLoss(**evaluation.loss_weights_of(state.get("args") or {})).to(args.device)
-    scorer = Scorer(decoder, normalizer, loss_fn, target_audio, args.device)
+    scorer = Scorer(decoder, normalizer, loss_fn, target_audio, args.device, listeners)
     for example in examples:
         score(example, segment_samples, scorer)
 
@@ -644,7 +656,8 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    return run_command(build_parser(), check_flags, run, argv, (InferenceError, CodecLoadError, EvaluationError))
+    return run_command(build_parser(), check_flags, run, argv,
+                       (InferenceError, CodecLoadError, EvaluationError, ListenerUnavailable))
 
 
 def cli() -> None:

@@ -28,7 +28,9 @@ from music_continuation.losses.audio import LOSSES
 
 METRIC_NAMES = SCORE_NAMES
 BETTER = {**{component.name: "lower" for component in LOSSES}, "loss": "lower", "latent_mse": "lower",
-          "rhythm": "higher", "chroma": "higher", "level": "closest to 1"}
+          "rhythm": "higher", "chroma": "higher", "level": "closest to 1", "melody_f1": "higher",
+          "pitch_class_agreement": "higher", "beat_f1": "higher", "tempo_ratio": "closest to 1",
+          "frechet_codec": "lower"}
 ARROWS = {"lower": "&darr;", "higher": "&uarr;", "closest to 1": "&rarr;1"}
 MODEL_ROW = "model"
 ENDINGS = ("continuation", "target", "original")      # what follows the seam in each player (module docstring)
@@ -69,7 +71,11 @@ METRICS_NOTE = (
     "training losses, <code>latent_mse</code> (normalised latents against the true next window's), "
     "<code>level</code> (RMS of the output / RMS of the target), <code>rhythm</code> (onset-envelope "
     "correlation) and <code>chroma</code> (concordance of pitch-class profiles: about 0 for noise or another "
-    "key, 1 for the same). &darr; lower is better, &uarr; higher is better, &rarr;1 closest to 1 is best; "
+    "key, 1 for the same), and the pretrained listeners' <code>melody_f1</code> (transcribed notes, onset "
+    "±50 ms, pitch ±50 cents), <code>pitch_class_agreement</code>, <code>beat_f1</code> (beats after the seam, "
+    "±70 ms), <code>tempo_ratio</code> and <code>frechet_codec</code> (a Fréchet distance between sets of "
+    "EnCodec frames, not comparable to VGGish FAD; docs/musical-figures.md). "
+    "&darr; lower is better, &uarr; higher is better, &rarr;1 closest to 1 is best; "
     "definitions in listening_metrics.py and evaluation.py. Each figure is shown beside three baselines scored "
     "the same way: <b>silence</b> (zeros), <b>repeat</b> (the context's latents decoded as its own "
     "continuation) and <b>oracle</b> (the true next window's latents decoded: the best a latent prediction can "

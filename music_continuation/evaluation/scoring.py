@@ -14,6 +14,10 @@ ranks with one all_reduce(SUM) and means the same in every table. For a batch of
                  over the whole set: 1 is right, 0 is collapse to silence. None if the target is silent.
     rhythm, chroma   listening_metrics.listening_metrics(out[b], tgt[b]) averaged over examples
                  (expensive: only with musical=True, else None).
+    melody_f1, pitch_class_agreement, beat_f1   the pretrained listeners (listeners/), averaged over examples;
+                 tempo_ratio averaged over the examples where both sides have two beats after the seam;
+    frechet_codec    the Fréchet distance of the output set against the reference set of codec frames.
+                 Only when a listeners.Listeners is passed (else None); beats are tracked on input + output.
 
 Reference audio (target_audio):
     "original"  the real audio of the windows (the cache's audio).
@@ -29,10 +33,10 @@ Baselines, scored through the same code:
 
     skill = (S_repeat - S_model) / (S_repeat - S_oracle)  per figure: 1 = as good as the oracle,
     0 = no better than repeating the context, < 0 = worse. Defined for loss, the four components,
-    latent_mse, rhythm and chroma (the formula needs no "lower is better": the oracle is the
-    reference either way); for rms_input it only places the model between repeat (which is the
-    input) and oracle. Never for level (its ideal is 1, not the oracle's value). None when a figure
-    is None or S_repeat == S_oracle (e.g. unity mode, where repeat is the oracle).
+    latent_mse, rhythm, chroma and the listeners' figures but tempo_ratio (the formula needs no "lower is
+    better": the oracle is the reference either way); for rms_input it only places the model between repeat
+    (which is the input) and oracle. Never for level or tempo_ratio (their ideal is 1, not the oracle's
+    value). None when a figure is None or S_repeat == S_oracle (e.g. unity mode, where repeat is the oracle).
 
 A figure is never NaN: non-finite sums raise EvaluationError naming the figure; undefined ones are None.
 """
@@ -44,17 +48,25 @@ import sys
 import numpy as np
 import torch
 
+from music_continuation.evaluation.listeners import LISTENER_FIGURES
+from music_continuation.evaluation.listeners.frechet import STATS_SIZE, FrechetError, frechet_distance
 from music_continuation.evaluation.listening_metrics import listening_metrics
 from music_continuation.losses.audio import LOSS_COMPONENTS, CombinedLoss, check_weights
 
 TARGET_AUDIO_CHOICES = ("auto", "original", "codec")
 BASELINES = ("silence", "repeat", "oracle")
-SCORE_NAMES = ("loss", "rms_input", "rms_target", "spectral", "mel", "latent_mse", "level", "rhythm", "chroma")
-SKILL_NAMES = ("loss", "rms_input", "rms_target", "spectral", "mel", "latent_mse", "rhythm", "chroma")
+SCORE_NAMES = ("loss", "rms_input", "rms_target", "spectral", "mel", "latent_mse", "level", "rhythm",
+               "chroma") + LISTENER_FIGURES
+SKILL_NAMES = ("loss", "rms_input", "rms_target", "spectral", "mel", "latent_mse", "rhythm", "chroma",
+               "melody_f1", "pitch_class_agreement", "beat_f1", "frechet_codec")
 LOSS_FIGURES = ("loss",) + LOSS_COMPONENTS
 # The fixed order of ScoreSums.vector(): a count, then the sums that are divided by it.
 SUM_FIELDS = ("examples", "loss", "rms_input", "rms_target", "spectral", "mel", "output_power", "target_power",
-              "latent_examples", "latent_mse", "musical_examples", "rhythm", "chroma")
+              "latent_examples", "latent_mse", "musical_examples", "rhythm", "chroma",
+              "listener_examples", "melody_f1", "pitch_class_agreement", "beat_f1", "tempo_examples", "tempo_ratio")
+# vector() is SUM_FIELDS, then the Fréchet sets of the outputs and of the references (frechet.frame_stats each).
+VECTOR_SIZE = len(SUM_FIELDS) + 2 * STATS_SIZE
+_refusals_shown: set = set()     # each Fréchet refusal is printed once per process, not once per row
 
 
 class EvaluationError(ValueError):
@@ -123,27 +135,31 @@ def _f64(value, device) -> torch.Tensor:
 class ScoreSums:
     """Sums and counts of the figures over examples (module docstring); `means()` turns them into figures.
 
-    `vector()` is a float64 tensor in SUM_FIELDS order on `device`: all_reduce it with SUM across ranks,
-    then `ScoreSums.from_vector(v).means()`. `a + b` adds two sets of sums.
+    `vector()` is a float64 tensor of VECTOR_SIZE on `device` (SUM_FIELDS, then the two Fréchet sets): all_reduce
+    it with SUM across ranks, then `ScoreSums.from_vector(v).means()`. `a + b` adds two sets of sums.
     """
 
     def __init__(self, device="cpu", label: str = "scores"):
         self.sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=device)
+        self.frechet = torch.zeros(2, STATS_SIZE, dtype=torch.float64, device=device)   # outputs, references
         self.label = label
 
     @classmethod
     def from_vector(cls, vector: torch.Tensor, label: str = "scores") -> ScoreSums:
-        if vector.shape != (len(SUM_FIELDS),):
-            raise ValueError(f"a ScoreSums vector has {len(SUM_FIELDS)} entries {SUM_FIELDS}, got {list(vector.shape)}")
+        if vector.shape != (VECTOR_SIZE,):
+            raise ValueError(f"a ScoreSums vector has {VECTOR_SIZE} entries (SUM_FIELDS {SUM_FIELDS} and two Fréchet "
+                             f"sets), got {list(vector.shape)}")
         sums = cls(vector.device, label)
-        sums.sums = vector.detach().to(torch.float64).clone()
+        vector = vector.detach().to(torch.float64)
+        sums.sums = vector[:len(SUM_FIELDS)].clone()
+        sums.frechet = vector[len(SUM_FIELDS):].reshape(2, STATS_SIZE).clone()
         return sums
 
     def vector(self) -> torch.Tensor:
-        return self.sums.clone()
+        return torch.cat([self.sums, self.frechet.reshape(-1)])
 
     def __add__(self, other: ScoreSums) -> ScoreSums:
-        return ScoreSums.from_vector(self.sums + other.sums.to(self.sums.device), self.label)
+        return ScoreSums.from_vector(self.vector() + other.vector().to(self.sums.device), self.label)
 
     @property
     def examples(self) -> int:
@@ -152,12 +168,13 @@ class ScoreSums:
     @torch.no_grad()
     def add(self, output_audio: torch.Tensor, references: tuple[torch.Tensor, torch.Tensor], loss_fn: CombinedLoss,
             predicted_latent: torch.Tensor | None = None, target_latent: torch.Tensor | None = None,
-            musical: bool = False, losses: tuple | None = None) -> ScoreSums:
+            musical: bool = False, losses: tuple | None = None, listeners=None) -> ScoreSums:
         """Add one batch: output audio [B, 1, N] against references (input_audio, target_audio).
 
         `losses` = the (total, components) loss_fn already returned for exactly these tensors (saves
         computing them twice). latent_mse is added when both latents are given (normalised, [B, 128, T]).
-        No host synchronisation unless musical=True (rhythm and chroma are computed on the CPU).
+        No host synchronisation unless musical=True (rhythm and chroma are computed on the CPU) or
+        `listeners` (a listeners.Listeners) is given: then its figures too, beats tracked on input + output.
         """
         input_audio, target_audio = references
         size = output_audio.shape[0]
@@ -175,6 +192,11 @@ class ScoreSums:
             row.update(musical_examples=size, rhythm=sum(f["rhythm"] for f in figures),
                        chroma=sum(f["chroma"] for f in figures))
         device = self.sums.device
+        if listeners is not None:
+            heard = listeners.batch_sums(output_audio, input_audio, target_audio)
+            if "frechet_output" in heard:
+                self.frechet += torch.stack([heard.pop("frechet_output"), heard.pop("frechet_reference")]).to(device)
+            row.update(heard)
         self.sums += torch.stack([_f64(row.get(name, 0.0), device) for name in SUM_FIELDS])
         return self
 
@@ -182,6 +204,7 @@ class ScoreSums:
         """{name: figure or None} in SCORE_NAMES order (formulas in the module docstring)."""
         s = dict(zip(SUM_FIELDS, self.sums.cpu().tolist()))
         bad = [name for name in SUM_FIELDS if not math.isfinite(s[name])]
+        bad += ["frechet_codec"] if not bool(torch.isfinite(self.frechet).all()) else []
         if bad:
             raise EvaluationError(f"{self.label}: the sums of {', '.join(bad)} are not finite (NaN or inf): the "
                                   f"output audio or latents hold non-finite values (a diverged model?)")
@@ -195,7 +218,23 @@ class ScoreSums:
                             if s["examples"] > 0 and s["target_power"] > 0 else None)
         figures["rhythm"] = ratio("rhythm", "musical_examples")
         figures["chroma"] = ratio("chroma", "musical_examples")
+        for name in ("melody_f1", "pitch_class_agreement", "beat_f1"):
+            figures[name] = ratio(name, "listener_examples")
+        figures["tempo_ratio"] = ratio("tempo_ratio", "tempo_examples")
+        figures["frechet_codec"] = self._frechet_codec()
         return {name: figures[name] for name in SCORE_NAMES}
+
+    def _frechet_codec(self) -> float | None:
+        """None when no frames were added or too few (the refusal is printed once, as one line)."""
+        if self.frechet[0, 0] == 0:
+            return None
+        try:
+            return frechet_distance(self.frechet[0], self.frechet[1])
+        except FrechetError as error:
+            if str(error) not in _refusals_shown:
+                _refusals_shown.add(str(error))
+                print(f"warning: {error}", file=sys.stderr, flush=True)
+            return None
 
 
 # -------------------------------------------------------------------------------- batch scoring
@@ -203,7 +242,7 @@ class ScoreSums:
 @torch.no_grad()
 def score_model_batch(model, batch: dict, decoder, normalizer, loss_fn: CombinedLoss,
                       references: tuple[torch.Tensor, torch.Tensor], sums: ScoreSums | None = None,
-                      musical: bool = False) -> ScoreSums:
+                      musical: bool = False, listeners=None) -> ScoreSums:
     """Add the model's figures on one batch to `sums` (a new ScoreSums if None) and return it.
 
     prediction p = model(input_latent); output = predict_audio; scored against `references`
@@ -212,7 +251,7 @@ def score_model_batch(model, batch: dict, decoder, normalizer, loss_fn: Combined
     sums = ScoreSums(batch["input_latent"].device, "model") if sums is None else sums
     prediction = model(batch["input_latent"])
     output = decode_latents(decoder, normalizer, prediction)
-    return sums.add(output, references, loss_fn, prediction, batch["target_latent"], musical)
+    return sums.add(output, references, loss_fn, prediction, batch["target_latent"], musical, listeners=listeners)
 
 
 def baseline_outputs(batch: dict, decoded: tuple[torch.Tensor, torch.Tensor]) -> dict:
@@ -226,7 +265,7 @@ def baseline_outputs(batch: dict, decoded: tuple[torch.Tensor, torch.Tensor]) ->
 @torch.no_grad()
 def score_baselines_batch(batch: dict, decoder, normalizer, loss_fn: CombinedLoss, target_audio: str,
                           sums: dict | None = None, musical: bool = False,
-                          decoded: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+                          decoded: tuple[torch.Tensor, torch.Tensor] | None = None, listeners=None) -> dict:
     """Add silence, repeat and oracle on one batch to `sums` ({name: ScoreSums}, new if None); returns it.
 
     The windows' latents are decoded once (or `decoded` is reused) and serve as the baselines' outputs
@@ -237,12 +276,12 @@ def score_baselines_batch(batch: dict, decoder, normalizer, loss_fn: CombinedLos
     decoded = decode_windows(batch, decoder, normalizer) if decoded is None else decoded
     references = reference_audio(batch, decoder, normalizer, target_audio, decoded)
     for name, (output, latents) in baseline_outputs(batch, decoded).items():
-        sums[name].add(output, references, loss_fn, latents, batch["target_latent"], musical)
+        sums[name].add(output, references, loss_fn, latents, batch["target_latent"], musical, listeners=listeners)
     return sums
 
 
 def score_baselines(batches, decoder, normalizer, loss_fn: CombinedLoss, target_audio: str,
-                    musical: bool = False) -> dict:
+                    musical: bool = False, listeners=None) -> dict:
     """{baseline: ScoreSums} over an iterable of batches (e.g. one rank's shard, once per run).
 
     Batches are moved to the normaliser's device; all_reduce each `.vector()` to combine ranks.
@@ -251,7 +290,7 @@ def score_baselines(batches, decoder, normalizer, loss_fn: CombinedLoss, target_
     sums = {name: ScoreSums(device, name) for name in BASELINES}
     for batch in batches:
         batch = {key: value.to(device) for key, value in batch.items()}
-        score_baselines_batch(batch, decoder, normalizer, loss_fn, target_audio, sums, musical)
+        score_baselines_batch(batch, decoder, normalizer, loss_fn, target_audio, sums, musical, listeners=listeners)
     return sums
 
 
@@ -314,14 +353,16 @@ def _renormalizer(dataset, normalizer):
 @torch.no_grad()
 def evaluate_checkpoint(checkpoint, data_dir=None, split: str = "val", max_windows: int | None = None,
                         device="cpu", batch_size: int = 8, musical: bool = True, target_audio: str | None = None,
-                        progress: bool | None = None) -> dict:
+                        progress: bool | None = None, listeners: bool = True, beat_tracker: str = "librosa") -> dict:
     """Score a checkpoint and the three baselines on evenly spaced windows of a cache split.
 
     data_dir and target_audio default to the checkpoint's (target_audio: its --target_audio flag, 'auto'
     if it has none, resolved with its codec). progress None = a tqdm bar when stderr is a tty.
     Returns {"model", "baselines": {silence, repeat, oracle}, "skill", "windows", "checkpoint", "data_dir",
     "split", "target_audio", "weights", "epoch"}; every figure dict has the SCORE_NAMES keys.
-    Raises CheckpointError, CodecLoadError, CacheError or ValueError (EvaluationError) with one-line messages.
+    listeners: also the pretrained listeners' figures (listeners/; the Fréchet distance with the codec's encoder).
+    Raises CheckpointError, CodecLoadError, CacheError, ValueError (EvaluationError) or ListenerUnavailable
+    with one-line messages.
     """
     from tqdm import tqdm
 
@@ -331,6 +372,9 @@ def evaluate_checkpoint(checkpoint, data_dir=None, split: str = "val", max_windo
 
     if batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
+    if listeners:
+        from music_continuation.evaluation.listeners import check_available
+        check_available(beat_tracker)     # a missing package fails now, not after loading everything
     model, normalizer, state = load_model_for_inference(checkpoint, device)
     args = state.get("args") or {}
     data_dir = data_dir if data_dir is not None else args.get("data_dir")
@@ -354,6 +398,11 @@ def evaluate_checkpoint(checkpoint, data_dir=None, split: str = "val", max_windo
     if references is not None:
         dataset.use_references(references)
     decoder = FrozenDecoder(codec)
+    if listeners:
+        from music_continuation.evaluation.listeners import Listeners
+        listeners = Listeners(codec, beat_tracker, device)     # the codec's encoder: the Fréchet distance
+    else:
+        listeners = None
     del codec
     loss_fn = CombinedLoss(**weights).to(device)
     indices = select_windows(len(dataset), max_windows)
@@ -365,8 +414,9 @@ def evaluate_checkpoint(checkpoint, data_dir=None, split: str = "val", max_windo
     for batch in _batches(dataset, indices, batch_size, device, _renormalizer(dataset, normalizer)):
         decoded = decode_windows(batch, decoder, normalizer)
         references = reference_audio(batch, decoder, normalizer, target_audio, decoded)
-        score_model_batch(model, batch, decoder, normalizer, loss_fn, references, model_sums, musical)
-        score_baselines_batch(batch, decoder, normalizer, loss_fn, target_audio, baseline_sums, musical, decoded)
+        score_model_batch(model, batch, decoder, normalizer, loss_fn, references, model_sums, musical, listeners)
+        score_baselines_batch(batch, decoder, normalizer, loss_fn, target_audio, baseline_sums, musical, decoded,
+                              listeners)
         bar.update(batch["input_latent"].shape[0])
     bar.close()
 
@@ -382,8 +432,9 @@ def format_table(result: dict) -> str:
     """Rows model, silence, repeat, oracle and skill; columns SCORE_NAMES ('n/a' for None)."""
     rows = [("model", result["model"])] + [(name, result["baselines"][name]) for name in BASELINES]
     rows.append(("skill", result["skill"]))
-    lines = [f"{'':<8}" + "".join(f"{name:>12}" for name in SCORE_NAMES)]
+    widths = {name: max(12, len(name) + 2) for name in SCORE_NAMES}
+    lines = [f"{'':<8}" + "".join(f"{name:>{widths[name]}}" for name in SCORE_NAMES)]
     for label, figures in rows:
         lines.append(f"{label:<8}" + "".join(
-            f"{'n/a' if figures[name] is None else f'{figures[name]:.4f}':>12}" for name in SCORE_NAMES))
+            f"{'n/a' if figures[name] is None else f'{figures[name]:.4f}':>{widths[name]}}" for name in SCORE_NAMES))
     return "\n".join(lines)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from music_continuation.codec import HOP_LENGTH, WEIGHT_CHOICES_HELP, CodecLoadError, codec_fingerprint, load_codec
+from music_continuation.evaluation.listeners import BEAT_TRACKERS
 from music_continuation.evaluation.scoring import TARGET_AUDIO_CHOICES, resolve_target_audio
 from music_continuation.losses.audio import LOSSES, CombinedLoss, check_weights, weights_from_flags
 from music_continuation.training.checkpoint import describe_latest
@@ -117,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "of MLflow (a machine without MLflow, e.g. bench/gpu_check.sh)")
     run.add_argument("--log_audio_every", type=int, default=10,
                      help="epochs between validation audio + spectrogram artifacts (0: never)")
+    run.add_argument("--musical_every", type=int, default=0,
+                     help="epochs between validations that also score rhythm, chroma and the pretrained listeners "
+                          "(melody_f1, beat_f1, frechet_codec, ...; costly, logged to MLflow only; 0: never)")
+    run.add_argument("--beat_tracker", choices=BEAT_TRACKERS, default="librosa",
+                     help="beat tracker of the listeners' beat_f1 (madmom: CC BY-NC-SA 4.0 models)")
     return parser
 
 
@@ -140,13 +146,19 @@ def check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.d_model % args.num_heads or args.d_model % 2:
         parser.error(f"--d_model ({args.d_model}) must be even and divisible by --num_heads ({args.num_heads})")
-    for name in ("num_workers", "log_audio_every", "warmup_steps"):
+    for name in ("num_workers", "log_audio_every", "warmup_steps", "musical_every"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.nproc is not None and args.nproc < 1:
         parser.error(f"--nproc must be at least 1, got {args.nproc}")
     if args.nproc is not None and torch.cuda.is_available() and args.nproc > torch.cuda.device_count():
         parser.error(f"--nproc {args.nproc}: only {torch.cuda.device_count()} GPUs are visible")
+    if args.musical_every:
+        from music_continuation.evaluation.listeners import ListenerUnavailable, check_available
+        try:
+            check_available(args.beat_tracker)
+        except ListenerUnavailable as error:
+            parser.error(f"--musical_every {args.musical_every}: {error}")
 
     try:
         check_weights(weights_from_flags(args))
@@ -240,7 +252,8 @@ RESUME_MUST_MATCH = ("d_model", "num_layers", "num_heads", "dropout", "segment_f
 # Flags that may change on resume: said in one line, recorded in the checkpoint and as an MLflow tag.
 # --epochs keeps the LR schedule of the original run (its length is stored in the checkpoint): added epochs
 # continue at the schedule's final LR, lr/10, so the LR never jumps.
-RESUME_MAY_CHANGE = ("epochs", "data_dir", "num_workers", "compile", "decoder_checkpointing", "log_audio_every")
+RESUME_MAY_CHANGE = ("epochs", "data_dir", "num_workers", "compile", "decoder_checkpointing", "log_audio_every",
+                     "musical_every", "beat_tracker")
 
 
 def resume_changes(saved_args: dict, args: argparse.Namespace, world_size: int) -> tuple[list, dict]:

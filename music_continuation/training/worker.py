@@ -42,6 +42,7 @@ from music_continuation.codec import SAMPLE_RATE, FrozenDecoder, check_fingerpri
 from music_continuation.data.cache import ContinuationDataset, LatentNormalizer
 from music_continuation.evaluation.scoring import (
     BASELINES,
+    LISTENER_FIGURES,
     EvaluationError,
     ScoreSums,
     decode_latents,
@@ -67,6 +68,7 @@ from music_continuation.utils import exit_now, one_line, strip_exception_prefix,
 MAX_CONSECUTIVE_SKIPS = 10     # this many non-finite steps in a row end the run: training has diverged
 AUDIO_EXAMPLES = 3             # validation examples written as WAV + spectrogram every --log_audio_every epochs
 METRIC_NAMES = ("loss",) + LOSS_COMPONENTS     # order of the accumulated training sums
+MUSICAL_FIGURES = ("rhythm", "chroma") + LISTENER_FIGURES   # validation with --musical_every only
 # Long enough for rank 0's end-of-epoch work (checkpoints, MLflow with capped retries) while the others
 # wait in the next collective; a rank that is really gone is noticed by the launcher long before.
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
@@ -337,6 +339,7 @@ class Context:
     steps_per_epoch: int                  # optimiser steps
     global_step: int = 0
     consecutive_skips: int = 0
+    listeners: object = None              # listeners.Listeners with --musical_every, else None
 
 
 def micro_batch_groups(loader, accum: int):
@@ -436,11 +439,12 @@ def non_finite_examples(batch: dict, references, output_audio) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validate(ctx: Context) -> tuple[dict | None, int]:
+def validate(ctx: Context, musical: bool = False) -> tuple[dict | None, int]:
     """(validation figures over every real example of every rank, number of non-finite examples).
 
-    Figures are evaluation.ScoreSums means (loss, the four components, latent_mse, level); None when some
-    example was non-finite: each rank names its own in one warning, and the epoch has no validation result.
+    Figures are evaluation.ScoreSums means (loss, the four components, latent_mse, level; with `musical` also
+    rhythm, chroma and the listeners'); None when some example was non-finite: each rank names its own in one
+    warning, and the epoch has no validation result.
     """
     model = ctx.raw_model      # not the DDP wrapper: validation needs no collectives
     model.eval()
@@ -456,7 +460,8 @@ def validate(ctx: Context) -> tuple[dict | None, int]:
         bad += [(index, int(code)) for index, code in zip(indices, status.tolist()) if code]
         if keep.any():
             sums.add(output_audio[keep], (references[0][keep], references[1][keep]), ctx.loss_fn,
-                     prediction[keep], batch["target_latent"][keep])
+                     prediction[keep], batch["target_latent"][keep], musical=musical,
+                     listeners=ctx.listeners if musical else None)
     model.train()
     counts = all_reduce_sum(torch.cat([sums.vector(), torch.tensor([float(len(bad))], dtype=torch.float64,
                                                                      device=ctx.device)]))
@@ -482,7 +487,8 @@ def baseline_figures(ctx: Context) -> dict | None:
     sums = {name: ScoreSums(ctx.device, name) for name in BASELINES}
     for batch, _ in real_val_batches(ctx):
         with ctx.autocast():
-            score_baselines_batch(batch, ctx.decoder, ctx.normalizer, ctx.loss_fn, ctx.args.target_audio, sums)
+            score_baselines_batch(batch, ctx.decoder, ctx.normalizer, ctx.loss_fn, ctx.args.target_audio, sums,
+                                  musical=ctx.listeners is not None, listeners=ctx.listeners)
     vectors = all_reduce_sum(torch.stack([sums[name].vector() for name in BASELINES]))
     try:
         return {name: ScoreSums.from_vector(vector, name).means() for name, vector in zip(BASELINES, vectors)}
@@ -601,6 +607,10 @@ def build_context(args, resume_state: dict | None) -> Context:
     codec = load_codec(args.encodec_weights, device)
     check_fingerprint(train_set.codec_fingerprint, codec_fingerprint(codec), f"the cache {args.data_dir}")
     decoder = FrozenDecoder(codec, checkpointing=args.decoder_checkpointing)
+    listeners = None
+    if args.musical_every:
+        from music_continuation.evaluation.listeners import Listeners
+        listeners = Listeners(codec, args.beat_tracker, device)    # holds the encoder: the Fréchet distance
     del codec
     if args.target_audio == "codec":   # every segment decoded once (collective), then read, never decoded per step
         attach_references(train_set, val_set, decoder, device)
@@ -627,7 +637,7 @@ def build_context(args, resume_state: dict | None) -> Context:
         loss_fn=loss_fn, balancer=balancer, raw_model=raw_model,
         model=DDP(compiled, device_ids=[local_rank] if device.type == "cuda" else None),
         optimizer=optimizer, scheduler=scheduler, schedule_steps=schedule_steps, steps_per_epoch=steps_per_epoch,
-        global_step=scheduler.last_epoch)
+        global_step=scheduler.last_epoch, listeners=listeners)
 
 
 def start_logger(ctx: Context, resume_state: dict | None, start_epoch: int) -> MlflowLogger:
@@ -656,12 +666,22 @@ def epoch_metrics(train: dict, val: dict | None, nonfinite: int, baselines: dict
     metrics.update(learning_rate=train["learning_rate"], skipped_steps=train["skipped_steps"],
                    epoch_seconds=seconds, val_nonfinite_examples=nonfinite)
     if val is not None:
-        metrics.update({f"val_{name}": val[name] for name in METRIC_NAMES + ("latent_mse", "level")
+        metrics.update({f"val_{name}": val[name] for name in METRIC_NAMES + ("latent_mse", "level") + MUSICAL_FIGURES
                         if val[name] is not None})
+        for name, value in musical_skill(val, baselines).items():
+            metrics[f"val_skill_{name}"] = value
         val_skill = run_skill(val, baselines)
         if val_skill is not None:
             metrics["val_skill"] = val_skill
     return {name: value for name, value in metrics.items() if math.isfinite(value)}
+
+
+def musical_skill(val: dict, baselines: dict | None) -> dict:
+    """{figure: skill} of the musical figures this validation has (an epoch with --musical_every)."""
+    if baselines is None:
+        return {}
+    result = skill(val, baselines["repeat"], baselines["oracle"])
+    return {name: result[name] for name in MUSICAL_FIGURES if result.get(name) is not None}
 
 
 def run_skill(val: dict | None, baselines: dict | None):
@@ -764,11 +784,18 @@ def announce(ctx: Context, logger: MlflowLogger, baselines: dict | None, resumed
     """Rank 0's first line (and the baselines, once per run, at MLflow step 0)."""
     if baselines is not None and resumed_at is None:
         logger.log_metrics({f"val_baseline_{name}_loss": baselines[name]["loss"] for name in BASELINES}, step=0)
+        logger.log_metrics({f"val_baseline_{name}_{figure}": baselines[name][figure] for name in BASELINES
+                            for figure in MUSICAL_FIGURES if baselines[name][figure] is not None}, step=0)
     verb = f"resuming at epoch {resumed_at}" if resumed_at else "starting"
     print(f"{verb}: {ctx.raw_model.num_parameters():,} parameters, {len(ctx.train_set)} train / "
           f"{len(ctx.val_set)} val examples of 2 x {ctx.args.segment_frames} frames, {ctx.world_size} x "
           f"{ctx.device.type}, {ctx.steps_per_epoch} steps per epoch, targets: {ctx.args.target_audio} audio; "
           f"MLflow run {logger.run_id} at {logger.tracking_uri}", flush=True)
+
+
+def musical_epoch(args, epoch: int) -> bool:
+    """Every --musical_every epochs, and the last epoch, validation also scores the musical figures."""
+    return bool(args.musical_every) and (epoch % args.musical_every == 0 or epoch == args.epochs)
 
 
 def run(args, resume_path: str | None = None) -> None:
@@ -787,7 +814,7 @@ def run(args, resume_path: str | None = None) -> None:
             seed_everything(args.seed, ctx.rank, epoch)
             started = time.perf_counter()
             train = train_one_epoch(ctx, epoch)
-            val, nonfinite = validate(ctx)
+            val, nonfinite = validate(ctx, musical_epoch(args, epoch))
             is_best = progress.record(epoch, train, val)
             if reporter is not None:   # after this epoch's collectives: the others wait for it in the next one
                 reporter.epoch(epoch, train, val, nonfinite, baselines, progress, is_best,
