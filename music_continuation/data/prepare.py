@@ -4,6 +4,7 @@
         [--val_fraction 0.1] [--seed 0] [--min_seconds 4] [--device cuda] [--cache_dtype compact] [--shard I/N]
     python prepare_data.py --merge --out_dir CACHE                 # once every --shard I/N has finished
     python prepare_data.py --demo [--out_dir data_cache/demo]      # the built-in synthetic corpus
+    python prepare_data.py --verify CACHE                          # check every file, repair damaged tracks
 
 Each track is read (any rate / channel count), mixed to mono, resampled to 24 kHz, trimmed to whole
 latent frames and encoded, block by block (BLOCK_FRAMES), so memory does not grow with the track's
@@ -12,13 +13,16 @@ header's length is only an estimate. Latents, audio and the latents' per-channel
 CACHE/tracks/<id>.{latents,audio,stats}.npy (hidden temporaries, every write checked, then renamed), and each
 file's size, modification time and CRC-32 are recorded with the track.
 
-Progress goes to CACHE/shards/shard-I-of-N.json after every track (a plain run is shard 0/1), so an
-interrupted run loses at most the tracks in progress; a re-run resumes (a finished track is recognised by its
-source's path, size and modification time, and its files are verified), deletes the temporaries a killed run
-left, and picks up new files. `--shard I/N` prepares only the files whose path hashes to I, so N processes, on
-any hosts that share CACHE, prepare one cache together. When every shard has finished, the last one (or
-`--merge`) writes manifest.json: the tracks split into train/val by track, and per-channel latent statistics
-over the training split from the unrounded moments.
+Progress is an append-only journal, CACHE/shards/shard-I-of-N.jsonl (journal.py: one line per file, a track or a
+skipped file; a plain run is shard 0/1), so an interrupted run loses at most the tracks in progress and a file
+costs one line whatever the folder's size; a re-run resumes (a finished track is recognised by its source's path,
+size and modification time, and its files are verified; a skipped file with the same size and mtime is not read
+again), deletes the temporaries a killed run left, and picks up new files. `--shard I/N` prepares only the files
+whose path hashes to I, so N processes, on any hosts that share CACHE, prepare one cache together. When every
+shard has finished, the last one (or `--merge`) writes manifest.json: the tracks split into train/val by track,
+per-channel latent statistics over the training split from the unrounded moments, and the skipped files counted
+by reason (each one in CACHE/skipped.tsv). Skipped files are one summary line (one line each with --verbose).
+`--verify CACHE` reads every file back against its recorded size and CRC-32 and re-encodes damaged tracks.
 """
 from __future__ import annotations
 
@@ -383,12 +387,12 @@ def _write_transposed(frames_major: GrowingNpy, descriptor: int, name: Path) -> 
 
 def remove_stale_temporaries(out_dir: Path, shard: tuple[int, int]) -> int:
     """Delete the hidden temporaries (utils.atomic_path's) that a killed run of this shard left: those of its own
-    tracks and of its progress file; return how many. The caller holds the shard's lock, so no live process is
+    tracks and of its journal; return how many. The caller holds the shard's lock, so no live process is
     writing them, on this host or another; another shard's temporaries are never touched."""
     progress = shard_progress_path(out_dir, *shard)
     removed = 0
     for path in [*(out_dir / TRACKS_DIR).glob(".*.tmp-*"), *progress.parent.glob(f".{progress.stem}.tmp-*")]:
-        owner = path.name[1:].split(".")[0]          # the track id, or the progress file's stem
+        owner = path.name[1:].split(".")[0]          # the track id, or the journal's stem
         if TEMPORARY_NAME.match(path.name) and (owner == progress.stem or _is_track_of(owner, shard)):
             path.unlink(missing_ok=True)
             removed += 1
@@ -814,7 +818,7 @@ def _run_flags(record: dict, arrays_only: bool) -> dict:
 
 
 def _check_same_run(record: dict, other: dict, path: Path, arrays_only: bool = False) -> None:
-    """CacheError unless the progress file `other` (at `path`) is of the same number of shards and flags."""
+    """CacheError unless the journal `other` (at `path`) is of the same number of shards and flags."""
     (index, count), shards = other["shard"], record["shard"][1]
     if count != shards:
         raise CacheError(f"{path}: progress of --shard {index}/{count}, this run is one of {shards} shards; finish "
