@@ -246,7 +246,8 @@ RESUME_MUST_MATCH = ("d_model", "num_layers", "num_heads", "dropout", "segment_f
 # Flags that may change on resume: said in one line, recorded in the checkpoint and as an MLflow tag.
 # --epochs keeps the LR schedule of the original run (its length is stored in the checkpoint): added epochs
 # continue at the schedule's final LR, lr/10, so the LR never jumps.
-RESUME_MAY_CHANGE = ("epochs", "data_dir", "num_workers", "compile", "decoder_checkpointing", "log_audio_every")
+RESUME_MAY_CHANGE = ("epochs", "data_dir", "references_dir", "num_workers", "compile", "decoder_checkpointing",
+                     "log_audio_every")
 
 
 def resume_changes(saved_args: dict, args: argparse.Namespace, world_size: int) -> tuple[list, dict]:
