@@ -407,18 +407,21 @@ def train_one_epoch(ctx: Context, epoch: int) -> dict:
 
 def skip_non_finite_data(ctx: Context, group: list, windows: list, step_index: int) -> bool:
     """Before the model sees the step's batches: True (the step skipped on every rank, the LR schedule advanced)
-    if any rank's latents or audio hold a non-finite value. One all_reduce on every rank, every step; the rank
-    whose data it is names the examples (track, file, window) in one warning."""
+    if any rank's latents or audio hold a non-finite value. One all_reduce (MIN of [all finite, first bad rank]) on
+    every rank, every step; the lowest rank with bad data names its examples (track, file, window) in the step's
+    one warning."""
     finite = torch.stack([finite_examples(batch) for batch in group])          # [accum, B]
-    verdict = finite.all().float()
+    clean = finite.all()
+    verdict = torch.stack([clean.float(), torch.where(clean, float(ctx.world_size), float(ctx.rank))])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(verdict, op=dist.ReduceOp.MIN)
-    if verdict.item():
+    clean_everywhere, reporter = verdict.tolist()
+    if clean_everywhere:
         return False
-    batch_size = finite.shape[1]
-    first = step_index * len(group) * batch_size
-    bad = [windows[first + position] for position in (~finite).flatten().nonzero().flatten().tolist()]
-    if bad:
+    if int(reporter) == ctx.rank:
+        batch_size = finite.shape[1]
+        first = step_index * len(group) * batch_size
+        bad = [windows[first + position] for position in (~finite).flatten().nonzero().flatten().tolist()]
         named = "; ".join(ctx.train_set.describe_window(window) for window in bad[:NAMED_BAD_EXAMPLES])
         more = f" and {len(bad) - NAMED_BAD_EXAMPLES} more" if len(bad) > NAMED_BAD_EXAMPLES else ""
         warn(f"step {ctx.global_step + 1} skipped on every rank: rank {ctx.rank}'s batch has non-finite latents or "

@@ -41,6 +41,8 @@ def test_an_epoch_of_skipped_steps_fails_and_names_the_data(tiny_cache, tmp_path
     assert result.returncode == 1, result.stderr[-3000:]
     assert "nan" not in result.stdout.lower() and "Epoch 1/1" not in result.stdout
     warnings = [line for line in result.stderr.splitlines() if " skipped on every rank: " in line]
+    steps = [line.split(" skipped on every rank")[0] for line in warnings]
+    assert len(steps) == len(set(steps)), warnings                 # one warning per skipped step, whichever rank
     assert warnings and all(any(track["id"] in line and track["source"] in line for track in train)
                             and ".latents.npy" in line and "window at frame" in line for line in warnings)
     assert "epoch 1: all " in result.stderr and " steps were skipped (the warnings above name the data)" \
