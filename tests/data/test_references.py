@@ -198,10 +198,12 @@ def test_a_read_only_cache_gets_its_references_in_the_user_folder(read_only, dec
     found = references.find_references(read_only, manifest, fingerprint, SEGMENT)     # what evaluate.py reads
     assert found is not None and found.folder == stored.folder
 
-    elsewhere = tmp_path / "elsewhere"                         # --references_dir: there, said by nothing else
-    assert build(read_only, decoder, references_dir=elsewhere).folder == elsewhere / f"T{SEGMENT}-S{SEGMENT}"
-    assert references.find_references(read_only, manifest, fingerprint, SEGMENT, references_dir=elsewhere) \
-        is not None
+    moved = tmp_path / "elsewhere"                             # --references_dir: used where it is, not rebuilt
+    shutil.move(root, moved)
+    assert build(read_only, decoder, references_dir=moved).folder == moved / f"T{SEGMENT}-S{SEGMENT}"
+    assert capsys.readouterr().err == ""
+    assert references.find_references(read_only, manifest, fingerprint, SEGMENT, references_dir=moved) is not None
+    assert references.find_references(read_only, manifest, fingerprint, SEGMENT) is None       # nowhere else
 
 
 BUILD_SCRIPT = """
