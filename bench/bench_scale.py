@@ -12,6 +12,12 @@
 4. manifest scale: resident memory of a rank (a fresh process) holding a ContinuationDataset over a
    manifest of --tracks track entries (hard links to one real track's files), before and after reading
    items from --touch tracks; and the dataset's pickled size (what each DataLoader worker receives).
+5. a messy folder (--scan_files N > 0, instead of 1-4): N files, half junk (random bytes named .wav), half
+   WAV clips of 0.1 s (shorter than --min_seconds), plus one real track, prepared by `prepare_data.py` in a
+   fresh process with default flags (random codec, CPU, one worker per core): wall time, peak RSS, bytes
+   written (write(2) calls and what reached the block layer) and lines printed, and each per file.
+
+    python bench/bench_scale.py --scan_files 100000 [--scan_files 10000 to compare]
 Everything goes to --work_dir (a temporary folder unless given) and is deleted afterwards unless --keep.
 """
 from __future__ import annotations
@@ -50,7 +56,10 @@ def parse_args(argv=None):
     parser.add_argument("--touch", type=int, default=1_000, help="tracks read from in the manifest test")
     parser.add_argument("--work_dir", help="folder for audio and caches (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep --work_dir afterwards")
+    parser.add_argument("--scan_files", type=int, default=0,
+                        help="measure the preparation of a messy folder of this many files instead (item 5)")
     parser.add_argument("--rss_child", help=argparse.SUPPRESS)     # internal: the manifest-scale process
+    parser.add_argument("--scan_child", nargs=2, help=argparse.SUPPRESS)    # internal: AUDIO CACHE of item 5
     return parser.parse_args(argv)
 
 
@@ -175,16 +184,73 @@ def rss_child(args) -> None:
     print(json.dumps(figures))
 
 
+def messy_folder(folder: Path, files: int) -> None:
+    """`files` files, half random bytes named .wav, half 0.1 s WAV clips (one clip's bytes, many names), and one
+    real track of 6 s."""
+    import io
+
+    import soundfile
+    folder.mkdir(parents=True)
+    clip = io.BytesIO()
+    soundfile.write(clip, np.zeros(800, np.int16), 8000, format="WAV", subtype="PCM_16")
+    for number in range(files // 2):
+        (folder / f"junk{number:06d}.wav").write_bytes(os.urandom(256))
+        (folder / f"clip{number:06d}.wav").write_bytes(clip.getvalue())
+    demo_corpus.write_corpus(folder / "real", num_tracks=1, seconds=6.0, seed=0)
+
+
+def bench_scan(args, work: Path) -> None:
+    """Item 5: prepare a messy folder in a fresh process (scan_child) and report what it cost."""
+    audio_dir = work / "messy"
+    started = time.perf_counter()
+    messy_folder(audio_dir, args.scan_files)
+    print(f"messy folder: {args.scan_files} files written in {time.perf_counter() - started:.0f} s", flush=True)
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, __file__, "--scan_child", str(audio_dir), str(work / "messy_cache")],
+                            capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    lines = figures["output"].count("\n")
+    print(f"scan of {args.scan_files} files ({len(os.sched_getaffinity(0))} cores, exit {figures['code']}): "
+          f"{wall:.1f} s wall ({1e3 * wall / args.scan_files:.2f} ms per file), peak RSS {figures['peak_mb']:.0f} MB, "
+          f"written {figures['wchar'] / 1e6:.1f} MB by write(2) ({figures['wchar'] / args.scan_files:.0f} B per "
+          f"file), {figures['write_bytes'] / 1e6:.1f} MB to the block layer, {lines} lines printed:", flush=True)
+    shown = [line.split("\r")[-1] for line in figures["output"].strip().split("\n")]     # a bar's last state
+    print("    " + "\n    ".join(shown), flush=True)
+
+
+def scan_child(audio_dir: str, cache: str) -> None:
+    """Runs in a fresh process: prepare_data.py's main on the folder with its output captured; prints a JSON of
+    its exit status, output, peak RSS and bytes written (/proc/self/status and /proc/self/io)."""
+    import contextlib
+    import io
+
+    from music_continuation.data import prepare
+    output = io.StringIO()
+    with contextlib.redirect_stderr(output), contextlib.redirect_stdout(output):
+        code = prepare.main(["--audio_dir", audio_dir, "--out_dir", cache, "--encodec_weights", "random",
+                             "--device", "cpu"])
+    counters = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    print(json.dumps({"code": code, "output": output.getvalue(), "peak_mb": rss_mb("VmHWM"),
+                      "wchar": int(counters["wchar"]), "write_bytes": int(counters["write_bytes"])}))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.rss_child:
         rss_child(args)
+        return
+    if args.scan_child:
+        scan_child(*args.scan_child)
         return
     torch.set_num_threads(1)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_scale_"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"bench_scale: {work}", flush=True)
     try:
+        if args.scan_files:
+            bench_scan(args, work)
+            return
         cache = bench_prepare(args, work)
         bench_loader(args, cache)
         bench_manifest(args, cache, work)

@@ -1,5 +1,6 @@
 """Shared test fixtures: the repository on sys.path, a tiny prepared demo cache, a real MLflow server.
 
+    user_cache      the session's per-user cache folder ($MUSIC_CONTINUATION_CACHE, set for every test)
     tiny_cache      session-wide demo cache: 4 synthetic tracks of 2 s (3 train, 1 val) encoded with
                     the 'random' codec; 150 frames per track = 17 examples of 2 x 8 frames each.
     mlflow_server   a real `mlflow server` on 127.0.0.1 at a free port (sqlite backend, artifacts in a
@@ -24,6 +25,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 MLFLOW_START_TIMEOUT = 240.0     # seconds; a cold `mlflow server` takes ~10-50 s on a busy 2-core machine
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory) -> Path:
+    """The per-user cache folder (verified files, references of read-only caches) of this session: a temporary
+    one, never the real ~/.cache; training launches inherit it."""
+    folder = tmp_path_factory.mktemp("user_cache")
+    os.environ["MUSIC_CONTINUATION_CACHE"] = str(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -77,10 +77,11 @@ RESERVED = {"seed": "use --seeds N (cell k runs with --seed k)",
             "mlflow_parent_run_id": "ablate.py makes the study's parent run",
             "mlflow_tag": "ablate.py tags the cells"}
 # Launcher flags that must be the same for the whole study (one cache, one MLflow experiment).
-STUDY_ONLY = ("data_dir", "mlflow_tracking_uri", "experiment_name")
+STUDY_ONLY = ("data_dir", "references_dir", "mlflow_tracking_uri", "experiment_name")
 # Flags that do not change what a run computes: left out of its identity hash.
-NOT_SETTINGS = {"checkpoint_dir", "resume", "mlflow_tracking_uri", "experiment_name", "run_name", "log_audio_every",
-                "num_workers", "compile", "decoder_checkpointing", "mlflow_parent_run_id", "mlflow_tag"}
+NOT_SETTINGS = {"checkpoint_dir", "references_dir", "resume", "mlflow_tracking_uri", "experiment_name", "run_name",
+                "log_audio_every", "num_workers", "compile", "decoder_checkpointing", "mlflow_parent_run_id",
+                "mlflow_tag"}
 
 TAG_STUDY, TAG_CELL, TAG_SEED, TAG_HASH = "ablation_study", "ablation_cell", "ablation_seed", "ablation_hash"
 CELL_FILE = "cell.json"                  # in each cell's folder: its name, seed, hash, settings and command
@@ -481,8 +482,9 @@ def prepare(argv) -> dict:
     for name in shared:
         if name in RESERVED:
             raise AblateError(f"--{name} cannot be given to ablate.py: {RESERVED[name]}")
-    if shared.get("data_dir"):
-        shared["data_dir"] = str(Path(shared["data_dir"]).resolve())
+    for folder in ("data_dir", "references_dir"):      # the cells run in their own folders
+        if shared.get(folder):
+            shared[folder] = str(Path(shared[folder]).resolve())
     grid = load_grid(args.grid)
     names = [cell["name"] for cell in grid]
     if args.only:

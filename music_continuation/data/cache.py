@@ -7,9 +7,11 @@ The cache (written by prepare_data.py) is a folder:
     CACHE/tracks/<id>.audio.npy         [F * HOP_LENGTH]  the matching 24 kHz mono audio
     CACHE/tracks/<id>.stats.npy         float64 [2, LATENT_DIM]  per-channel mean and sum of squared
                                         deviations of the track's unrounded latents (for the statistics)
-    CACHE/shards/shard-I-of-N.json      while a preparation runs: the progress of shard I of N (its tracks and
-                                        skipped files); the merge writes the manifest from them and deletes them,
-                                        so a cache that still has one is not ready for training
+    CACHE/skipped.tsv                   every file of the audio folder that was skipped, with the reason
+    CACHE/shards/shard-I-of-N.jsonl     while a preparation runs: the journal of shard I of N (one line per file:
+                                        a track or a skipped file; journal.py); the merge writes the manifest
+                                        from them and deletes them, so a cache that still has one is not ready
+                                        for training
 
 The arrays' types are the manifest's "cache_dtype" (format_version 2): "compact" stores latents as float16
 and audio as int16 PCM (sample / AUDIO_INT16_SCALE), half the bytes of "float32". Format version 1 (no
@@ -37,7 +39,8 @@ from music_continuation.utils import missing_keys
 
 MANIFEST_NAME = "manifest.json"
 TRACKS_DIR = "tracks"
-SHARDS_DIR = "shards"        # per-shard progress files of a preparation that has not been merged yet
+SHARDS_DIR = "shards"        # per-shard journals of a preparation that has not been merged yet
+SKIPPED_NAME = "skipped.tsv"  # every skipped file of the audio folder and why (journal.write_skipped)
 CACHE_FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)   # 1: float32 arrays and no cache_dtype field
 # cache_dtype -> (latents dtype, audio dtype) as stored on disk
@@ -121,17 +124,17 @@ def cache_dtype(manifest: dict, cache_dir: str | os.PathLike) -> str:
 
 
 def shard_progress_path(cache_dir: str | os.PathLike, index: int, count: int) -> Path:
-    """The progress file of shard `index` of `count` (prepare_data.py --shard index/count; a plain run is 0/1)."""
-    return Path(cache_dir) / SHARDS_DIR / f"shard-{index}-of-{count}.json"
+    """The journal of shard `index` of `count` (prepare_data.py --shard index/count; a plain run is 0/1)."""
+    return Path(cache_dir) / SHARDS_DIR / f"shard-{index}-of-{count}.jsonl"
 
 
 def pending_shards(cache_dir: str | os.PathLike) -> list[Path]:
-    """The progress files of shards not merged into the manifest yet (the merge deletes them)."""
-    return sorted((Path(cache_dir) / SHARDS_DIR).glob("shard-*-of-*.json"))
+    """The journals of shards not merged into the manifest yet (the merge deletes them)."""
+    return sorted((Path(cache_dir) / SHARDS_DIR).glob("shard-*-of-*.jsonl"))
 
 
 def _unmerged(cache_dir: str | os.PathLike) -> str:
-    return (f"preparation has not finished ({len(pending_shards(cache_dir))} shard progress file(s) in "
+    return (f"preparation has not finished ({len(pending_shards(cache_dir))} shard journal(s) in "
             f"{Path(cache_dir) / SHARDS_DIR} are not merged): re-run prepare_data.py with the same flags to resume; "
             f"once every --shard has finished, `python prepare_data.py --merge --out_dir {cache_dir}` merges them")
 
@@ -170,6 +173,10 @@ def require_complete(manifest: dict, cache_dir: str | os.PathLike) -> None:
     and statistics: refuse it with the fix."""
     if pending_shards(cache_dir):
         raise CacheError(f"{manifest_path(cache_dir)}: {_unmerged(cache_dir)}")
+    if manifest.get("no_usable_audio"):
+        raise CacheError(f"{manifest_path(cache_dir)}: prepare_data.py found no usable audio in "
+                         f"{manifest.get('audio_dir')} ({manifest['no_usable_audio']}; each file and why: "
+                         f"{Path(cache_dir) / SKIPPED_NAME}); put audio files there and run it again")
     if not manifest.get("complete") or manifest.get("latent_mean") is None:
         raise CacheError(f"{manifest_path(cache_dir)}: preparation did not finish; re-run prepare_data.py "
                          f"with the same --audio_dir and --out_dir to resume it")
@@ -251,6 +258,14 @@ class ContinuationDataset(torch.utils.data.Dataset):
         """(track id, first input frame) of window `index`."""
         track_index, start = self._locate(index)
         return self.tracks[track_index]["id"], start
+
+    def describe_window(self, index: int) -> str:
+        """Window `index` for a warning: its track id, source file, cache file and first frame."""
+        track_index, start = self._locate(index)
+        track = self.tracks[track_index]
+        latents, audio = track_paths(self.cache_dir, track["id"])
+        return (f"track {track['id']} ({track.get('source', '?')}) window at frame {start} "
+                f"of {latents.name} / {audio.name} in {latents.parent}")
 
     def _locate(self, index: int) -> tuple[int, int]:
         if index < 0:

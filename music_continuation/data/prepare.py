@@ -4,6 +4,7 @@
         [--val_fraction 0.1] [--seed 0] [--min_seconds 4] [--device cuda] [--cache_dtype compact] [--shard I/N]
     python prepare_data.py --merge --out_dir CACHE                 # once every --shard I/N has finished
     python prepare_data.py --demo [--out_dir data_cache/demo]      # the built-in synthetic corpus
+    python prepare_data.py --verify CACHE                          # check every file, repair damaged tracks
 
 Each track is read (any rate / channel count), mixed to mono, resampled to 24 kHz, trimmed to whole
 latent frames and encoded, block by block (BLOCK_FRAMES), so memory does not grow with the track's
@@ -12,13 +13,16 @@ header's length is only an estimate. Latents, audio and the latents' per-channel
 CACHE/tracks/<id>.{latents,audio,stats}.npy (hidden temporaries, every write checked, then renamed), and each
 file's size, modification time and CRC-32 are recorded with the track.
 
-Progress goes to CACHE/shards/shard-I-of-N.json after every track (a plain run is shard 0/1), so an
-interrupted run loses at most the tracks in progress; a re-run resumes (a finished track is recognised by its
-source's path, size and modification time, and its files are verified), deletes the temporaries a killed run
-left, and picks up new files. `--shard I/N` prepares only the files whose path hashes to I, so N processes, on
-any hosts that share CACHE, prepare one cache together. When every shard has finished, the last one (or
-`--merge`) writes manifest.json: the tracks split into train/val by track, and per-channel latent statistics
-over the training split from the unrounded moments.
+Progress is an append-only journal, CACHE/shards/shard-I-of-N.jsonl (journal.py: one line per file, a track or a
+skipped file; a plain run is shard 0/1), so an interrupted run loses at most the tracks in progress and a file
+costs one line whatever the folder's size; a re-run resumes (a finished track is recognised by its source's path,
+size and modification time, and its files are verified; a skipped file with the same size and mtime is not read
+again), deletes the temporaries a killed run left, and picks up new files. `--shard I/N` prepares only the files
+whose path hashes to I, so N processes, on any hosts that share CACHE, prepare one cache together. When every
+shard has finished, the last one (or `--merge`) writes manifest.json: the tracks split into train/val by track,
+per-channel latent statistics over the training split from the unrounded moments, and the skipped files counted
+by reason (each one in CACHE/skipped.tsv). Skipped files are one summary line (one line each with --verbose).
+`--verify CACHE` reads every file back against its recorded size and CRC-32 and re-encodes damaged tracks.
 """
 from __future__ import annotations
 
@@ -35,7 +39,6 @@ import os
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +65,7 @@ from music_continuation.data.cache import (
     CACHE_FORMAT_VERSION,
     DEFAULT_CACHE_DTYPE,
     SHARDS_DIR,
+    SKIPPED_NAME,
     TRACKS_DIR,
     CacheError,
     audio_to_int16,
@@ -69,9 +73,19 @@ from music_continuation.data.cache import (
     manifest_path,
     pending_shards,
     read_manifest,
+    require_complete,
     shard_progress_path,
     track_paths,
     track_stats_path,
+)
+from music_continuation.data.integrity import VerifiedFiles, crc32_of, file_record, recorded_files, verify_files
+from music_continuation.data.journal import (
+    JournalError,
+    JournalWriter,
+    read_journal,
+    read_skipped,
+    write_journal,
+    write_skipped,
 )
 from music_continuation.utils import TEMPORARY_NAME, atomic_path, missing_keys, one_line, run_command
 
@@ -82,6 +96,15 @@ NOT_AUDIO_EXTENSIONS = frozenset(
     ".m3u .m3u8 .pls .xspf .sfv .md5 .ffp .accurip .db "                                            # lists, sums
     ".jpg .jpeg .png .gif .bmp .webp .tif .tiff .heic .ico .svg "                                    # images
     ".zip .rar .7z .tar .gz .bz2 .xz".split())                                                      # archives
+# Why a file was skipped, as the summary line counts them (CACHE/skipped.tsv has each file's own reason).
+SKIP_NOT_AUDIO_NAME = "not audio by its name"
+SKIP_EMPTY = "empty"
+SKIP_TOO_SHORT = "too short"
+SKIP_UNREADABLE = "unreadable or not audio"
+SKIP_NOT_FINITE = "latents not finite or too large"
+# Formats whose header states the exact number of samples (libsndfile's names): a file of these shorter than
+# --min_seconds is skipped from its header, without decoding it.
+EXACT_LENGTH_FORMATS = frozenset({"WAV", "WAVEX", "RF64", "W64", "FLAC", "AIFF"})
 DEFAULT_MIN_SECONDS = 4.0    # one training example at the default segment: 2 x 150 frames = 2 x 2 s
 DEFAULT_VAL_FRACTION = 0.1
 STD_FLOOR = 1e-5             # latent std is clamped to this so normalising never divides by ~0
@@ -93,7 +116,6 @@ DEMO_SOURCE_DIR_NAME = "audio"
 # single pass, so a track of at most BLOCK_FRAMES is encoded exactly as before, whole.
 BLOCK_FRAMES = 1125
 FLOAT16_MAX = float(np.finfo(np.float16).max)     # 65504: larger latents cannot be stored compact
-CHECKSUM_CHUNK = 1 << 20     # bytes read at a time to checksum a cache file
 MERGE_LOCK = "merge.lock"    # in CACHE/shards: held to start a shard's progress and to merge
 
 
@@ -363,28 +385,14 @@ def _write_transposed(frames_major: GrowingNpy, descriptor: int, name: Path) -> 
                 _pwrite_all(descriptor, row, len(header) + (channel * frames + start) * dtype.itemsize)
 
 
-def _file_record(path: Path) -> dict:
-    """What verifies a cache file later: its size, modification time and CRC-32 (of every byte, header included)."""
-    stat = path.stat()
-    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "crc32": _crc32(path)}
-
-
-def _crc32(path: Path) -> str:
-    checksum = 0
-    with open(path, "rb") as file:
-        while chunk := file.read(CHECKSUM_CHUNK):
-            checksum = zlib.crc32(chunk, checksum)
-    return f"{checksum:08x}"
-
-
 def remove_stale_temporaries(out_dir: Path, shard: tuple[int, int]) -> int:
     """Delete the hidden temporaries (utils.atomic_path's) that a killed run of this shard left: those of its own
-    tracks and of its progress file; return how many. The caller holds the shard's lock, so no live process is
+    tracks and of its journal; return how many. The caller holds the shard's lock, so no live process is
     writing them, on this host or another; another shard's temporaries are never touched."""
     progress = shard_progress_path(out_dir, *shard)
     removed = 0
     for path in [*(out_dir / TRACKS_DIR).glob(".*.tmp-*"), *progress.parent.glob(f".{progress.stem}.tmp-*")]:
-        owner = path.name[1:].split(".")[0]          # the track id, or the progress file's stem
+        owner = path.name[1:].split(".")[0]          # the track id, or the journal's stem
         if TEMPORARY_NAME.match(path.name) and (owner == progress.stem or _is_track_of(owner, shard)):
             path.unlink(missing_ok=True)
             removed += 1
@@ -493,7 +501,7 @@ def _new_manifest(audio_dir: Path, fingerprint: str, encodec_weights: str, dtype
         "latent_mean": None,
         "latent_std": None,
         "tracks": [],
-        "skipped": [],
+        "skipped_files": {},          # {kind of reason: count}; each file and why: CACHE/skipped.tsv
         "duplicates_skipped": 0,
         "settings": {},
     }
@@ -548,7 +556,7 @@ def _verify(track: dict, out_dir: Path, dtype: str) -> str | None:
             if stat.st_size != record["bytes"]:
                 return f"{paths[kind]}: {stat.st_size} bytes, {record['bytes']} were written"
             if stat.st_mtime_ns != record["mtime_ns"]:
-                if _crc32(paths[kind]) != record["crc32"]:
+                if crc32_of(paths[kind]) != record["crc32"]:
                     return f"{paths[kind]}: changed since it was written (its CRC-32 differs)"
                 record["mtime_ns"] = stat.st_mtime_ns
         except OSError as error:
@@ -571,7 +579,7 @@ def _legacy_problem(track: dict, out_dir: Path, dtype: str) -> str | None:
         problem = _npy_problem(paths[kind], shape, array_dtype)
         if problem:
             return problem
-    track["files"] = {kind: _file_record(paths[kind]) for kind in expected}
+    track["files"] = {kind: file_record(paths[kind]) for kind in expected}
     return None
 
 
@@ -596,13 +604,30 @@ def _check_source(path: Path) -> None:
     """AudioLoadError for what is not audio without opening it: a known non-audio extension, or 0 bytes (also
     what a named pipe reports, which opening would block on). The rest is decided by content (open_audio)."""
     if path.suffix.lower() in NOT_AUDIO_EXTENSIONS:
-        raise AudioLoadError(f"{path}: not an audio file (extension {path.suffix!r})")
+        raise _unusable(SKIP_NOT_AUDIO_NAME, f"{path}: not an audio file (extension {path.suffix!r})")
     if path.stat().st_size == 0:
-        raise AudioLoadError(f"{path}: empty file (0 bytes)")
+        raise _unusable(SKIP_EMPTY, f"{path}: empty file (0 bytes)")
+
+
+def _unusable(kind: str, message: str) -> AudioLoadError:
+    """AudioLoadError(message) that counts under `kind` in the skipped files' summary line."""
+    error = AudioLoadError(message)
+    error.kind = kind
+    return error
+
+
+def skip_kind(error: BaseException) -> str:
+    """The kind of reason a file was skipped for (what the summary line counts); audio_io's errors are all
+    SKIP_UNREADABLE."""
+    return getattr(error, "kind", SKIP_UNREADABLE)
 
 
 def _warn(message: str) -> None:
     tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+def _say(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
 
 
 def default_workers(device: torch.device) -> int:
@@ -631,12 +656,16 @@ def _single_threaded_ops(device: torch.device):
 
 def prepare(audio_dir, out_dir, encodec_weights: str = "pretrained", val_fraction: float = DEFAULT_VAL_FRACTION,
             seed: int = 0, device=None, min_seconds: float = DEFAULT_MIN_SECONDS, workers: int | None = None,
-            progress: bool = True, cache_dtype: str = DEFAULT_CACHE_DTYPE, shard: tuple[int, int] = (0, 1)):
+            progress: bool = True, cache_dtype: str = DEFAULT_CACHE_DTYPE, shard: tuple[int, int] = (0, 1),
+            verbose: bool = False, reencode: frozenset = frozenset()):
     """Encode the usable audio files under audio_dir of `shard` (I, N: those whose track id is I modulo N; a
     plain run is 0 of 1) into the cache out_dir, then merge if every shard has finished. Returns the manifest,
     or None while other shards have still to finish (the last one merges).
 
-    Resumable: tracks already in out_dir (same source path, size and mtime; files verified) are not re-encoded.
+    Resumable: tracks already in out_dir (same source path, size and mtime; files verified) are not re-encoded,
+    and files skipped before (same size and mtime) are not read again; `reencode` (track ids: what --verify
+    found damaged) are encoded again whatever their records say. Skipped files are one summary line on stderr
+    (each one with `verbose`), and listed in CACHE/skipped.tsv by the merge.
     Raises CodecLoadError (bad weights or a cache made with another codec), CacheError (a cache made from another
     folder or with another cache_dtype, shards that disagree, this shard running elsewhere), CacheWriteError (the
     cache cannot be written: a fault of the run, which stops), NoUsableAudioError (nothing usable) and
@@ -646,9 +675,9 @@ def prepare(audio_dir, out_dir, encodec_weights: str = "pretrained", val_fractio
     out_dir = Path(out_dir).expanduser().resolve()
     _check_arguments(audio_dir, val_fraction, min_seconds, cache_dtype, shard)
     _check_out_dir(out_dir)
-    progress_path = shard_progress_path(out_dir, *shard)
-    lock = progress_path.with_suffix(".lock")
-    with _locked(lock, busy=f"{out_dir}: another process is preparing {progress_path.stem} of this cache "
+    journal_path = shard_progress_path(out_dir, *shard)
+    lock = journal_path.with_suffix(".lock")
+    with _locked(lock, busy=f"{out_dir}: another process is preparing {journal_path.stem} of this cache "
                             f"(it holds {lock}); wait for it to finish"):
         stale = remove_stale_temporaries(out_dir, shard)
         if stale:
@@ -660,29 +689,51 @@ def prepare(audio_dir, out_dir, encodec_weights: str = "pretrained", val_fractio
             _warn(f"{audio_dir}: skipped {duplicates} paths leading to a folder or file already found "
                   f"(symbolic links, hard links or link loops); each real file is encoded once")
         codec = load_codec(encodec_weights, device)
-        record = _new_manifest(audio_dir, codec_fingerprint(codec), encodec_weights, cache_dtype)
-        record.update(shard=list(shard), duplicates_skipped=duplicates, settings={
-            "val_fraction": val_fraction, "seed": seed, "min_seconds": min_seconds, "encodec_weights": encodec_weights})
+        header = _new_manifest(audio_dir, codec_fingerprint(codec), encodec_weights, cache_dtype)
+        del header["tracks"], header["skipped_files"]
         relative = {path: path.relative_to(audio_dir).as_posix() for path in files}
         mine = [path for path in files if _is_track_of(track_id_for(relative[path]), shard)]
-        previous = _previous_tracks(out_dir, record)
-        done, todo = _done_and_todo(mine, previous, relative, out_dir, cache_dtype, min_seconds)
+        header.update(shard=list(shard), duplicates_skipped=duplicates, files_found=len(mine), settings={
+            "val_fraction": val_fraction, "seed": seed, "min_seconds": min_seconds, "encodec_weights": encodec_weights})
+        previous, previous_skips = _previous_work(out_dir, header)
+        done, carried, todo = _done_and_todo(mine, previous, previous_skips, relative, out_dir, cache_dtype,
+                                             min_seconds, reencode)
         _remove_stale_arrays(out_dir, previous, {t["id"] for t in done} | {track_id_for(relative[p]) for p in todo})
-        record.update(tracks=done, files_found=len(mine))
-        write_json_atomic(progress_path, record)
+        with writing(journal_path):
+            write_journal(journal_path, header, done, carried)
 
         def job(path: Path) -> dict:
             return _encode_track(codec, path, relative[path], out_dir, device, min_seconds, cache_dtype)
 
         started = time.perf_counter()
-        with _single_threaded_ops(device):
-            encoded_seconds = _encode_all(todo, job, relative, record, out_dir, workers, progress)
-        record["complete"] = True
-        record["settings"]["last_run"] = {
-            "encoded_tracks": len(todo) - len(record["skipped"]), "encoded_seconds": round(encoded_seconds, 3),
-            "wall_seconds": round(time.perf_counter() - started, 3), "device": str(device), "workers": workers}
-        write_json_atomic(progress_path, record)
+        with _single_threaded_ops(device), writing(journal_path), JournalWriter(journal_path) as journal:
+            encoded, skipped, encoded_seconds = _encode_all(todo, job, relative, journal, out_dir, workers, progress,
+                                                            verbose, shard, min_seconds)
+            journal.append({"complete": {
+                "encoded_tracks": encoded, "encoded_seconds": round(encoded_seconds, 3),
+                "wall_seconds": round(time.perf_counter() - started, 3), "device": str(device), "workers": workers}},
+                sync=True)
+    if carried or skipped:
+        _say(skipped_summary(carried + skipped, len(mine), out_dir, min_seconds, merged=shard[1] == 1))
     return merge(out_dir, when_ready=shard[1] > 1)
+
+
+def skipped_summary(skipped: list[dict], found: int, out_dir: Path, min_seconds: float, merged: bool) -> str:
+    """The one line that counts the skipped files by kind of reason."""
+    kinds = count_kinds(skipped)
+    parts = ", ".join(f"{count} {kind}" + (f" (< --min_seconds {min_seconds:g})" if kind == SKIP_TOO_SHORT else "")
+                      for kind, count in kinds.items())
+    where = out_dir / SKIPPED_NAME
+    return (f"skipped {len(skipped)} of {found} files: {parts}; each file and why: {where}"
+            f"{'' if merged else ' (once every shard has finished)'}; --verbose names each as it is skipped")
+
+
+def count_kinds(skipped: list[dict]) -> dict[str, int]:
+    """{kind: count} of skipped entries, the most frequent first."""
+    kinds: dict[str, int] = {}
+    for entry in skipped:
+        kinds[entry["kind"]] = kinds.get(entry["kind"], 0) + 1
+    return dict(sorted(kinds.items(), key=lambda item: (-item[1], item[0])))
 
 
 def _check_arguments(audio_dir: Path, val_fraction: float, min_seconds: float, cache_dtype: str,
@@ -718,35 +769,43 @@ def _check_out_dir(out_dir: Path) -> None:
             os.fsync(probe.fileno())
 
 
-def _previous_tracks(out_dir: Path, record: dict) -> dict[str, dict]:
-    """{source: track} of this shard's tracks that earlier runs recorded: in the manifest (checked to be of this
-    codec, source folder and cache_dtype) and in this shard's own progress file (a killed run's). Under the merge
-    lock, the other shards' progress files are checked to be of the same N and flags, and this shard's progress
-    file is started (so that shards of another N starting at the same moment are refused)."""
-    shard = tuple(record["shard"])
-    existing = _load_existing(out_dir, Path(record["audio_dir"]), record["codec_fingerprint"], record["cache_dtype"])
+def _previous_work(out_dir: Path, header: dict) -> tuple[dict[str, dict], dict[str, dict]]:
+    """({source: track}, {source: skipped entry}) of this shard's files that earlier runs recorded: in the manifest
+    and CACHE/skipped.tsv (checked to be of this codec, source folder and cache_dtype), and in this shard's own
+    journal (a killed run's). Under the merge lock, the other shards' journals are checked to be of the same N and
+    flags, and this shard's journal is started (so that shards of another N starting at the same moment are
+    refused)."""
+    shard = tuple(header["shard"])
+    existing = _load_existing(out_dir, Path(header["audio_dir"]), header["codec_fingerprint"], header["cache_dtype"])
     previous = {track["source"]: track for track in (existing or {"tracks": []})["tracks"]
                 if _is_track_of(track["id"], shard)}
+    skips = {entry["source"]: entry for entry in (read_skipped(out_dir) if existing else [])
+             if _is_track_of(track_id_for(entry["source"]), shard)}
     own = shard_progress_path(out_dir, *shard)
     with _locked(out_dir / SHARDS_DIR / MERGE_LOCK):
         for path in pending_shards(out_dir):
             other = _read_progress(path)
-            _check_same_run(record, other, path, arrays_only=path == own)
+            _check_same_run(header, other, path, arrays_only=path == own)
             if path == own:
                 previous.update((track["source"], track) for track in other["tracks"])
-        write_json_atomic(own, {**record, "tracks": list(previous.values())})
-    return previous
+                skips.update((entry["source"], entry) for entry in other["skipped"])
+        with writing(own):
+            write_journal(own, header, list(previous.values()), list(skips.values()))
+    return previous, skips
 
 
 def _read_progress(path: Path) -> dict:
+    """A shard's journal as one record: its header's fields, its tracks and skipped files, whether it finished, and
+    its last run in settings."""
     try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CacheError(f"{path}: not a readable progress file ({one_line(error)}); delete it and re-run "
-                         f"its shard") from None
-    if missing_keys(record, ("shard", "complete", "tracks", "skipped", "settings", "codec_fingerprint")):
-        raise CacheError(f"{path}: not a progress file of prepare_data.py; delete it and re-run its shard")
-    return record
+        journal = read_journal(path)
+    except JournalError as error:
+        raise CacheError(f"{error}; delete it and re-run its shard") from None
+    header = journal["header"]
+    if missing_keys(header, ("shard", "settings", "codec_fingerprint", "audio_dir", "cache_dtype")):
+        raise CacheError(f"{path}: not a journal of prepare_data.py; delete it and re-run its shard")
+    return {**header, "tracks": journal["tracks"], "skipped": journal["skipped"], "complete": journal["complete"],
+            "settings": {**header["settings"], "last_run": journal["last_run"]}}
 
 
 def _run_flags(record: dict, arrays_only: bool) -> dict:
@@ -759,7 +818,7 @@ def _run_flags(record: dict, arrays_only: bool) -> dict:
 
 
 def _check_same_run(record: dict, other: dict, path: Path, arrays_only: bool = False) -> None:
-    """CacheError unless the progress file `other` (at `path`) is of the same number of shards and flags."""
+    """CacheError unless the journal `other` (at `path`) is of the same number of shards and flags."""
     (index, count), shards = other["shard"], record["shard"][1]
     if count != shards:
         raise CacheError(f"{path}: progress of --shard {index}/{count}, this run is one of {shards} shards; finish "
@@ -772,35 +831,55 @@ def _check_same_run(record: dict, other: dict, path: Path, arrays_only: bool = F
                              f"{value}; every shard of a cache needs the same flags")
 
 
-def _done_and_todo(paths: list[Path], previous: dict, relative: dict, out_dir: Path, dtype: str,
-                   min_seconds: float) -> tuple[list[dict], list[Path]]:
-    """(finished tracks whose files verify, paths to encode); a finished track whose files do not verify is
-    re-encoded, with one warning line naming the file."""
-    done, todo = [], []
+def _done_and_todo(paths: list[Path], previous: dict, previous_skips: dict, relative: dict, out_dir: Path,
+                   dtype: str, min_seconds: float, reencode: frozenset) -> tuple[list[dict], list[dict], list[Path]]:
+    """(finished tracks whose files verify, skipped files still skipped, paths to encode).
+
+    A file skipped before with the same size and mtime stays skipped without being read (one that was too short
+    is read again if --min_seconds is now lower). A finished track whose files do not verify is re-encoded, with
+    one warning line naming the file; a track in `reencode` is, silently."""
+    done, carried, todo = [], [], []
     for path in paths:
-        track = previous.get(relative[path])
-        if track is None or not _source_unchanged(track, path) or track["duration"] < min_seconds:
+        source = relative[path]
+        skip = previous_skips.get(source)
+        if skip is not None and _still_skipped(skip, path, min_seconds):
+            carried.append(skip)
+            continue
+        track = previous.get(source)
+        if track is None or not _source_unchanged(track, path) or track["duration"] < min_seconds \
+                or track["id"] in reencode:
             todo.append(path)
             continue
         problem = _verify(track, out_dir, dtype)
         if problem is None:
             done.append(track)
         else:
-            _warn(f"{problem}; re-encoding {relative[path]}")
+            _warn(f"{problem}; re-encoding {source}")
             todo.append(path)
-    return done, todo
+    return done, carried, todo
 
 
-def _encode_all(todo: list, job, relative: dict, record: dict, out_dir: Path, workers: int, progress: bool) -> float:
-    """Encode the `todo` files in `workers` threads, adding each track (or its skip reason) to the shard's record
-    and rewriting its progress file after every file; returns the seconds of audio encoded. A CacheWriteError
-    (the cache, not the file) stops the run."""
-    encoded_seconds = 0.0
-    index, count = record["shard"]
-    progress_path = shard_progress_path(out_dir, index, count)
+def _still_skipped(skip: dict, path: Path, min_seconds: float) -> bool:
+    """True if the file skipped for `skip` would be skipped again: it has the size and mtime it had, and (if it was
+    too short) --min_seconds is not lower than it was."""
+    if skip.get("source_size") is None or not _source_unchanged(skip, path):
+        return False
+    if skip["kind"] == SKIP_TOO_SHORT:
+        return skip.get("min_seconds") is not None and float(skip["min_seconds"]) <= min_seconds
+    return True
+
+
+def _encode_all(todo: list, job, relative: dict, journal: JournalWriter, out_dir: Path, workers: int,
+                progress: bool, verbose: bool, shard: tuple[int, int],
+                min_seconds: float) -> tuple[int, list[dict], float]:
+    """Encode the `todo` files in `workers` threads, appending each track (or its skip reason) to the shard's
+    journal; returns (tracks encoded, skipped entries, seconds of audio encoded). A CacheWriteError (the cache, not
+    the file) stops the run."""
+    encoded, skipped, encoded_seconds = 0, [], 0.0
+    index, count = shard
     # closing(): on Ctrl-C the queued jobs are cancelled at once, not when the generator is collected; the bar is
     # closed on any exit, so that an error line starts a line of its own
-    with tqdm(total=len(todo), desc="encoding" if count == 1 else f"shard {index}/{count}", unit="track",
+    with tqdm(total=len(todo), desc="encoding" if count == 1 else f"shard {index}/{count}", unit="file",
               disable=not progress or not todo, file=sys.stderr) as bar, \
             contextlib.closing(_run_in_threads(todo, job, workers)) as outcomes:
         for path, outcome in outcomes:
@@ -812,17 +891,28 @@ def _encode_all(todo: list, job, relative: dict, record: dict, out_dir: Path, wo
                 raise
             except (AudioLoadError, OSError) as error:
                 reason = str(error).removeprefix(f"{path}: ")
-                _warn(f"{path}: {reason}")
-                record["skipped"].append({"source": source, "reason": reason})
+                if verbose:
+                    _warn(f"{path}: {reason}")
+                entry = {"source": source, "kind": skip_kind(error), "reason": reason, "min_seconds": min_seconds,
+                         **_stamp_or_none(path)}
+                skipped.append(entry)
                 for stale_file in _track_files(out_dir, track_id_for(source)).values():
                     stale_file.unlink(missing_ok=True)                   # of an earlier version of the file
-                write_json_atomic(progress_path, record)
+                journal.append({"skipped": entry})
                 continue
-            record["tracks"].append(track)
+            journal.append({"track": track}, sync=True)                  # from here on, a crash keeps this track
+            encoded += 1
             encoded_seconds += track["duration"]
-            write_json_atomic(progress_path, record)     # from here on, a crash keeps this track
             bar.set_postfix_str(source[-40:], refresh=False)
-    return encoded_seconds
+    return encoded, skipped, encoded_seconds
+
+
+def _stamp_or_none(path: Path) -> dict:
+    """The source's size and mtime (None for a file that cannot be stat'ed: a broken link, which is retried)."""
+    try:
+        return source_stamp(path)
+    except OSError:
+        return {"source_size": None, "source_mtime_ns": None}
 
 
 def _run_in_threads(items: list, job, workers: int):
@@ -863,19 +953,37 @@ def _encode_track(codec, path: Path, source: str, out_dir: Path, device: torch.d
     track_id = track_id_for(source)
     stamp = source_stamp(path)         # before reading: a file changed meanwhile is re-encoded next run
     paths = _track_files(out_dir, track_id)
-    latent_dtype, audio_dtype = CACHE_DTYPES[dtype]
-    with open_audio(path) as handle, _npy_temporary(paths["audio"]) as audio_file, \
-            _scratch_file(out_dir / TRACKS_DIR, paths["latents"]) as scratch:
-        audio = GrowingNpy(audio_file, audio_dtype, (), paths["audio"])
-        latents = GrowingNpy(scratch, latent_dtype, (LATENT_DIM,), paths["latents"])
-        moments = _encode_blocks(codec, _source_blocks(handle, path), audio, latents, device, path, min_seconds)
-        audio.finish(latents.rows * HOP_LENGTH)          # whole frames: drops the last partial frame
-        with _npy_temporary(paths["latents"]) as latent_file:
-            _write_transposed(latents, latent_file, paths["latents"])
-        _check_promised_length(handle, latents.rows, path)
+    with open_audio(path) as handle:
+        _check_header_length(handle, min_seconds, path)
+        with _npy_temporary(paths["audio"]) as audio_file, \
+                _scratch_file(out_dir / TRACKS_DIR, paths["latents"]) as scratch:
+            moments, frames = _encode_to(codec, handle, path, paths, audio_file, scratch, device, min_seconds, dtype)
     save_npy_atomic(paths["stats"], moments.as_array())
-    return {"id": track_id, "source": source, "duration": latents.rows / FRAME_RATE, "frames": latents.rows,
-            "split": None, **stamp, "files": {kind: _file_record(file) for kind, file in paths.items()}}
+    return {"id": track_id, "source": source, "duration": frames / FRAME_RATE, "frames": frames,
+            "split": None, **stamp, "files": {kind: file_record(file) for kind, file in paths.items()}}
+
+
+def _encode_to(codec, handle, path: Path, paths: dict, audio_file: int, scratch: int, device: torch.device,
+               min_seconds: float, dtype: str) -> tuple[Moments, int]:
+    """Stream the open file into the audio temporary and, through the scratch file, the latents temporary;
+    (the latents' moments, frames)."""
+    latent_dtype, audio_dtype = CACHE_DTYPES[dtype]
+    audio = GrowingNpy(audio_file, audio_dtype, (), paths["audio"])
+    latents = GrowingNpy(scratch, latent_dtype, (LATENT_DIM,), paths["latents"])
+    moments = _encode_blocks(codec, _source_blocks(handle, path), audio, latents, device, path, min_seconds)
+    audio.finish(latents.rows * HOP_LENGTH)          # whole frames: drops the last partial frame
+    with _npy_temporary(paths["latents"]) as latent_file:
+        _write_transposed(latents, latent_file, paths["latents"])
+    _check_promised_length(handle, latents.rows, path)
+    return moments, latents.rows
+
+
+def _check_header_length(handle, min_seconds: float, path: Path) -> None:
+    """AudioLoadError (too short) from the header alone, for a format whose header length is exact: decoding
+    gives no more samples than it states (a truncated file gives fewer)."""
+    if getattr(handle, "format", None) not in EXACT_LENGTH_FORMATS:
+        return
+    _check_length(resampled_length(handle.frames, handle.samplerate), min_seconds, path)
 
 
 def _source_blocks(handle, path: Path):
@@ -925,11 +1033,11 @@ def _encode_blocks(codec, blocks, audio_out: GrowingNpy, latents_out: GrowingNpy
 def _check_length(samples: int, min_seconds: float, path: Path) -> None:
     """AudioLoadError if `samples` decoded 24 kHz samples are nothing, or less than min_seconds of whole frames."""
     if samples == 0:
-        raise AudioLoadError(f"{path}: empty (no audio samples)")
+        raise _unusable(SKIP_EMPTY, f"{path}: empty (no audio samples)")
     frames = samples // HOP_LENGTH
     if frames == 0 or frames / FRAME_RATE < min_seconds:
-        raise AudioLoadError(f"{path}: too short ({frames / FRAME_RATE:.2f} s < --min_seconds {min_seconds:g}, "
-                             f"one training example)")
+        raise _unusable(SKIP_TOO_SHORT, f"{path}: too short ({frames / FRAME_RATE:.2f} s < --min_seconds "
+                                        f"{min_seconds:g}, one training example)")
 
 
 def _check_promised_length(handle, frames: int, path: Path) -> None:
@@ -945,10 +1053,11 @@ def _check_promised_length(handle, frames: int, path: Path) -> None:
 def _check_latents(latents: np.ndarray, stored_dtype: np.dtype, path: Path) -> None:
     """AudioLoadError if the latents are not finite, or too large for float16 in a compact cache."""
     if not np.isfinite(latents).all():
-        raise AudioLoadError(f"{path}: the encoder's latents are not finite (are the samples far outside +-1?)")
+        raise _unusable(SKIP_NOT_FINITE,
+                        f"{path}: the encoder's latents are not finite (are the samples far outside +-1?)")
     peak = float(np.abs(latents).max(initial=0.0))
     if stored_dtype == np.float16 and peak > FLOAT16_MAX:
-        raise AudioLoadError(f"{path}: latents reach {peak:.3g}, beyond float16's {FLOAT16_MAX:g}; "
+        raise _unusable(SKIP_NOT_FINITE, f"{path}: latents reach {peak:.3g}, beyond float16's {FLOAT16_MAX:g}; "
                              f"prepare with --cache_dtype float32")
 
 
@@ -964,10 +1073,11 @@ def _remove_stale_arrays(out_dir: Path, previous: dict, keep_ids: set[str]) -> N
 # -------------------------------------------------------------------------------------------- merge
 
 def merge(out_dir, when_ready: bool = False) -> dict | None:
-    """Write the manifest from every shard's progress file: the tracks (sorted by source), the skipped files, the
-    train/val split and the statistics; then delete the progress files, and return the manifest. When nothing was
-    usable, the manifest lists why (incomplete) and NoUsableAudioError is raised. CacheError while a shard has not
-    finished, or with when_ready (a shard that has just finished) None instead.
+    """Write the manifest from every shard's journal: the tracks (sorted by source), the skipped files (counted by
+    kind; each one in CACHE/skipped.tsv), the train/val split and the statistics; then delete the journals, and
+    return the manifest. When nothing was usable, the manifest says so (no_usable_audio: training then says why,
+    not 'resume') and NoUsableAudioError is raised. CacheError while a shard has not finished, or with
+    when_ready (a shard that has just finished) None instead.
     """
     out_dir = Path(out_dir).expanduser().resolve()
     if not (out_dir / SHARDS_DIR).is_dir():
@@ -980,21 +1090,27 @@ def merge(out_dir, when_ready: bool = False) -> dict | None:
             if when_ready:
                 return None
             raise CacheError(unfinished)
-        manifest = _combined(parts)
+        manifest, skipped = _combined(parts)
+        found = sum(part["files_found"] for part in parts)
         if manifest["tracks"]:
             _finish(manifest, out_dir)
-        for stale in out_dir.glob(f".{manifest_path(out_dir).stem}.tmp-*"):      # a killed merge's
+        else:
+            kinds = ", ".join(f"{count} {kind}" for kind, count in manifest["skipped_files"].items())
+            manifest["no_usable_audio"] = f"{found} files found{': ' + kinds if kinds else ''}"
+        for stale in [*out_dir.glob(f".{manifest_path(out_dir).stem}.tmp-*"),       # a killed merge's
+                      *out_dir.glob(f".{Path(SKIPPED_NAME).stem}.tmp-*")]:
             stale.unlink(missing_ok=True)
+        with writing(out_dir / SKIPPED_NAME):
+            if skipped:
+                write_skipped(out_dir, skipped)
+            else:
+                (out_dir / SKIPPED_NAME).unlink(missing_ok=True)
         write_manifest_atomic(out_dir, manifest)
         for path in paths:
             path.unlink()
     if not manifest["tracks"]:
-        skipped = manifest["skipped"]
-        reasons = "; ".join(f"{s['source']}: {s['reason']}" for s in skipped[:3])
-        more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
-        found = sum(part["files_found"] for part in parts)
         raise NoUsableAudioError(f"--audio_dir {manifest['audio_dir']}: no usable audio "
-                                 f"({found} files found{': ' + reasons + more if reasons else ''})")
+                                 f"({manifest['no_usable_audio']}; each file and why: {out_dir / SKIPPED_NAME})")
     return manifest
 
 
@@ -1013,11 +1129,14 @@ def _unfinished(out_dir: Path, paths: list[Path], parts: list[dict]) -> str | No
     return None
 
 
-def _combined(parts: list[dict]) -> dict:
-    """The manifest of the shards' records: their tracks and skipped files, sorted by source, and one last_run."""
-    manifest = {key: value for key, value in parts[0].items() if key not in ("shard", "files_found")}
+def _combined(parts: list[dict]) -> tuple[dict, list[dict]]:
+    """(the manifest of the shards' journals: their tracks sorted by source, the skipped files counted by kind,
+    one last_run; the skipped files sorted by source)."""
+    manifest = {key: value for key, value in parts[0].items()
+                if key not in ("shard", "files_found", "journal", "skipped")}
     manifest["tracks"] = sorted((t for part in parts for t in part["tracks"]), key=lambda t: t["source"])
-    manifest["skipped"] = sorted((s for part in parts for s in part["skipped"]), key=lambda s: s["source"])
+    skipped = sorted((s for part in parts for s in part["skipped"]), key=lambda s: s["source"])
+    manifest["skipped_files"] = count_kinds(skipped)
     manifest["duplicates_skipped"] = max(part["duplicates_skipped"] for part in parts)
     runs = [part["settings"]["last_run"] for part in parts]
     manifest["settings"] = {**parts[0]["settings"], "last_run": {
@@ -1026,7 +1145,7 @@ def _combined(parts: list[dict]) -> dict:
         "wall_seconds": max(run["wall_seconds"] for run in runs), "device": runs[0]["device"],
         "workers": runs[0]["workers"]}}
     manifest["complete"] = False
-    return manifest
+    return manifest, skipped
 
 
 def _finish(manifest: dict, out_dir: Path) -> None:
@@ -1102,6 +1221,53 @@ def decode_references(out_dir, segment_frames_list, device) -> None:
         build_references(out_dir, manifest, decoder, manifest["codec_fingerprint"], frames, device=device)
 
 
+# -------------------------------------------------------------------------------------------- verify
+
+def verify(cache_dir, device=None, workers: int | None = None, progress: bool | None = None) -> int:
+    """prepare_data.py --verify: read every file of a finished cache back and compare its size and CRC-32 with the
+    manifest's record; re-encode the tracks of damaged files from the audio folder the manifest records (what a
+    resume does for a track whose files changed), and drop their decoded references. Returns the exit status:
+    0 if the cache is intact or was repaired. CacheError if it cannot be read, prepare()'s errors if the repair
+    fails (the audio folder is gone, ...)."""
+    cache_dir = Path(cache_dir).expanduser().resolve()
+    manifest = read_manifest(cache_dir)
+    require_complete(manifest, cache_dir)
+    files = recorded_files(cache_dir, manifest)
+    started = time.perf_counter()
+    damaged = verify_files(files, VerifiedFiles(cache_dir), progress, desc="verifying", reread=True)
+    size = sum(record["bytes"] for *_, record in files)
+    seconds = time.perf_counter() - started
+    unrecorded = sum(not track.get("files") for track in manifest["tracks"])
+    note = f"; {unrecorded} tracks of an older version have no records to check" if unrecorded else ""
+    if not damaged:
+        print(f"{cache_dir}: {len(files)} files of {len(manifest['tracks'])} tracks verified ({size / 1e9:.2f} GB in "
+              f"{seconds:.1f} s): intact{note}")
+        return 0
+    for damage in damaged:
+        _warn(f"damaged: {damage.line()}")
+    ids = frozenset(damage.track["id"] for damage in damaged)
+    _drop_references(cache_dir, ids)
+    settings = manifest["settings"]
+    _say(f"re-encoding {len(ids)} track(s) from {manifest['audio_dir']}")
+    repaired = prepare(manifest["audio_dir"], cache_dir, encodec_weights=manifest["encodec_weights"],
+                       val_fraction=settings["val_fraction"], seed=settings["seed"], device=device,
+                       min_seconds=settings["min_seconds"], workers=workers,
+                       cache_dtype=cache_dtype(manifest, cache_dir), reencode=ids)
+    kept = ids & {track["id"] for track in repaired["tracks"]}
+    gone = f"; {len(ids - kept)} whose source is gone or unusable now were dropped" if ids - kept else ""
+    print(f"{cache_dir}: {len(damaged)} damaged file(s) of {len(files)}; re-encoded {len(kept)} track(s){gone}")
+    return 0
+
+
+def _drop_references(cache_dir: Path, track_ids: frozenset) -> None:
+    """Delete the decoded references of these tracks in the cache (decoded from the damaged latents, maybe): their
+    sets are then partial and the next training run decodes the tracks again."""
+    for path in (cache_dir / "references").glob("*/*.npy"):
+        if path.stem in track_ids:
+            with contextlib.suppress(OSError):      # a read-only cache: its references stay as they are
+                path.unlink()
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1130,6 +1296,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also decode every segment of the cache once for training with --target_audio codec at "
                              "these --segment_frames (references.py; the trainer does it itself before its first "
                              "epoch otherwise); alone with --out_dir: for an existing cache")
+    parser.add_argument("--verify", metavar="CACHE", default=None,
+                        help="read every file of the finished cache CACHE, compare its size and CRC-32 with what was "
+                             "recorded when it was written, and re-encode the tracks of damaged files from the audio "
+                             "folder recorded in its manifest (takes only --device and --workers)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="name each skipped file as it is skipped (otherwise one summary line at the end; the "
+                             "list is in CACHE/skipped.tsv)")
     parser.add_argument("--demo", action="store_true",
                         help="generate the built-in synthetic corpus and prepare it with --encodec_weights random")
     parser.add_argument("--demo_tracks", type=int, default=None, help="number of demo tracks")
@@ -1138,6 +1311,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_flags(parser: argparse.ArgumentParser, args) -> None:
+    if args.verify:
+        defaults = vars(parser.parse_args([]))
+        given = [f"--{name}" for name, value in vars(args).items()
+                 if name not in ("verify", "device", "workers", "verbose") and value != defaults[name]]
+        if given:
+            parser.error(f"--verify takes only --device and --workers (the cache recorded its flags), "
+                         f"not {' '.join(given)}")
+        return
     if args.merge:
         defaults = vars(parser.parse_args([]))
         given = [f"--{name}" for name, value in vars(args).items()
@@ -1162,6 +1343,8 @@ def run(args) -> int:
     started = time.perf_counter()
     out_dir = args.out_dir or DEMO_CACHE_DIR
     try:
+        if args.verify:
+            return verify(args.verify, device=args.device, workers=args.workers)
         if args.merge:
             manifest = merge(out_dir)
         elif args.decode_references and not args.audio_dir and not args.demo:
@@ -1174,7 +1357,7 @@ def run(args) -> int:
             manifest = prepare(args.audio_dir, out_dir, encodec_weights=args.encodec_weights,
                                val_fraction=args.val_fraction, seed=args.seed, device=args.device,
                                min_seconds=args.min_seconds, workers=args.workers, cache_dtype=args.cache_dtype,
-                               shard=args.shard)
+                               shard=args.shard, verbose=args.verbose)
     except KeyboardInterrupt:
         print("interrupted: the tracks finished so far are kept; run the same command again to resume",
               file=sys.stderr)
@@ -1189,7 +1372,7 @@ def run(args) -> int:
     summary = manifest["split_summary"]
     hours = sum(t["duration"] for t in manifest["tracks"]) / 3600
     print(f"{out_dir}: {len(manifest['tracks'])} tracks ({hours:.2f} h; train {summary['train']['tracks']}, "
-          f"val {summary['val']['tracks']}), {len(manifest['skipped'])} skipped, codec "
+          f"val {summary['val']['tracks']}), {sum(manifest['skipped_files'].values())} skipped, codec "
           f"{manifest['codec_fingerprint']}, {elapsed:.1f} s")
     return 0
 

@@ -20,10 +20,23 @@ another codec, segment length, stride or cache dtype is deleted and rebuilt ("st
 changed or that are missing are (re)decoded ("partial"), each with one line saying so; the ranks then decode
 the missing tracks round-robin, each track written atomically (a hidden temporary renamed into place), so an
 interrupted build resumes where it stopped, and rank 0 marks the set complete. Only a complete set that
-matches the cache is ever opened (open_references); anything else is never used.
+matches the cache is ever opened (open_references); anything else is never used. Rank 0 holds a lock
+(ROOT/.T<T>-S<S>.lock, POSIX) for the whole build, so two runs sharing a folder build it once: the second waits,
+then finds it complete.
+
+Where (references_root): `--references_dir DIR` if given; else CACHE/references when the set is already there
+or the cache is writable; else, for a read-only cache (a shared dataset), a per-user folder named after the
+cache and keyed by its identity (its tracks and their latents' CRC-32) and the codec fingerprint, said in one
+line:
+
+    ~/.cache/music_continuation/references/<cache name>-<identity>-<codec>/T<T>-S<S>/   (integrity.user_cache_dir)
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -38,6 +51,7 @@ from tqdm import tqdm
 
 from music_continuation.codec import HOP_LENGTH, LATENT_DIM, SAMPLE_RATE
 from music_continuation.data.cache import CACHE_DTYPES, MAX_OPEN_TRACKS, CacheError, cache_dtype, track_paths
+from music_continuation.data.integrity import user_cache_dir
 from music_continuation.utils import TEMPORARY_NAME, atomic_path
 
 REFERENCES_DIR = "references"
@@ -47,8 +61,78 @@ DECODE_BATCH = 16            # segments decoded per decoder call while building
 BYTES_PER_SAMPLE = 4         # float32
 
 
-def set_dir(cache_dir, segment_frames: int, stride_frames: int) -> Path:
-    return Path(cache_dir) / REFERENCES_DIR / f"T{int(segment_frames)}-S{int(stride_frames)}"
+def set_dir(cache_dir, segment_frames: int, stride_frames: int, root=None) -> Path:
+    """The folder of one set: ROOT/T<T>-S<S>, ROOT = `root` or CACHE/references."""
+    root = Path(cache_dir) / REFERENCES_DIR if root is None else Path(root)
+    return root / f"T{int(segment_frames)}-S{int(stride_frames)}"
+
+
+def cache_identity(manifest: dict, cache_dir) -> str:
+    """What the decoded references of a cache depend on, as a short hash: its tracks (id, frames, the latents'
+    CRC-32) and its array types. The same dataset at another path (another mount) has the same identity."""
+    tracks = sorted((t["id"], t["frames"], ((t.get("files") or {}).get("latents") or {}).get("crc32"))
+                    for t in manifest["tracks"])
+    return hashlib.sha1(json.dumps([cache_dtype(manifest, cache_dir), tracks]).encode()).hexdigest()[:12]
+
+
+def user_root(cache_dir, manifest: dict, fingerprint: str) -> Path:
+    """The per-user folder of this cache's references (for a cache that cannot be written)."""
+    name = f"{Path(cache_dir).resolve().name}-{cache_identity(manifest, cache_dir)}-{fingerprint}"
+    return user_cache_dir() / REFERENCES_DIR / name
+
+
+def references_root(cache_dir, manifest: dict, fingerprint: str, segment_frames: int, stride_frames: int,
+                    references_dir=None) -> Path:
+    """Where a set is built: `references_dir` if given, else CACHE/references if the set is complete there or the
+    cache can be written, else the per-user folder (user_root), said in one line."""
+    if references_dir is not None:
+        return Path(references_dir).expanduser().resolve()
+    in_cache = Path(cache_dir) / REFERENCES_DIR
+    if (in_cache.exists() and not in_cache.is_dir()) or _writable(in_cache if in_cache.exists() else Path(cache_dir)) \
+            or open_references(cache_dir, manifest, fingerprint, segment_frames, stride_frames, in_cache) is not None:
+        return in_cache             # (something in the way of the folder is the cache's fault: said when writing)
+    root = user_root(cache_dir, manifest, fingerprint)
+    if _rank_and_world()[0] == 0:
+        _say(f"{cache_dir} cannot be written; the decoded references go to {root} "
+             f"(--references_dir puts them elsewhere)")
+    return root
+
+
+def find_references(cache_dir, manifest: dict, fingerprint: str, segment_frames: int,
+                    stride_frames: int | None = None, references_dir=None) -> "ReferenceSet | None":
+    """The complete set of this cache, codec, T and S in `references_dir` if given, else in CACHE/references or
+    the per-user folder, or None: what evaluation reads (it never decodes a set)."""
+    roots = ([Path(references_dir)] if references_dir is not None
+             else [Path(cache_dir) / REFERENCES_DIR, user_root(cache_dir, manifest, fingerprint)])
+    for root in roots:
+        found = open_references(cache_dir, manifest, fingerprint, segment_frames, stride_frames, root)
+        if found is not None:
+            return found
+    return None
+
+
+def _writable(folder: Path) -> bool:
+    """True if files can be created in `folder` (access(2): also False on a read-only mount, even for root)."""
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path):
+    """Hold ROOT/.T<T>-S<S>.lock (POSIX lockf: between hosts of a shared file system too; gone with its process)
+    while one job builds the set; another job waits here, saying so once."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(folder.parent / f".{folder.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            _say(f"another run is building {folder}; waiting for it")
+            fcntl.lockf(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def segment_starts(frames: int, segment_frames: int, stride_frames: int) -> np.ndarray:
@@ -195,56 +279,67 @@ def _decode_track(folder: Path, cache_dir, track: dict, dtype: str, decoder, seg
 
 def build_references(cache_dir, manifest: dict, decoder, fingerprint: str, segment_frames: int,
                      stride_frames: int | None = None, device="cpu", progress: bool | None = None,
-                     check_stop=lambda: None) -> "ReferenceSet":
-    """Make (or resume, or check) the set for this cache, codec, T and S, and open it. Collective: every rank
-    of an initialised process group calls it (three barriers, the same on every rank); without one, one process
-    does all. `check_stop` is called between decoder calls (the trainer's: raise once SIGINT/SIGTERM arrived).
-    Raises CacheError (one line) if the set cannot be written."""
+                     check_stop=lambda: None, references_dir=None) -> "ReferenceSet":
+    """Make (or resume, or check) the set for this cache, codec, T and S, and open it; in references_root's
+    folder. Collective: every rank of an initialised process group calls it (three barriers, the same on every
+    rank); without one, one process does all. `check_stop` is called between decoder calls (the trainer's: raise
+    once SIGINT/SIGTERM arrived). Raises CacheError (one line) if the set cannot be written."""
     stride_frames = int(segment_frames if stride_frames is None else stride_frames)
-    folder = set_dir(cache_dir, segment_frames, stride_frames)
-    wanted = identity(manifest, cache_dir, fingerprint, segment_frames, stride_frames)
-    keys = track_keys(manifest, segment_frames, stride_frames)
     rank, world = _rank_and_world()
+    root = references_root(cache_dir, manifest, fingerprint, segment_frames, stride_frames, references_dir)
+    folder = set_dir(cache_dir, segment_frames, stride_frames, root)
     try:
-        if rank == 0:
-            _prepare_folder(folder, wanted, keys)
-        _barrier()
-        recorded = _read_set(folder)
-        if not (recorded or {}).get("complete"):
-            dtype = wanted["cache_dtype"]
-            tracks = {track["id"]: track for track in manifest["tracks"]}
-            todo = [t for t in sorted(keys) if not _track_file_ok(_track_file(folder, t), keys[t]["segments"],
-                                                                  segment_frames)]
-            mine = todo[rank::world]
-            show = sys.stderr.isatty() if progress is None else progress
-            bar = tqdm(total=sum(keys[t]["segments"] for t in mine), desc=f"decoding references (rank {rank})",
-                       unit="segment", file=sys.stderr, disable=rank != 0 or not show, leave=False)
-            for track in mine:
-                _decode_track(folder, cache_dir, tracks[track], dtype, decoder, segment_frames, stride_frames,
-                              device, bar, check_stop)
-            bar.close()
-            _barrier()
-            if rank == 0:
-                missing = [t for t in keys if not _track_file_ok(_track_file(folder, t), keys[t]["segments"],
-                                                                 segment_frames)]
-                if missing:
-                    raise CacheError(f"{folder}: {len(missing)} track(s) were not decoded (e.g. {missing[0]})")
-                _write_set(folder, {"identity": wanted, "tracks": keys, "complete": True})
-                _say(f"{folder} complete")
-            _barrier()
+        with _build_lock(folder) if rank == 0 else contextlib.nullcontext():
+            _build(folder, cache_dir, manifest, decoder, fingerprint, segment_frames, stride_frames, device, progress,
+                   check_stop)
     except OSError as error:
         raise CacheError(f"cannot write the decoded references in {folder}: {error.strerror or error}") from None
-    opened = open_references(cache_dir, manifest, fingerprint, segment_frames, stride_frames)
+    opened = open_references(cache_dir, manifest, fingerprint, segment_frames, stride_frames, root)
     if opened is None:
         raise CacheError(f"{folder}: the decoded references are not complete after building them")
     return opened
 
 
+def _build(folder: Path, cache_dir, manifest: dict, decoder, fingerprint: str, segment_frames: int,
+           stride_frames: int, device, progress, check_stop) -> None:
+    """build_references' collective work in `folder` (rank 0 holds the build lock)."""
+    wanted = identity(manifest, cache_dir, fingerprint, segment_frames, stride_frames)
+    keys = track_keys(manifest, segment_frames, stride_frames)
+    rank, world = _rank_and_world()
+    if rank == 0:
+        _prepare_folder(folder, wanted, keys)
+    _barrier()
+    recorded = _read_set(folder)
+    if not (recorded or {}).get("complete"):
+        dtype = wanted["cache_dtype"]
+        tracks = {track["id"]: track for track in manifest["tracks"]}
+        todo = [t for t in sorted(keys) if not _track_file_ok(_track_file(folder, t), keys[t]["segments"],
+                                                              segment_frames)]
+        mine = todo[rank::world]
+        show = sys.stderr.isatty() if progress is None else progress
+        bar = tqdm(total=sum(keys[t]["segments"] for t in mine), desc=f"decoding references (rank {rank})",
+                   unit="segment", file=sys.stderr, disable=rank != 0 or not show, leave=False)
+        for track in mine:
+            _decode_track(folder, cache_dir, tracks[track], dtype, decoder, segment_frames, stride_frames,
+                          device, bar, check_stop)
+        bar.close()
+        _barrier()
+        if rank == 0:
+            missing = [t for t in keys if not _track_file_ok(_track_file(folder, t), keys[t]["segments"],
+                                                             segment_frames)]
+            if missing:
+                raise CacheError(f"{folder}: {len(missing)} track(s) were not decoded (e.g. {missing[0]})")
+            _write_set(folder, {"identity": wanted, "tracks": keys, "complete": True})
+            _say(f"{folder} complete")
+        _barrier()
+
+
 def open_references(cache_dir, manifest: dict, fingerprint: str, segment_frames: int,
-                    stride_frames: int | None = None) -> "ReferenceSet | None":
-    """The complete set that matches this cache, codec, T and S, or None (never a stale or partial one)."""
+                    stride_frames: int | None = None, root=None) -> "ReferenceSet | None":
+    """The complete set that matches this cache, codec, T and S in ROOT (default CACHE/references), or None (never
+    a stale or partial one)."""
     stride_frames = int(segment_frames if stride_frames is None else stride_frames)
-    folder = set_dir(cache_dir, segment_frames, stride_frames)
+    folder = set_dir(cache_dir, segment_frames, stride_frames, root)
     recorded = _read_set(folder)
     keys = track_keys(manifest, segment_frames, stride_frames)
     if not recorded or not recorded.get("complete") or recorded.get("tracks") != keys or \

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a training checkpoint (best.pt / latest.pt)")
     parser.add_argument("--data_dir", default=None, help="the cache (default: the checkpoint's --data_dir)")
+    parser.add_argument("--references_dir", default=None,
+                        help="where the training run decoded its references (default: the checkpoint's "
+                             "--references_dir, else DATA_DIR/references, else the per-user folder); read only")
     parser.add_argument("--split", default="val", choices=("train", "val"))
     parser.add_argument("--max_windows", type=int, default=None, help="evenly spaced windows (default: all)")
     parser.add_argument("--out", default=None, help="write the figures as JSON to this file")
@@ -69,7 +72,8 @@ def run(args) -> int:
     result = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, split=args.split,
                                  max_windows=args.max_windows, device=args.device, batch_size=args.batch_size,
                                  musical=not args.no_musical, target_audio=args.target_audio,
-                                 listeners=not args.no_listeners, beat_tracker=args.beat_tracker)
+                                 listeners=not args.no_listeners, beat_tracker=args.beat_tracker,
+                                 references_dir=args.references_dir)
     weights = ", ".join(f"{name} {value:g}" for name, value in result["weights"].items())
     print(f"{result['checkpoint']} (epoch {result['epoch']}) on {result['windows']} {result['split']} windows of "
           f"{result['data_dir']}; target audio: {result['target_audio']}; loss weights: {weights}")

@@ -353,7 +353,8 @@ def _renormalizer(dataset, normalizer):
 @torch.no_grad()
 def evaluate_checkpoint(checkpoint, data_dir=None, split: str = "val", max_windows: int | None = None,
                         device="cpu", batch_size: int = 8, musical: bool = True, target_audio: str | None = None,
-                        progress: bool | None = None, listeners: bool = True, beat_tracker: str = "librosa") -> dict:
+                        progress: bool | None = None, listeners: bool = True, beat_tracker: str = "librosa",
+                        references_dir=None) -> dict:
     """Score a checkpoint and the three baselines on evenly spaced windows of a cache split.
 
     data_dir and target_audio default to the checkpoint's (target_audio: its --target_audio flag, 'auto'
@@ -392,9 +393,10 @@ def evaluate_checkpoint(checkpoint, data_dir=None, split: str = "val", max_windo
     check_fingerprint(state["codec_fingerprint"], fingerprint, f"--checkpoint {checkpoint}")
     dataset = ContinuationDataset(data_dir, split, int(segment_frames), unity_test=bool(args.get("unity_test", False)))
     check_fingerprint(dataset.codec_fingerprint, fingerprint, f"--data_dir {data_dir}")
-    from music_continuation.data.references import open_references
+    from music_continuation.data.references import find_references
     # the training run's decoded segments, if a complete and current set exists (evaluate.py never writes one)
-    references = open_references(data_dir, dataset.manifest, fingerprint, dataset.segment_frames)
+    references = find_references(data_dir, dataset.manifest, fingerprint, dataset.segment_frames,
+                                 references_dir=references_dir or args.get("references_dir"))
     if references is not None:
         dataset.use_references(references)
     decoder = FrozenDecoder(codec)

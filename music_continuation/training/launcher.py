@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--data_dir", default=None,
                       help="cache made by prepare_data.py (default: the built-in demo corpus, prepared on first use)")
+    data.add_argument("--references_dir", default=None,
+                      help="folder of the decoded references (--target_audio codec); default: DATA_DIR/references if "
+                           "the cache is writable, else a per-user folder (~/.cache/music_continuation/references)")
     data.add_argument("--encodec_weights", default=None,
                       help=f"codec whose decoder turns predictions into audio: {WEIGHT_CHOICES_HELP} "
                            f"(default: the weights recorded in the cache; other weights are refused)")
@@ -209,6 +212,7 @@ def check_data_and_codec(args: argparse.Namespace, parser: argparse.ArgumentPars
     """Resolve --data_dir, --encodec_weights and --target_audio, make sure the cache can feed this configuration;
     return the codec fingerprint."""
     from music_continuation.data.cache import CacheError, ContinuationDataset
+    from music_continuation.data.integrity import check_cache_files
     if args.data_dir is None:
         args.data_dir = str(ensure_demo_cache())
     elif not Path(args.data_dir).is_dir():
@@ -219,6 +223,8 @@ def check_data_and_codec(args: argparse.Namespace, parser: argparse.ArgumentPars
         val_set = ContinuationDataset(args.data_dir, "val", args.segment_frames, args.unity_test)
         train_set.check_arrays()     # a broken file is found now, not at the first step of a rank
         val_set.check_arrays()
+        # bytes changed in place (size and mtime kept) are found now, not trained on: CRC-32, once per machine
+        check_cache_files(args.data_dir, train_set.manifest)
     except (CacheError, ValueError) as error:
         parser.error(f"--data_dir: {error}")
     world_size = world_size_of(args)
@@ -252,8 +258,8 @@ RESUME_MUST_MATCH = ("d_model", "num_layers", "num_heads", "dropout", "segment_f
 # Flags that may change on resume: said in one line, recorded in the checkpoint and as an MLflow tag.
 # --epochs keeps the LR schedule of the original run (its length is stored in the checkpoint): added epochs
 # continue at the schedule's final LR, lr/10, so the LR never jumps.
-RESUME_MAY_CHANGE = ("epochs", "data_dir", "num_workers", "compile", "decoder_checkpointing", "log_audio_every",
-                     "musical_every", "beat_tracker")
+RESUME_MAY_CHANGE = ("epochs", "data_dir", "references_dir", "num_workers", "compile", "decoder_checkpointing",
+                     "log_audio_every", "musical_every", "beat_tracker")
 
 
 def resume_changes(saved_args: dict, args: argparse.Namespace, world_size: int) -> tuple[list, dict]:

@@ -366,11 +366,16 @@ def train_one_epoch(ctx: Context, epoch: int) -> dict:
                dynamic_ncols=True, disable=ctx.rank != 0 or not sys.stderr.isatty())
     plain_progress = ctx.rank == 0 and bar.disable
     skipped, lr, started = 0, ctx.optimizer.param_groups[0]["lr"], time.perf_counter()
+    windows = list(ctx.train_sampler)      # this rank's windows in loader order: names a bad batch's examples
     for index, group in enumerate(micro_batch_groups(ctx.train_loader, ctx.args.grad_accum_steps)):
         stop_if_signalled()
         group = [to_device(batch, ctx.device) for batch in group]
-        _test_only_fault_injection(ctx.rank, ctx.global_step, group[0])
         lr = ctx.optimizer.param_groups[0]["lr"]      # the LR this step uses (printed for the epoch's last step)
+        if skip_non_finite_data(ctx, group, windows, index):
+            skipped += 1
+            bar.update()
+            continue
+        _test_only_fault_injection(ctx.rank, ctx.global_step, group[0])     # after the data check: a model fault
         applied, total, components = train_step(ctx.model, ctx.decoder, ctx.normalizer, ctx.loss_fn,
                                                 ctx.optimizer, ctx.scheduler, group, ctx.args.grad_clip,
                                                 ctx.autocast, ctx.args.target_audio, ctx.balancer)
@@ -401,6 +406,49 @@ def train_one_epoch(ctx: Context, epoch: int) -> dict:
     means = reduce_means(sums)
     gradients = ctx.balancer.epoch_figures(all_reduce_sum(gradient_sums))
     return {**means, "gradients": gradients, "learning_rate": lr, "skipped_steps": skipped}
+
+
+def skip_non_finite_data(ctx: Context, group: list, windows: list, step_index: int) -> bool:
+    """Before the model sees the step's batches: True (the step skipped on every rank, the LR schedule advanced)
+    if any rank's latents or audio hold a non-finite value. One all_reduce (MIN of [all finite, first bad rank]) on
+    every rank, every step; the lowest rank with bad data names its examples (track, file, window) in the step's
+    one warning."""
+    finite = torch.stack([finite_examples(batch) for batch in group])          # [accum, B]
+    clean = finite.all()
+    verdict = torch.stack([clean.float(), torch.where(clean, float(ctx.world_size), float(ctx.rank))])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(verdict, op=dist.ReduceOp.MIN)
+    clean_everywhere, reporter = verdict.tolist()
+    if clean_everywhere:
+        return False
+    if int(reporter) == ctx.rank:
+        batch_size = finite.shape[1]
+        first = step_index * len(group) * batch_size
+        bad = [windows[first + position] for position in (~finite).flatten().nonzero().flatten().tolist()]
+        named = "; ".join(ctx.train_set.describe_window(window) for window in bad[:NAMED_BAD_EXAMPLES])
+        more = f" and {len(bad) - NAMED_BAD_EXAMPLES} more" if len(bad) > NAMED_BAD_EXAMPLES else ""
+        warn(f"step {ctx.global_step + 1} skipped on every rank: rank {ctx.rank}'s batch has non-finite latents or "
+             f"audio in {named}{more} (the cache is damaged: python prepare_data.py --verify {ctx.args.data_dir})")
+    ctx.optimizer.zero_grad(set_to_none=True)
+    ctx.scheduler.step()                # the LR is a function of the step, as for a skipped update
+    ctx.global_step += 1
+    return True
+
+
+def finite_examples(batch: dict) -> torch.Tensor:
+    """[B] bool: the example's latents and audio (and decoded references) are all finite."""
+    return torch.stack([torch.isfinite(tensor).flatten(1).all(dim=1) for tensor in batch.values()]).all(dim=0)
+
+
+def check_trained(train: dict, epoch: int, steps: int) -> None:
+    """TrainingError if the epoch trained on nothing (every step skipped) or its training figures are not finite:
+    a result made of nothing is not a result. The figures are reduced: every rank raises together."""
+    if train["skipped_steps"] >= steps:
+        raise TrainingError(f"epoch {epoch}: all {steps} steps were skipped (the warnings above name the data); "
+                            f"nothing was trained")
+    bad = [name for name in METRIC_NAMES if not math.isfinite(train[name])]
+    if bad:
+        raise TrainingError(f"epoch {epoch}: the training figures {', '.join(bad)} are not finite")
 
 
 def reduce_means(sums: torch.Tensor) -> dict:
@@ -498,9 +546,13 @@ def baseline_figures(ctx: Context) -> dict | None:
 
 
 def format_epoch_block(epoch: int, epochs: int, train: dict, val: dict, lr: float) -> str:
+    """The epoch block; a figure that does not exist (no validation result) is 'n/a', never 'nan'."""
+    def figure(value):
+        return f"{value:.4f}" if value is not None and math.isfinite(value) else "n/a"
+
     def line(label, means):
-        parts = ", ".join(f"{component.short}: {means[component.name]:.4f}" for component in LOSSES)
-        return f"  {label:<11} {means['loss']:.4f} ({parts})"
+        parts = ", ".join(f"{component.short}: {figure(means[component.name])}" for component in LOSSES)
+        return f"  {label:<11} {figure(means['loss'])} ({parts})"
     return "\n".join([f"Epoch {epoch}/{epochs}:", line("Train Loss:", train), line("Val Loss:", val),
                       f"  LR: {lr:.2e}"])
 
@@ -586,13 +638,13 @@ def build_loaders(args, rank: int, world_size: int, device: torch.device):
     return train_set, val_set, train_sampler, train_loader, val_loader, list(val_sampler)
 
 
-def attach_references(train_set, val_set, decoder, device) -> None:
+def attach_references(train_set, val_set, decoder, device, references_dir=None) -> None:
     """Build (or check, or resume) the cache's decoded references for these windows on every rank together,
     and have both datasets hand them out (references.py)."""
     from music_continuation.data.references import build_references
     references = build_references(train_set.cache_dir, train_set.manifest, decoder, train_set.codec_fingerprint,
                                   train_set.segment_frames, train_set.stride_frames, device,
-                                  check_stop=stop_if_signalled)
+                                  check_stop=stop_if_signalled, references_dir=references_dir)
     train_set.use_references(references)
     val_set.use_references(references)
 
@@ -613,7 +665,7 @@ def build_context(args, resume_state: dict | None) -> Context:
         listeners = Listeners(codec, args.beat_tracker, device)    # holds the encoder: the Fréchet distance
     del codec
     if args.target_audio == "codec":   # every segment decoded once (collective), then read, never decoded per step
-        attach_references(train_set, val_set, decoder, device)
+        attach_references(train_set, val_set, decoder, device, getattr(args, "references_dir", None))
     torch.manual_seed(args.seed)     # the same init on every rank (DDP also broadcasts rank 0's)
     raw_model = ContinuationTransformer(d_model=args.d_model, num_layers=args.num_layers,
                                         num_heads=args.num_heads, dropout=args.dropout).to(device)
@@ -814,6 +866,7 @@ def run(args, resume_path: str | None = None) -> None:
             seed_everything(args.seed, ctx.rank, epoch)
             started = time.perf_counter()
             train = train_one_epoch(ctx, epoch)
+            check_trained(train, epoch, ctx.steps_per_epoch)
             val, nonfinite = validate(ctx, musical_epoch(args, epoch))
             is_best = progress.record(epoch, train, val)
             if reporter is not None:   # after this epoch's collectives: the others wait for it in the next one

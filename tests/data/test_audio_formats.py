@@ -21,6 +21,7 @@ from music_continuation.codec import HOP_LENGTH, SAMPLE_RATE
 from music_continuation.data import audio_io
 from music_continuation.data import cache as data
 from music_continuation.data import prepare as prepare_data
+from music_continuation.data.journal import read_skipped
 
 SECONDS = 1.6         # exactly 120 latent frames at 24 kHz (see test_prepare_data_reads_a_folder_of_real_encodings)
 MONO_LEVEL = 0.375    # the mean of the channels' amplitudes 0.5 and 0.25
@@ -235,7 +236,7 @@ def test_prepare_data_reads_a_folder_of_real_encodings(tmp_path, capfd):
 
     cache = tmp_path / "cache"
     manifest = prepare_data.prepare(audio_dir, cache, encodec_weights="random", device="cpu", min_seconds=1.0,
-                                    workers=2, progress=False, cache_dtype="float32")
+                                    workers=2, progress=False, cache_dtype="float32", verbose=True)
     good = {path.name for path in audio_dir.iterdir()} - set(skipped)
     assert {track["source"] for track in manifest["tracks"]} == good
     for track in manifest["tracks"]:
@@ -246,9 +247,12 @@ def test_prepare_data_reads_a_folder_of_real_encodings(tmp_path, capfd):
         assert track["frames"] == len(decoded) // HOP_LENGTH == SECONDS * SAMPLE_RATE // HOP_LENGTH
         stored = np.load(data.track_paths(cache, track["id"])[1])
         np.testing.assert_array_equal(stored, decoded[: track["frames"] * HOP_LENGTH])
-    reasons = {entry["source"]: entry["reason"] for entry in manifest["skipped"]}
+    reasons = {entry["source"]: entry["reason"] for entry in read_skipped(cache)}
     assert set(reasons) == set(skipped)
     for name, reason in skipped.items():
         assert reasons[name].startswith(reason), reasons[name]
     lines = capfd.readouterr().err.splitlines()
-    assert sorted(lines) == sorted(f"warning: {audio_dir / name}: {reasons[name]}" for name in skipped)
+    summary = [line for line in lines if line.startswith("skipped ")]
+    assert len(summary) == 1 and summary[0].startswith(f"skipped {len(skipped)} of {len(good) + len(skipped)} files: ")
+    assert sorted(set(lines) - set(summary)) == sorted(f"warning: {audio_dir / name}: {reasons[name]}"
+                                                       for name in skipped)

@@ -25,6 +25,7 @@ from music_continuation.codec import HOP_LENGTH, LATENT_DIM, SAMPLE_RATE
 from music_continuation.data import cache as data
 from music_continuation.data import demo_corpus
 from music_continuation.data import prepare as prepare_data
+from music_continuation.data.journal import read_journal, read_skipped
 
 REPO = Path(__file__).resolve().parents[2]
 MIN_SECONDS = 0.5          # tiny tracks: 0.5 s is one example of 2 x 18 frames
@@ -324,22 +325,38 @@ def test_dataset_errors_are_clear(prepared, tmp_path):
 # --------------------------------------------------------------------------------------- bad input
 
 def test_bad_files_are_skipped_and_reported(prepared):
-    _, _, manifest = prepared
-    reasons = {entry["source"]: entry["reason"] for entry in manifest["skipped"]}
+    _, cache, manifest = prepared
+    reasons = {entry["source"]: entry["reason"] for entry in read_skipped(cache)}
     assert set(reasons) == set(BAD_FILES)
     for name, word in BAD_FILES.items():
         assert word in reasons[name], (name, reasons[name])
         assert "\n" not in reasons[name]
+    assert sum(manifest["skipped_files"].values()) == len(BAD_FILES)
 
 
-def test_no_usable_audio_exits_non_zero(tmp_path, capsys):
-    audio_dir = tmp_path / "bad"
+def test_no_usable_audio_is_one_line_and_training_says_why(tmp_path, capsys):
+    """Nothing usable: one summary line and one error line (each file's reason only with --verbose, and in
+    CACHE/skipped.tsv); the cache is then refused by training with what happened, not with 'resume it'."""
+    audio_dir, cache = tmp_path / "bad", tmp_path / "cache"
     audio_dir.mkdir()
     write_bad_files(audio_dir)
-    code = prepare_data.main(["--audio_dir", str(audio_dir), "--out_dir", str(tmp_path / "cache"),
-                              "--encodec_weights", "random", "--device", "cpu", "--min_seconds", "0.5"])
+    argv = ["--audio_dir", str(audio_dir), "--out_dir", str(cache), "--encodec_weights", "random", "--device",
+            "cpu", "--min_seconds", "0.5"]
+    code = prepare_data.main(argv)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "%|" not in line and line.strip()]
+    assert code != 0 and len(lines) == 2, lines
+    assert lines[0].startswith(f"skipped {len(BAD_FILES)} of {len(BAD_FILES)} files: ")
+    assert lines[0].endswith(f"each file and why: {cache / 'skipped.tsv'}; --verbose names each as it is skipped")
+    assert lines[1].startswith(f"error: --audio_dir {audio_dir}: no usable audio ({len(BAD_FILES)} files found: ")
+    assert {row["source"] for row in read_skipped(cache)} == set(BAD_FILES)
+    with pytest.raises(data.CacheError) as error:
+        data.ContinuationDataset(cache, "train", SEGMENT)
+    assert f"prepare_data.py found no usable audio in {audio_dir}" in str(error.value)
+    assert "resume" not in str(error.value) and "put audio files there" in str(error.value)
+
+    (cache / "skipped.tsv").unlink()       # --verbose: one warning per file, read again (nothing to carry)
+    assert prepare_data.main([*argv, "--verbose"]) != 0
     err = capsys.readouterr().err
-    assert code != 0 and "no usable audio" in err
     for name in BAD_FILES:   # one warning line per file: "PATH: reason"
         assert any(line.startswith(f"warning: {audio_dir / name}: ") for line in err.splitlines()), name
     assert prepare_data.main(["--audio_dir", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "c2"),
@@ -391,7 +408,7 @@ def test_interrupted_run_resumes_and_new_files_are_picked_up(tmp_path, monkeypat
     monkeypatch.setattr(prepare_data, "encode", crash)
     with pytest.raises(KeyboardInterrupt):
         small_prepare(audio_dir, cache)
-    partial = json.loads(data.shard_progress_path(cache, 0, 1).read_text())     # no manifest before the merge
+    partial = read_journal(data.shard_progress_path(cache, 0, 1))     # no manifest before the merge
     assert [t["source"] for t in partial["tracks"]] == ["t0.wav"] and not partial["complete"]
     with pytest.raises(data.CacheError, match="preparation has not finished"):
         data.ContinuationDataset(cache, "train", SEGMENT)
@@ -488,7 +505,7 @@ def test_demo_rhythm_repeats_every_bar_at_the_track_tempo(index):
 
 def test_prepare_demo_makes_a_usable_cache(tmp_path):
     manifest = prepare_data.prepare_demo(tmp_path / "demo", num_tracks=2, seconds=1.0, device="cpu", progress=False)
-    assert manifest["complete"] and len(manifest["tracks"]) == 2 and not manifest["skipped"]
+    assert manifest["complete"] and len(manifest["tracks"]) == 2 and not manifest["skipped_files"]
     assert manifest["encodec_weights"] == "random"
     assert {t["split"] for t in manifest["tracks"]} == {"train", "val"}
     assert all(t["frames"] == 75 for t in manifest["tracks"])
@@ -535,7 +552,7 @@ def test_symlink_loops_and_links_reach_each_real_file_once(tmp_path, capsys):
 
     manifest = small_prepare(audio_dir, tmp_path / "cache")
     assert sorted(t["source"] for t in manifest["tracks"]) == ["a/x.wav", "b/y.wav", "ext/o.wav"]
-    assert manifest["duplicates_skipped"] == len(skipped) and not manifest["skipped"]
+    assert manifest["duplicates_skipped"] == len(skipped) and not manifest["skipped_files"]
     warnings = [line for line in capsys.readouterr().err.splitlines() if "already found" in line]
     assert len(warnings) == 1 and f"skipped {len(skipped)} paths" in warnings[0]
 
@@ -552,7 +569,7 @@ def test_huge_finite_samples_are_skipped_and_statistics_stay_finite(tmp_path, ca
     soundfile.write(audio_dir / "huge_44k.wav", np.full(26_460, 3e38, np.float32), 44_100, subtype="FLOAT")
     manifest = small_prepare(audio_dir, tmp_path / "cache")
     assert [t["source"] for t in manifest["tracks"]] == ["good.wav"]
-    reasons = {entry["source"]: entry["reason"] for entry in manifest["skipped"]}
+    reasons = {entry["source"]: entry["reason"] for entry in read_skipped(tmp_path / "cache")}
     assert set(reasons) == {"huge_mono.wav", "huge_stereo.wav", "huge_44k.wav"}
     assert "latents are not finite" in reasons["huge_mono.wav"]
     assert "infinite samples after mixing the channels" in reasons["huge_stereo.wav"]
@@ -718,7 +735,7 @@ def test_mp3_whose_header_over_promises_stores_what_decodes(reuse_random_codec, 
                                     min_seconds=MIN_SECONDS, workers=2, progress=False, cache_dtype="float32")
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
     assert len(warnings) == 1 and "very_over.mp3: 1.3" in warnings[0] and "header promises 2" in warnings[0]
-    assert not manifest["skipped"]
+    assert not manifest["skipped_files"]
     for name in ("over.mp3", "very_over.mp3"):
         frames = whole_frames(pyav_decode(audio_dir / name).shape[1], MP3_RATE)
         assert whole_frames(soundfile.info(audio_dir / name).frames, MP3_RATE) > frames + 70    # the header lies
@@ -735,12 +752,14 @@ def test_mp3_whose_header_over_promises_stores_what_decodes(reuse_random_codec, 
     manifest = prepare_data.prepare(audio_dir, tmp_path / "cache2", encodec_weights="random", device="cpu",
                                     min_seconds=1.4, workers=2, progress=False)
     assert [t["source"] for t in manifest["tracks"]] == ["over.mp3"]
-    assert manifest["skipped"][0]["reason"].startswith("too short (1.3")
+    assert read_skipped(tmp_path / "cache2")[0]["reason"].startswith("too short (1.3")
 
 
 class UnderPromisingReader:
     """A reader (data.open_audio's) whose header estimate is `fraction` of the real length (0: unknown), as FFmpeg's
-    container durations can be; everything else is the real reader's."""
+    container durations can be; everything else is the real reader's. It has no libsndfile format: a header of
+    WAV, FLAC or AIFF states the exact length, which preparation trusts to skip a short file unread."""
+    format = None
 
     def __init__(self, reader, fraction: float):
         self._reader, self.frames = reader, int(reader.frames * fraction)
@@ -767,7 +786,7 @@ def test_header_that_under_promises_loses_no_audio(reuse_random_codec, tmp_path,
 
     monkeypatch.setattr(prepare_data, "open_audio", under_promising)
     lied = prepare_data.prepare(audio_dir, tmp_path / "lied", **settings)
-    assert not lied["skipped"] and len(lied["tracks"]) == 2
+    assert not lied["skipped_files"] and len(lied["tracks"]) == 2
     for track in truth["tracks"]:
         name = track["source"]
         samples, rate = soundfile.read(audio_dir / name, always_2d=True)
@@ -992,7 +1011,7 @@ def test_latents_beyond_float16_are_refused_in_compact_caches(tmp_path, monkeypa
     with pytest.raises(prepare_data.NoUsableAudioError):
         prepare_data.prepare(audio_dir, tmp_path / "c16", encodec_weights="random", device="cpu",
                              min_seconds=MIN_SECONDS, workers=1, progress=False)
-    reason = data.read_manifest(tmp_path / "c16")["skipped"][0]["reason"]
+    reason = read_skipped(tmp_path / "c16")[0]["reason"]
     assert "beyond float16's 65504" in reason and "--cache_dtype float32" in reason
     manifest = prepare_data.prepare(audio_dir, tmp_path / "c32", encodec_weights="random", device="cpu",
                                     min_seconds=MIN_SECONDS, workers=1, progress=False, cache_dtype="float32")

@@ -20,6 +20,7 @@ import soundfile
 from music_continuation.codec import SAMPLE_RATE
 from music_continuation.data import cache as data
 from music_continuation.data import prepare as prepare_data
+from music_continuation.data.journal import read_journal
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("reuse_random_codec")    # conftest: one random codec
@@ -114,7 +115,7 @@ def test_a_full_disk_stops_the_run_and_the_resume_equals_a_clean_run(tmp_path, t
     code, lines = run_main(base_argv(audio_dir, cache), capsys)
     assert code != 0 and len(lines) == 1, lines
     assert lines[0].startswith(f"error: cannot write {cache}/") and lines[0].endswith(f": {NO_SPACE}")
-    progress = json.loads(data.shard_progress_path(cache, 0, 1).read_text())
+    progress = read_journal(data.shard_progress_path(cache, 0, 1))
     assert not progress["complete"] and not progress["skipped"] and 1 <= len(progress["tracks"]) < 3
     done = tuple(track["id"] for track in progress["tracks"])
     assert {name: body for name, body in files_of(cache).items() if name.startswith(done)} == \
@@ -149,7 +150,7 @@ def test_a_disk_full_while_the_manifest_is_written(tmp_path, tmpfs, monkeypatch,
     monkeypatch.setattr(prepare_data, "_finish", finish_and_fill)
     manifest = data.manifest_path(cache)
     assert run_main(base_argv(audio_dir, cache), capsys) == (2, [f"error: cannot write {manifest}: {NO_SPACE}"])
-    assert json.loads(data.shard_progress_path(cache, 0, 1).read_text())["complete"]
+    assert read_journal(data.shard_progress_path(cache, 0, 1))["complete"]
     assert [path.name for path in cache.iterdir() if path.name.startswith(".")] == []
     (disk / "filler").unlink()
     monkeypatch.setattr(prepare_data, "_finish", finish)
@@ -186,7 +187,7 @@ def test_unreadable_audio_dir_is_one_line(tmp_path):
     for folder in (locked, audio_dir / "private"):
         soundfile.write(folder / "x.wav", sine(500, 0.6), SAMPLE_RATE)
         folder.chmod(0)
-    script = ("import json, sys, prepare_data; "
+    script = ("import json, sys; from music_continuation.data import prepare as prepare_data; "
               "print(json.dumps([prepare_data.main(json.loads(a)) for a in sys.argv[1:]]))")
     flags = ["--encodec_weights", "random", "--device", "cpu", "--min_seconds", str(MIN_SECONDS)]
     runs = [["--audio_dir", str(locked), "--out_dir", str(tmp_path / "c1"), *flags],

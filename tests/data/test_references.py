@@ -7,7 +7,10 @@ without stored references.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -154,3 +157,83 @@ def test_prepare_data_decodes_references_of_an_existing_cache(cache, capsys):
     manifest = read_manifest(cache)
     assert references.open_references(cache, manifest, manifest["codec_fingerprint"], SEGMENT) is not None
     assert "complete" in capsys.readouterr().err
+
+
+@pytest.fixture
+def read_only(cache, tmp_path):
+    """The cache seen through a read-only bind mount at tmp_path/ro (as root, as CI runs; elsewhere chmod -R a-w,
+    which root would ignore)."""
+    view = tmp_path / "ro"
+    view.mkdir()
+    if os.geteuid() == 0 and shutil.which("mount"):
+        subprocess.run(["mount", "--bind", str(cache), str(view)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True)
+        yield view
+        subprocess.run(["umount", str(view)], check=False)
+        return
+    if os.geteuid() == 0:
+        pytest.skip("needs mount(8) to make a read-only view as root (root ignores chmod)")
+    view.rmdir()
+    shutil.copytree(cache, view)
+    for path in [view, *view.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~0o222)
+    yield view
+    for path in [view, *view.rglob("*")]:
+        path.chmod(path.stat().st_mode | 0o200)
+
+
+def test_a_read_only_cache_gets_its_references_in_the_user_folder(read_only, decoder, tmp_path, user_cache, capsys):
+    manifest = read_manifest(read_only)
+    fingerprint = manifest["codec_fingerprint"]
+    stored = build(read_only, decoder)
+    root = references.user_root(read_only, manifest, fingerprint)
+    assert root.parent == user_cache / "references" and root.name.startswith("ro-")
+    assert stored.folder == references.set_dir(read_only, SEGMENT, SEGMENT, root)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines[0] == (f"references: {read_only} cannot be written; the decoded references go to {root} "
+                        f"(--references_dir puts them elsewhere)")
+    assert not (read_only / references.REFERENCES_DIR).exists()
+    build(read_only, decoder)                                  # found complete: nothing decoded again
+    assert "decoding" not in capsys.readouterr().err
+    found = references.find_references(read_only, manifest, fingerprint, SEGMENT)     # what evaluate.py reads
+    assert found is not None and found.folder == stored.folder
+
+    moved = tmp_path / "elsewhere"                             # --references_dir: used where it is, not rebuilt
+    shutil.move(root, moved)
+    assert build(read_only, decoder, references_dir=moved).folder == moved / f"T{SEGMENT}-S{SEGMENT}"
+    assert capsys.readouterr().err == ""
+    assert references.find_references(read_only, manifest, fingerprint, SEGMENT, references_dir=moved) is not None
+    assert references.find_references(read_only, manifest, fingerprint, SEGMENT) is None       # nowhere else
+
+
+BUILD_SCRIPT = """
+import sys, time
+from music_continuation.codec import FrozenDecoder, load_codec
+from music_continuation.data import references
+from music_continuation.data.cache import read_manifest
+cache, folder = sys.argv[1], sys.argv[2]
+decoder = FrozenDecoder(load_codec("random"))
+def slow(latents):
+    time.sleep(0.3)
+    return decoder(latents)
+manifest = read_manifest(cache)
+print("ready", file=sys.stderr, flush=True)
+references.build_references(cache, manifest, slow, manifest["codec_fingerprint"], 8, progress=False,
+                            references_dir=folder)
+"""
+
+
+@pytest.mark.slow       # two interpreters that each load torch and a codec (~20 s on 2 busy cores)
+def test_two_runs_sharing_a_references_folder_build_it_once(cache, tmp_path):
+    folder = tmp_path / "shared_references"
+    first = subprocess.Popen([sys.executable, "-c", BUILD_SCRIPT, str(cache), str(folder)], stderr=subprocess.PIPE,
+                             text=True)
+    assert first.stderr.readline().strip() == "ready"
+    assert first.stderr.readline().startswith("references: decoding ")            # it holds the lock now
+    second = subprocess.run([sys.executable, "-c", BUILD_SCRIPT, str(cache), str(folder)], capture_output=True,
+                            text=True, timeout=300)
+    rest = first.communicate(timeout=300)[1]
+    assert first.returncode == 0 and second.returncode == 0, (rest, second.stderr)
+    said = second.stderr.splitlines()
+    assert said == ["ready", f"references: another run is building {folder / 'T8-S8'}; waiting for it"], said
+    assert rest.strip().endswith("complete")

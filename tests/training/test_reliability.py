@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from music_continuation.data.cache import read_manifest, track_paths
+from music_continuation.data.integrity import check_cache_files
 from music_continuation.training import launcher as train_simple_ddp
 from music_continuation.training import worker as train_simple_worker
 from music_continuation.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -62,11 +63,16 @@ def test_every_flag_at_its_default_except_sizes_trains_on_finite_losses(tiny_cac
 
 def test_non_finite_validation_names_the_examples_and_fails_the_run(tiny_cache, tmp_path):
     cache = copy_cache(tiny_cache, tmp_path)
-    val_track = next(t for t in read_manifest(cache)["tracks"] if t["split"] == "val")
-    latents = np.load(track_paths(cache, val_track["id"])[0], mmap_mode="r+")
+    manifest = read_manifest(cache)
+    check_cache_files(cache, manifest, progress=False)   # verified on this machine, then damaged in place
+    val_track = next(t for t in manifest["tracks"] if t["split"] == "val")
+    path = track_paths(cache, val_track["id"])[0]
+    stat = path.stat()
+    latents = np.load(path, mmap_mode="r+")
     latents[3, 20] = np.nan                   # frame 20: inside the window that starts at frame 16
     latents.flush()
     del latents
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))    # size and mtime kept: the start-up check trusts it
     result = run_launcher(["--data_dir", cache, "--nproc", 2, "--batch_size", 2, "--epochs", 2,
                            "--checkpoint_dir", tmp_path / "ck", "--mlflow_tracking_uri", sqlite_uri(tmp_path)] + TINY,
                           cwd=tmp_path)

@@ -42,7 +42,7 @@ METRICS = (("train_loss", "val_loss", "learning_rate", "val_latent_mse", "val_le
             "train_grad_norm_rms_target", "train_grad_share_rms_target")     # the default weights train rms_target
            + tuple(f"{split}_{c.name}" for split in ("train", "val") for c in LOSSES))
 BASELINE_METRICS = tuple(f"val_baseline_{name}_loss" for name in ("silence", "repeat", "oracle"))
-NUMBER = r"(-?[0-9.]+(?:e[-+][0-9]+)?|nan)"
+NUMBER = r"(-?[0-9.]+(?:e[-+][0-9]+)?|n/a)"       # n/a: a figure that does not exist (no validation)
 PARTS = rf"{NUMBER} \(" + ", ".join(rf"{c.short}: {NUMBER}" for c in LOSSES) + r"\)"
 EPOCH_BLOCK = re.compile(rf"^Epoch (\d+)/(\d+):\n  Train Loss: {PARTS}\n  Val Loss:   {PARTS}\n  LR: {NUMBER}$",
                          re.MULTILINE)
@@ -82,7 +82,7 @@ def epoch_blocks(stdout: str) -> dict[int, dict]:
     """{epoch: {"train": [total, rms_in, rms_tgt, spec, mel], "val": [...], "lr": float}} from the printed blocks."""
     blocks = {}
     for match in EPOCH_BLOCK.finditer(stdout):
-        values = [float(v) for v in match.groups()[2:]]
+        values = [math.nan if v == "n/a" else float(v) for v in match.groups()[2:]]
         blocks[int(match.group(1))] = {"train": values[0:5], "val": values[5:10], "lr": values[10]}
     return blocks
 
