@@ -461,7 +461,7 @@ def test_cache_from_another_codec_is_refused_and_kept(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_random_codec_is_identical_across_processes(prepared, random_codec):
-    script = "import codec; print(codec.codec_fingerprint(codec.load_codec('random')))"
+    script = "from music_continuation import codec; print(codec.codec_fingerprint(codec.load_codec('random')))"
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONHASHSEED": "123"})
     other_process = result.stdout.strip().splitlines()[-1]
