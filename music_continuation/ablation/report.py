@@ -13,11 +13,10 @@ import math
 import statistics
 from pathlib import Path
 
-BASELINES = ("silence", "repeat", "oracle")   # = evaluation.BASELINES (not imported: it loads torch; a test pins it)
+from music_continuation.settings import BASELINES, LOSS_COMPONENTS  # the share columns follow LOSS_COMPONENTS
+
 HIGHER_IS_BETTER = {"rhythm", "chroma"}  # 'level' is best at 1; everything else is an error (lower is better)
 GRAD_SHARE_PREFIX = "train_grad_share_"  # the launcher's per-epoch metric: a component's share of the gradient
-# losses.LOSS_COMPONENTS (not imported: it loads torch); the share columns' order, and their names when no run has any
-LOSS_COMPONENTS = ("rms_input", "rms_target", "spectral", "mel")
 
 
 

@@ -73,7 +73,16 @@ from music_continuation.data.cache import (
     track_paths,
     track_stats_path,
 )
-from music_continuation.utils import TEMPORARY_NAME, atomic_path, missing_keys, one_line, run_command
+from music_continuation.utils import (
+    TEMPORARY_NAME,
+    UserError,
+    atomic_path,
+    missing_keys,
+    one_line,
+    run_command,
+    warn,
+    write_json,
+)
 
 # Files an audio folder holds besides music, skipped by name without being read; every other file is decided
 # by its content (audio_io.open_audio), so a track with a wrong extension or none is still found.
@@ -97,11 +106,11 @@ CHECKSUM_CHUNK = 1 << 20     # bytes read at a time to checksum a cache file
 MERGE_LOCK = "merge.lock"    # in CACHE/shards: held to start a shard's progress and to merge
 
 
-class NoUsableAudioError(ValueError):
+class NoUsableAudioError(UserError, ValueError):
     """The audio folder has nothing that can be used (message names the folder)."""
 
 
-class CacheWriteError(OSError):
+class CacheWriteError(UserError, OSError):
     """Writing into the cache failed (a full disk, a read-only mount, ...): a fault of the run, never of an audio
     file. The message is one line: 'cannot write PATH: reason'."""
 
@@ -162,7 +171,7 @@ def _real_tree(audio_dir: Path, exclude: Path | None) -> tuple[dict, dict]:
 
 
 def _unreadable_folder(error: OSError) -> None:
-    _warn(f"cannot read {error.filename}: {error.strerror}; the files in it are skipped")
+    warn(f"cannot read {error.filename}: {error.strerror}; the files in it are skipped")
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -270,8 +279,8 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 
 def write_json_atomic(path: Path, content: dict) -> None:
-    with writing(path), atomic_path(path) as tmp_path:
-        tmp_path.write_text(json.dumps(content, indent=1))
+    with writing(path):
+        write_json(path, content)
 
 
 def write_manifest_atomic(cache_dir: Path, manifest: dict) -> None:
@@ -601,10 +610,6 @@ def _check_source(path: Path) -> None:
         raise AudioLoadError(f"{path}: empty file (0 bytes)")
 
 
-def _warn(message: str) -> None:
-    tqdm.write(f"warning: {message}", file=sys.stderr)
-
-
 def default_workers(device: torch.device) -> int:
     """One encoding thread per usable core on CPU; on a GPU two (one reads the next file meanwhile)."""
     return len(os.sched_getaffinity(0)) if device.type == "cpu" else 2
@@ -652,12 +657,12 @@ def prepare(audio_dir, out_dir, encodec_weights: str = "pretrained", val_fractio
                             f"(it holds {lock}); wait for it to finish"):
         stale = remove_stale_temporaries(out_dir, shard)
         if stale:
-            _warn(f"{out_dir}: deleted {stale} temporary files left by an interrupted run")
+            warn(f"{out_dir}: deleted {stale} temporary files left by an interrupted run")
         device = torch.device(device or default_device())
         workers = workers or default_workers(device)
         files, duplicates = find_files(audio_dir, exclude=out_dir)
         if duplicates:
-            _warn(f"{audio_dir}: skipped {duplicates} paths leading to a folder or file already found "
+            warn(f"{audio_dir}: skipped {duplicates} paths leading to a folder or file already found "
                   f"(symbolic links, hard links or link loops); each real file is encoded once")
         codec = load_codec(encodec_weights, device)
         record = _new_manifest(audio_dir, codec_fingerprint(codec), encodec_weights, cache_dtype)
@@ -786,7 +791,7 @@ def _done_and_todo(paths: list[Path], previous: dict, relative: dict, out_dir: P
         if problem is None:
             done.append(track)
         else:
-            _warn(f"{problem}; re-encoding {relative[path]}")
+            warn(f"{problem}; re-encoding {relative[path]}")
             todo.append(path)
     return done, todo
 
@@ -812,7 +817,7 @@ def _encode_all(todo: list, job, relative: dict, record: dict, out_dir: Path, wo
                 raise
             except (AudioLoadError, OSError) as error:
                 reason = str(error).removeprefix(f"{path}: ")
-                _warn(f"{path}: {reason}")
+                warn(f"{path}: {reason}")
                 record["skipped"].append({"source": source, "reason": reason})
                 for stale_file in _track_files(out_dir, track_id_for(source)).values():
                     stale_file.unlink(missing_ok=True)                   # of an earlier version of the file
@@ -938,7 +943,7 @@ def _check_promised_length(handle, frames: int, path: Path) -> None:
     if handle.frames > 0:
         promised = resampled_length(handle.frames, handle.samplerate) // HOP_LENGTH
         if promised - frames >= BLOCK_FRAMES:
-            _warn(f"{path}: {frames / FRAME_RATE:.2f} s of audio decoded, its header promises "
+            warn(f"{path}: {frames / FRAME_RATE:.2f} s of audio decoded, its header promises "
                   f"{promised / FRAME_RATE:.2f} s (truncated?); stored what decoded")
 
 
@@ -1079,7 +1084,7 @@ def _discard_if_stale(out_dir: Path, fingerprint: str) -> None:
         reason = f"stored as {cache_dtype(manifest, out_dir)}, not {DEFAULT_CACHE_DTYPE}"
     else:
         return
-    _warn(f"{out_dir}: the demo cache was {reason}; re-encoding it")
+    warn(f"{out_dir}: the demo cache was {reason}; re-encoding it")
     manifest_path(out_dir).unlink()
     for path in [*(out_dir / TRACKS_DIR).glob("*.npy"), *pending_shards(out_dir)]:
         path.unlink()

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from music_continuation.codec import HOP_LENGTH, LATENT_DIM, SAMPLE_RATE
 from music_continuation.data.cache import CACHE_DTYPES, MAX_OPEN_TRACKS, CacheError, cache_dtype, track_paths
-from music_continuation.utils import TEMPORARY_NAME, atomic_path
+from music_continuation.utils import TEMPORARY_NAME, atomic_path, write_json
 
 REFERENCES_DIR = "references"
 SET_NAME = "set.json"
@@ -89,8 +89,7 @@ def _read_set(folder: Path) -> dict | None:
 
 
 def _write_set(folder: Path, content: dict) -> None:
-    with atomic_path(folder / SET_NAME) as tmp:
-        tmp.write_text(json.dumps(content, indent=1) + "\n")
+    write_json(folder / SET_NAME, content)
 
 
 def _track_file(folder: Path, track_id: str) -> Path:

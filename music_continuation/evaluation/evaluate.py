@@ -13,14 +13,13 @@ Exit status 0, or 2 with one line `error: ...` when a flag, the checkpoint, the 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 from music_continuation.evaluation.scoring import TARGET_AUDIO_CHOICES, evaluate_checkpoint, format_table
-from music_continuation.utils import OneLineParser, atomic_path, one_line, run_command
+from music_continuation.utils import OneLineParser, one_line, run_command, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,12 +48,6 @@ def check_flags(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--device {args.device}: {one_line(error)}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine")
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp_path:
-        tmp_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def run(args) -> int:

@@ -46,9 +46,10 @@ import torch
 
 from music_continuation.evaluation.listening_metrics import listening_metrics
 from music_continuation.losses.audio import LOSS_COMPONENTS, CombinedLoss, check_weights
+from music_continuation.settings import BASELINES
+from music_continuation.utils import UserError
 
 TARGET_AUDIO_CHOICES = ("auto", "original", "codec")
-BASELINES = ("silence", "repeat", "oracle")
 SCORE_NAMES = ("loss", "rms_input", "rms_target", "spectral", "mel", "latent_mse", "level", "rhythm", "chroma")
 SKILL_NAMES = ("loss", "rms_input", "rms_target", "spectral", "mel", "latent_mse", "rhythm", "chroma")
 LOSS_FIGURES = ("loss",) + LOSS_COMPONENTS
@@ -57,7 +58,7 @@ SUM_FIELDS = ("examples", "loss", "rms_input", "rms_target", "spectral", "mel", 
               "latent_examples", "latent_mse", "musical_examples", "rhythm", "chroma")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
     """A figure cannot be computed (non-finite values, nothing to evaluate); the message is one line."""
 
 
