@@ -53,7 +53,7 @@ def set_dir(cache_dir, segment_frames: int, stride_frames: int) -> Path:
 
 def segment_starts(frames: int, segment_frames: int, stride_frames: int) -> np.ndarray:
     """First frames of the segments a track of `frames` frames needs: the inputs (k * S) and targets (k * S + T)
-    of its windows k * S + 2T <= frames (data.ContinuationDataset's grid), sorted, each once. With S = T
+    of its windows k * S + 2T <= frames (cache.ContinuationDataset's grid), sorted, each once. With S = T
     these are 0, T, 2T, ... (frames // T segments): every segment serves two windows."""
     span = 2 * segment_frames
     if frames < span:

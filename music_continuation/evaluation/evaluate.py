@@ -6,7 +6,7 @@
 Windows are evenly spaced over the split (first and last included; all of them without --max_windows),
 the same for every checkpoint on the same cache and segment length. Prints a table (rows model,
 silence, repeat, oracle, skill; columns evaluation.SCORE_NAMES) and with --out writes the same figures
-as JSON. Figures and baselines are defined in evaluation.py.
+as JSON. Figures and baselines are defined in scoring.py.
 
 Exit status 0, or 2 with one line `error: ...` when a flag, the checkpoint, the codec or the cache is unusable.
 """

@@ -33,7 +33,7 @@ the track's end), for a file when it holds at least one segment after the contex
 (per example and mean), OUT_DIR/index.html (the listening page, listening_page.py) and, with --blind,
 OUT_DIR/blind_key.json (which of A/B is the model) plus A.wav / B.wav / spectrogram_ab.png per example.
 
-Metrics are evaluation.py's figures (evaluation.SCORE_NAMES, one definition for validation,
+Metrics are scoring.py's figures (scoring.SCORE_NAMES, one definition for validation,
 evaluate.py and this page), computed on the FIRST predicted segment: the continuation's first
 segment_frames * 320 samples against the target's first segment and the context (an autoregressive
 run is scored on that first window too):
@@ -567,7 +567,7 @@ def write_reports(out_dir: Path, args, state: dict, entries: list, failures: lis
     write_json(out_dir / "metrics.json", {
         "settings": settings,
         "metrics_on": "first predicted segment against the target's first segment (rms_input: the context); "
-                      "baselines silence / repeat / oracle scored the same way (inference_sample.py docstring)",
+                      "baselines silence / repeat / oracle scored the same way (music_continuation/evaluation/inference.py docstring)",
         "examples": [{"name": e.name, "source": e.source, "files": files, "player_gain": e.player_gain,
                       "metrics": e.metrics, "baselines": e.baselines} for e, files in entries],
         "mean": means, "mean_baselines": mean_baselines, "failed": failures, "timing": timing})

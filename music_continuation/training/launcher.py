@@ -377,7 +377,7 @@ def main(argv=None) -> int:
     nproc = resolve_nproc(args)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
                       LOCAL_WORLD_SIZE=str(nproc))
-    # Ranks leave with os._exit (train_simple_worker.leave), so the semaphores of their DataLoader queues
+    # Ranks leave with os._exit (worker.leave), so the semaphores of their DataLoader queues
     # are freed by multiprocessing's resource tracker, which would warn about each: it inherits this -W.
     sys.warnoptions.append("ignore:resource_tracker:UserWarning")
     become_subreaper()

@@ -1,4 +1,4 @@
-"""Gradient shares and the loss balancer (balancer.py, issue 19).
+"""Gradient shares and the loss balancer (music_continuation/losses/balancer.py).
 
 References: EnCodec's own check of the formula (by hand), autograd through the whole graph for the per-
 component gradients at the output audio, a plain backward of the weighted sum for the unbalanced update,

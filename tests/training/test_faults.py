@@ -1,4 +1,4 @@
-"""Faults a user meets around a training run (issue 17, items 2-6): every one ends in one line that says what
+"""Faults a user meets around a training run: every one ends in one line that says what
 happened, with a non-zero exit, and leaves no process behind.
 
 One run per checkpoint folder (a lock) and per new sqlite MLflow store at once; a lost peer under torchrun;

@@ -190,7 +190,7 @@ def test_resume_of_a_finished_run_needs_more_epochs(two_epoch_run, capsys):
 
 # ------------------------------------------------------------------------------- errors inside ranks
 
-# A truncated or missing cache file is now found at start, before any rank runs: tests/training/test_faults.py
+# A truncated or missing cache file is found at start, before any rank runs: tests/training/test_faults.py
 # (test_a_broken_cache_file_is_one_line_at_start); a failure inside a rank: test_faults' orphan trial.
 
 
