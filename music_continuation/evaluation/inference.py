@@ -567,7 +567,8 @@ def write_reports(out_dir: Path, args, state: dict, entries: list, failures: lis
     write_json(out_dir / "metrics.json", {
         "settings": settings,
         "metrics_on": "first predicted segment against the target's first segment (rms_input: the context); "
-                      "baselines silence / repeat / oracle scored the same way (music_continuation/evaluation/inference.py docstring)",
+                      "baselines silence / repeat / oracle scored the same way "
+                      "(music_continuation/evaluation/inference.py docstring)",
         "examples": [{"name": e.name, "source": e.source, "files": files, "player_gain": e.player_gain,
                       "metrics": e.metrics, "baselines": e.baselines} for e, files in entries],
         "mean": means, "mean_baselines": mean_baselines, "failed": failures, "timing": timing})

@@ -70,7 +70,8 @@ METRICS_NOTE = (
     "<code>level</code> (RMS of the output / RMS of the target), <code>rhythm</code> (onset-envelope "
     "correlation) and <code>chroma</code> (concordance of pitch-class profiles: about 0 for noise or another "
     "key, 1 for the same). &darr; lower is better, &uarr; higher is better, &rarr;1 closest to 1 is best; "
-    "definitions in music_continuation/evaluation/listening_metrics.py and scoring.py. Each figure is shown beside three baselines scored "
+    "definitions in music_continuation/evaluation/listening_metrics.py and scoring.py. Each figure is shown "
+    "beside three baselines scored "
     "the same way: <b>silence</b> (zeros), <b>repeat</b> (the context's latents decoded as its own "
     "continuation) and <b>oracle</b> (the true next window's latents decoded: the best a latent prediction can "
     "do through this codec). A model worse than repeat on a figure has not learnt it.")

@@ -214,8 +214,8 @@ def test_what_is_not_audio_fails_in_one_line_and_quietly(tmp_path, capfd):
 # ------------------------------------------------------------------------------------------ preparing
 
 def test_prepare_data_reads_a_folder_of_real_encodings(tmp_path, capfd):
-    """The real path: every encoding above is prepared (.opus read by its content, not refused by its name; AAC in a file
-    named .mp3 or with no extension found by its content), stored exactly as load_audio decodes it; each file
+    """The real path: every encoding above is prepared (.opus read by its content, not refused by its name; AAC in a
+    file named .mp3 or with no extension found by its content), stored exactly as load_audio decodes it; each file
     that is not audio is skipped with one warning line (a named pipe without being opened), and nothing else
     is printed."""
     audio_dir = tmp_path / "music"
