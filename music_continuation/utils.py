@@ -124,11 +124,11 @@ def missing_keys(mapping, required: tuple) -> list:
 
 
 def warn(message: str) -> None:
-    """One 'warning: ...' line on stderr, flushed at once (other ranks write there too). Where tqdm is in use,
-    through tqdm.write, which clears a progress bar and redraws it below the line."""
+    """One 'warning: ...' line on stderr, flushed at once (other ranks write there too). While a tqdm progress
+    bar is open, through tqdm.write, which clears the bar and redraws it below the line."""
     line = f"warning: {message}"
     tqdm = sys.modules.get("tqdm")
-    if tqdm is not None:
+    if tqdm is not None and getattr(tqdm.tqdm, "_instances", None):
         tqdm.tqdm.write(line, file=sys.stderr)
     else:
         print(line, file=sys.stderr)

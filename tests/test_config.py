@@ -165,6 +165,7 @@ def test_grid_cells_name_presets_and_their_flags_win(tmp_path):
     ({"name": "a", "config": "nothing"}, "no such file, and no preset of that name"),
     ({"name": "a", "config": "seeded.yaml"}, "--seed cannot be set per cell"),
     ({"name": "a", "config": 3}, "\"config\" must be a preset name or a file name"),
+    ({"name": "a", "flags": {"config": "balanced"}}, "name a preset as the cell's \"config\", not among its"),
 ])
 def test_a_bad_cell_config_is_one_line(cell, expected, tmp_path):
     (tmp_path / "seeded.yaml").write_text("seed: 1\n")

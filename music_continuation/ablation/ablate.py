@@ -5,12 +5,15 @@
     python ablate.py ... --report_only        # evaluate what exists and (re)write the report
 
 Every flag ablate.py does not know is a launcher flag and goes to every cell (--epochs, --nproc, model sizes,
---mlflow_tracking_uri ...). Each cell x seed is one run of train_simple_ddp.py (a subprocess, one after the
-other) with --seed k and --checkpoint_dir OUT_DIR/<cell>/seed<k>. As in AudioCraft's Dora grids, a run's
-identity is a hash of its effective settings: a cell whose MLflow child run FINISHED with the same hash is
-skipped, an interrupted one continues with --resume auto, and the MLflow parent run of the study is found
-again by a tag (the resolved OUT_DIR + the hash of the grid and the shared settings), so re-running the
-same command finishes the study without repeating anything.
+--mlflow_tracking_uri ...); --config FILE sets ablate.py's flags and these from a YAML or JSON file, and a grid
+cell may name a preset ("config": "balanced"). What a flag may do in a study is its role in settings.FLAG_ROLES.
+
+Each cell x seed is one run of train_simple_ddp.py (a subprocess, one after the other) with --seed k and
+--checkpoint_dir OUT_DIR/<cell>/seed<k>. As in AudioCraft's Dora grids, a run's identity is a hash of its
+effective settings: a cell whose MLflow child run FINISHED with the same hash is skipped, an interrupted one
+continues with --resume auto, and the MLflow parent run of the study is found again by a tag (the resolved
+OUT_DIR + the hash of the grid and the shared settings), so re-running the same command finishes the study
+without repeating anything.
 
 MLflow: one parent run per study (params: the grid, the shared flags, the git commit; artifacts: the
 report), one child run per cell x seed (mlflow.parentRunId, tags ablation_cell / ablation_seed /
@@ -239,6 +242,9 @@ def load_grid(path: str | None) -> list[dict]:
         tokens = []
         for flag, value in flags.items():
             dest = flag[2:] if flag.startswith("--") else flag
+            if dest == "config":      # read here, so that the cell's identity holds what the file sets
+                raise AblateError(f"{where}: cell {name!r}: name a preset as the cell's \"config\", not among "
+                                  f"its \"flags\"")
             if dest in RESERVED or dest in STUDY_ONLY:
                 raise AblateError(f"{where}: cell {name!r}: --{dest} cannot be set per cell "
                                   f"({RESERVED.get(dest) or 'it is one setting for the whole study'})")
@@ -477,6 +483,7 @@ def prepare(argv) -> dict:
         except ConfigError as error:
             raise AblateError(str(error)) from None
         apply_defaults(parser, own)
+        from_config = {flag: value for flag, value in from_config.items() if value is not None}  # None: the default
         for flag in from_config:
             if flag in RESERVED:
                 raise AblateError(f"--config {name}: {flag}: cannot be given to ablate.py: {RESERVED[flag]}")

@@ -461,6 +461,14 @@ def test_two_process_run_prints_epoch_blocks_and_logs_to_mlflow(reference_run, m
     assert {f"samples/epoch_0002/example0_{kind}.wav" for kind in ("input", "output", "target")} <= artifacts
     assert "samples/epoch_0002/example0_spectrogram.png" in artifacts
     assert not client.list_artifacts(run_id, "samples/epoch_0001")          # --log_audio_every 2
+    # the resolved settings: an artifact, the same file in the checkpoint folder, and the checkpoint's args
+    import yaml
+    local = reference_run["checkpoints"] / "settings.yaml"
+    saved = yaml.safe_load(local.read_text())
+    assert saved["nproc"] == 2 and saved["d_model"] == 32 and saved["loss_weight_target"] == 1.0
+    assert yaml.safe_load(open(client.download_artifacts(run_id, "settings.yaml", str(local.parent.parent)))) == saved
+    args = load_checkpoint(reference_run["checkpoints"] / "latest.pt")["args"]
+    assert {flag: args[flag] for flag in saved} == saved
     best = load_checkpoint(reference_run["checkpoints"] / "best.pt")
     assert best["val_loss"] == best["best_val_loss"] == min(b["val"][0] for b in blocks.values()) or \
         abs(best["val_loss"] - min(b["val"][0] for b in blocks.values())) < 1e-4
