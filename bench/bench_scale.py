@@ -38,6 +38,7 @@ import torch
 
 from music_continuation.data import cache as data
 from music_continuation.data import demo_corpus
+from music_continuation.utils import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,7 +155,7 @@ def simulated_manifest(cache: Path, out: Path, tracks: int) -> None:
             os.link(source, target)
         entries.append({**real, "id": track_id, "source": f"sim/{number}.wav", "split": "train"})
     manifest.update(tracks=entries, audio_dir=str(out / "none"))
-    (out / data.MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    write_json(out / data.MANIFEST_NAME, manifest)
 
 
 def bench_manifest(args, cache: Path, work: Path) -> None:

@@ -1,8 +1,9 @@
-"""Repeat two faults of a training run and count the trials that end correctly (issue 17, items 3 and 4).
+"""Repeat two faults of a training run and count the trials that end correctly.
 
     python bench/fault_trials.py --data_dir CACHE [--trials 5] [--which torchrun,orphans] [--work DIR]
 
-torchrun: `torchrun --standalone --nproc_per_node 2 train_simple_ddp.py ...`, kill -9 of rank 1 once latest.pt
+Both run the launcher through tests/fault_launcher.py, which slows the steps or fails a rank (TEST_FAULTS).
+torchrun: `torchrun --standalone --nproc_per_node 2 tests/fault_launcher.py ...`, kill -9 of rank 1 once latest.pt
     holds epoch 2. Correct: exit non-zero; exactly one `error:` line, which names rank 1 as lost and names
     latest.pt with the epoch it holds; no traceback through this project's code, no DataLoader / gloo /
     sqlalchemy noise (torchrun's own report may follow).
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+FAULT_LAUNCHER = ROOT / "tests" / "fault_launcher.py"     # the launcher with faults injected (TEST_FAULTS)
 
 TINY = ["--segment_frames", "8", "--d_model", "32", "--num_layers", "1", "--num_heads", "2", "--warmup_steps", "2",
         "--lr", "1e-3", "--log_audio_every", "0", "--batch_size", "2", "--num_workers", "2"]
@@ -30,10 +32,15 @@ NOISE = ("Traceback", "DataLoader worker", "Connection reset", "sqlalchemy", "Ex
 TIMEOUT = 600.0
 
 
-def environment(**extra) -> dict:
+def environment(faults: str | None = None) -> dict:
+    """This process's environment without a rendezvous or tracking URI of its own; with `faults`, what
+    tests/fault_launcher.py reads (TEST_FAULTS), and the checkout on PYTHONPATH for it."""
     env = {key: value for key, value in os.environ.items()
            if key not in ("MLFLOW_TRACKING_URI", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return {**env, **extra}
+    if faults is not None:
+        paths = [str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env.update(TEST_FAULTS=faults, PYTHONPATH=os.pathsep.join(paths))
+    return env
 
 
 def proc_stat(pid) -> list[str]:
@@ -84,9 +91,9 @@ def own_lines(stderr: str) -> str:
 def torchrun_kill_trial(data_dir: str, work: Path, kill_after_epoch: int = 2) -> tuple[bool, str]:
     folder = work / "ck"
     command = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "train_simple_ddp.py"), "--data_dir", data_dir, "--epochs", "50",
+               str(FAULT_LAUNCHER), "--data_dir", data_dir, "--epochs", "50",
                "--checkpoint_dir", str(folder), "--mlflow_tracking_uri", f"sqlite:///{work / 'mlflow.db'}"] + TINY
-    agent = subprocess.Popen(command, cwd=work, env=environment(TRAIN_SIMPLE_TEST_SLOW="0.1"),
+    agent = subprocess.Popen(command, cwd=work, env=environment("slow=0.1"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -121,10 +128,10 @@ def torchrun_kill_trial(data_dir: str, work: Path, kill_after_epoch: int = 2) ->
 
 
 def orphan_trial(data_dir: str, work: Path, fail_step: int = 0) -> tuple[bool, str]:
-    command = [sys.executable, str(ROOT / "train_simple_ddp.py"), "--data_dir", data_dir, "--nproc", "2",
+    command = [sys.executable, str(FAULT_LAUNCHER), "--data_dir", data_dir, "--nproc", "2",
                "--epochs", "2", "--checkpoint_dir", str(work / "ck"),
                "--mlflow_tracking_uri", f"sqlite:///{work / 'mlflow.db'}"] + TINY
-    launcher = subprocess.Popen(command, cwd=work, env=environment(TRAIN_SIMPLE_TEST_FAIL=f"1:{fail_step}"),
+    launcher = subprocess.Popen(command, cwd=work, env=environment(f"fail=1:{fail_step}"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _, stderr = launcher.communicate(timeout=TIMEOUT)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from music_continuation.utils import one_line
+from music_continuation.utils import UserError, one_line
 
 SAMPLE_RATE = 24_000              # Hz, mono
 LATENT_DIM = 128                  # channels of the continuous encoder output
@@ -28,7 +28,7 @@ RANDOM_CODEC_SEED = 20240601      # `--encodec_weights random` is this seed: ide
 WEIGHT_CHOICES_HELP = "'pretrained', 'random', or a path to a checkpoint file or a directory holding " + CHECKPOINT_NAME
 
 
-class CodecLoadError(RuntimeError):
+class CodecLoadError(UserError, RuntimeError):
     """The requested EnCodec weights cannot be loaded (message is one line, meant for the user)."""
 
 

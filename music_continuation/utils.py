@@ -1,10 +1,13 @@
-"""Small helpers the scripts share: atomic file writes, one-line messages, the MLflow server probe, a free port."""
+"""Small helpers the scripts share: the user-error classes, atomic file writes, one-line messages, the MLflow
+server probe, a free port."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
+import signal
 import socket
 import sys
 import urllib.request
@@ -19,6 +22,20 @@ TEMPORARY_NAME = re.compile(r"^\..+\.tmp-(\d+)(\.[^.]+)?$")
 # from here when it runs from a checkout that is not installed.
 PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 MLFLOW_PROBE_TIMEOUT = 5.0   # seconds: a tracking server that does not answer /health by then is taken as down
+
+
+class UserError(Exception):
+    """Something the user can fix (a flag, a file, a folder): the commands print `error: MESSAGE` (one line
+    naming the flag or the file) and exit non-zero, never with a traceback. Every such error derives from it."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived: unwind (finally blocks run), then exit 128 + the signal without a traceback.
+    A BaseException, so no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def export_package_path() -> None:
@@ -49,6 +66,15 @@ def atomic_path(path: str | os.PathLike):
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, data, sort_keys: bool = False) -> None:
+    """`data` as indented JSON with a final newline, written atomically (atomic_path); the folder is made if
+    needed. Values JSON does not know (paths, numpy scalars) are written as their str()."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp_path:
+        tmp_path.write_text(json.dumps(data, indent=1, sort_keys=sort_keys, default=str) + "\n", encoding="utf-8")
 
 
 # "data.CacheError: " / "RuntimeError: ": the class prefix of a traceback's last line (a DataLoader worker's error)
@@ -98,8 +124,15 @@ def missing_keys(mapping, required: tuple) -> list:
 
 
 def warn(message: str) -> None:
-    """One 'warning: ...' line on stderr, flushed at once (progress bars and other ranks write there too)."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    """One 'warning: ...' line on stderr, flushed at once (other ranks write there too). While a tqdm progress
+    bar is open, through tqdm.write, which clears the bar and redraws it below the line."""
+    line = f"warning: {message}"
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None and getattr(tqdm.tqdm, "_instances", None):
+        tqdm.tqdm.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def exit_now(code: int) -> NoReturn:

@@ -5,12 +5,15 @@
     python ablate.py ... --report_only        # evaluate what exists and (re)write the report
 
 Every flag ablate.py does not know is a launcher flag and goes to every cell (--epochs, --nproc, model sizes,
---mlflow_tracking_uri ...). Each cell x seed is one run of train_simple_ddp.py (a subprocess, one after the
-other) with --seed k and --checkpoint_dir OUT_DIR/<cell>/seed<k>. As in AudioCraft's Dora grids, a run's
-identity is a hash of its effective settings: a cell whose MLflow child run FINISHED with the same hash is
-skipped, an interrupted one continues with --resume auto, and the MLflow parent run of the study is found
-again by a tag (the resolved OUT_DIR + the hash of the grid and the shared settings), so re-running the
-same command finishes the study without repeating anything.
+--mlflow_tracking_uri ...); --config FILE sets ablate.py's flags and these from a YAML or JSON file, and a grid
+cell may name a preset ("config": "balanced"). What a flag may do in a study is its role in settings.FLAG_ROLES.
+
+Each cell x seed is one run of train_simple_ddp.py (a subprocess, one after the other) with --seed k and
+--checkpoint_dir OUT_DIR/<cell>/seed<k>. As in AudioCraft's Dora grids, a run's identity is a hash of its
+effective settings: a cell whose MLflow child run FINISHED with the same hash is skipped, an interrupted one
+continues with --resume auto, and the MLflow parent run of the study is found again by a tag (the resolved
+OUT_DIR + the hash of the grid and the shared settings), so re-running the same command finishes the study
+without repeating anything.
 
 MLflow: one parent run per study (params: the grid, the shared flags, the git commit; artifacts: the
 report), one child run per cell x seed (mlflow.parentRunId, tags ablation_cell / ablation_seed /
@@ -45,43 +48,36 @@ from pathlib import Path  # noqa: E402
 from music_continuation.ablation import executors  # noqa: E402  (light: submitit is imported only for --executor slurm)
 from music_continuation.ablation.executors import ExecutorError, Runner  # noqa: E402
 from music_continuation.ablation.report import BASELINES, figure_names, write_report  # noqa: E402, F401  (light: no torch at import)
+from music_continuation.config import ConfigError, apply_defaults, config_values, flag_actions, given_config  # noqa: E402
+from music_continuation.settings import flags_where  # noqa: E402  (pure data)
 from music_continuation.training.mlflow_logger import PARENT_TAG, git_commit  # noqa: E402  (light: no torch, no mlflow at import)
 from music_continuation.training.mlflow_logger import short as one_line  # noqa: E402
-from music_continuation.utils import exit_now, export_package_path  # noqa: E402  (light: standard library only)
+from music_continuation.utils import Interrupted, UserError, exit_now, export_package_path, warn, write_json  # noqa: E402, I001  (light: standard library only)
 
 LAUNCHER = ("-m", "music_continuation.training.launcher")     # run as a module: torchrun takes the same argv
 
-# The launcher's loss-weight flags in losses.LOSSES order (input, target, spectral, mel); not imported from
-# there because losses loads torch, which the start-up avoids (a test pins the two together).
-LOSS_WEIGHT_FLAGS = ("loss_weight_input", "loss_weight_target", "loss_weight_spectral", "loss_weight_mel")
-
-
-def loss_weights(*weights: float) -> dict:
-    return dict(zip(LOSS_WEIGHT_FLAGS, weights))
-
-
-# The default grid: the README's four loss ablations and the unity sanity check.
+# The default grid: the four documented loss mixes (the presets in configs/) and the unity sanity check.
 DEFAULT_GRID = [
-    {"name": "continuation", "flags": loss_weights(0.0, 1.0, 0.0, 0.0)},
-    {"name": "continuation_spectral", "flags": loss_weights(0.0, 0.5, 0.5, 0.0)},
-    {"name": "balanced", "flags": loss_weights(0.0, 0.4, 0.3, 0.3)},
-    {"name": "reconstruction_continuation_spectral", "flags": loss_weights(0.3, 0.4, 0.3, 0.0)},
-    {"name": "unity", "flags": {**loss_weights(0.0, 1.0, 0.0, 0.0), "unity_test": True}},
+    {"name": "continuation", "config": "continuation"},
+    {"name": "continuation_spectral", "config": "continuation_spectral"},
+    {"name": "balanced", "config": "balanced"},
+    {"name": "reconstruction_continuation_spectral", "config": "reconstruction_continuation_spectral"},
+    {"name": "unity", "config": "continuation", "flags": {"unity_test": True}},
 ]
 
-# Launcher flags ablate.py sets itself, per cell.
-RESERVED = {"seed": "use --seeds N (cell k runs with --seed k)",
-            "checkpoint_dir": "cells go to OUT_DIR/<cell>/seed<k>",
-            "resume": "ablate.py resumes interrupted cells itself",
-            "run_name": "cells are named <cell>/seed<k>",
-            "mlflow_parent_run_id": "ablate.py makes the study's parent run",
-            "mlflow_tag": "ablate.py tags the cells"}
+# Launcher flags ablate.py sets itself, per cell (settings.FLAG_ROLES: role "ablate"), and why.
+WHY_SET_BY_ABLATE = {"seed": "use --seeds N (cell k runs with --seed k)",
+                     "checkpoint_dir": "cells go to OUT_DIR/<cell>/seed<k>",
+                     "resume": "ablate.py resumes interrupted cells itself",
+                     "run_name": "cells are named <cell>/seed<k>",
+                     "mlflow_parent_run_id": "ablate.py makes the study's parent run",
+                     "mlflow_tag": "ablate.py tags the cells",
+                     "logger": "cells log to MLflow, where ablate.py finds them"}
+RESERVED = {flag: WHY_SET_BY_ABLATE[flag] for flag in flags_where(ablate="ablate")}
 # Launcher flags that must be the same for the whole study (one cache, one MLflow experiment).
-STUDY_ONLY = ("data_dir", "references_dir", "mlflow_tracking_uri", "experiment_name")
-# Flags that do not change what a run computes: left out of its identity hash.
-NOT_SETTINGS = {"checkpoint_dir", "references_dir", "resume", "mlflow_tracking_uri", "experiment_name", "run_name",
-                "log_audio_every", "num_workers", "compile", "decoder_checkpointing", "mlflow_parent_run_id",
-                "mlflow_tag"}
+STUDY_ONLY = flags_where(ablate="study")
+# Flags that change what a run computes: its identity hash is made of these.
+IDENTITY = frozenset(flags_where(identity=True))
 
 TAG_STUDY, TAG_CELL, TAG_SEED, TAG_HASH = "ablation_study", "ablation_cell", "ablation_seed", "ablation_hash"
 CELL_FILE = "cell.json"                  # in each cell's folder: its name, seed, hash, settings and command
@@ -90,11 +86,8 @@ EVAL_CACHE = "evaluation.json"           # in each cell's folder: the last evalu
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
-class AblateError(Exception):
+class AblateError(UserError):
     """A user error, reported as one line before anything runs (exit 2)."""
-
-
-Interrupted = Runner.Interrupted      # SIGINT / SIGTERM arrived; the running cell was stopped
 
 
 # ------------------------------------------------------------------------------------------ flags
@@ -104,11 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0], allow_abbrev=False,
         epilog="Every other flag is a train_simple_ddp.py flag and is passed to every cell "
                "(python train_simple_ddp.py --help lists them).")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="YAML or JSON file of flag: value, for ablate.py's flags and the launcher flags every "
+                             "cell gets (docs/training.md); flags given on the command line win")
     parser.add_argument("--out_dir", required=True, help="the study's folder: OUT_DIR/<cell>/seed<k>/, OUT_DIR/report/")
     parser.add_argument("--grid", default=None,
-                        help='JSON file: a list of {"name": ..., "flags": {launcher flag: value}} '
-                             "(default: continuation, continuation_spectral, balanced, "
-                             "reconstruction_continuation_spectral, unity)")
+                        help='JSON file: a list of {"name": ..., "config": preset or file, "flags": {launcher flag: '
+                             'value}} (the cell\'s flags win over its config; default: continuation, '
+                             "continuation_spectral, balanced, reconstruction_continuation_spectral, unity)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per cell: 0 .. N-1 (default 3)")
     parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help="run / report only these cells")
     parser.add_argument("--report_only", action="store_true",
@@ -198,8 +194,21 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def cell_config(name, cell_name: str, where: str, grid_path: str | None) -> dict:
+    """{dest: value} of a cell's "config" (a preset name, or a file relative to the grid file)."""
+    if not isinstance(name, str):
+        raise AblateError(f"{where}: cell {cell_name!r}: \"config\" must be a preset name or a file name")
+    try:
+        values, _ = config_values(name, launcher_parser(), relative_to=Path(grid_path) if grid_path else None)
+    except ConfigError as error:
+        raise AblateError(f"{where}: cell {cell_name!r}: {error}") from None
+    values.pop("config", None)
+    return values
+
+
 def load_grid(path: str | None) -> list[dict]:
-    """[{"name", "flags": {dest: typed value}}] from a JSON file (or the default grid), checked."""
+    """[{"name", "flags": {dest: typed value}}] from a JSON file (or the default grid), checked. A cell's
+    "config" is read into its flags here, so a cell's identity is its flags whatever file gave them."""
     if path is None:
         raw = DEFAULT_GRID
     else:
@@ -217,9 +226,10 @@ def load_grid(path: str | None) -> list[dict]:
         if not isinstance(cell, dict) or not isinstance(cell.get("name"), str):
             raise AblateError(f"{where}: entry {index} is not an object with a \"name\"")
         name = cell["name"]
-        extra = sorted(set(cell) - {"name", "flags"})
+        extra = sorted(set(cell) - {"name", "config", "flags"})
         if extra:
-            raise AblateError(f"{where}: cell {name!r} has unknown keys {extra} (only \"name\" and \"flags\")")
+            raise AblateError(f"{where}: cell {name!r} has unknown keys {extra} "
+                              f"(only \"name\", \"config\" and \"flags\")")
         if not NAME_PATTERN.match(name):
             raise AblateError(f"{where}: cell name {name!r} must be letters, digits, '_', '.', '+' or '-'")
         if name in seen:
@@ -228,9 +238,14 @@ def load_grid(path: str | None) -> list[dict]:
         flags = cell.get("flags", {})
         if not isinstance(flags, dict):
             raise AblateError(f"{where}: cell {name!r}: \"flags\" must be an object {{flag: value}}")
+        if "config" in cell:
+            flags = {**cell_config(cell["config"], name, where, path), **flags}
         tokens = []
         for flag, value in flags.items():
             dest = flag[2:] if flag.startswith("--") else flag
+            if dest == "config":      # read here, so that the cell's identity holds what the file sets
+                raise AblateError(f"{where}: cell {name!r}: name a preset as the cell's \"config\", not among "
+                                  f"its \"flags\"")
             if dest in RESERVED or dest in STUDY_ONLY:
                 raise AblateError(f"{where}: cell {name!r}: --{dest} cannot be set per cell "
                                   f"({RESERVED.get(dest) or 'it is one setting for the whole study'})")
@@ -244,7 +259,6 @@ def build_cells(grid: list[dict], shared: dict, seeds: int, out_dir: Path) -> li
     own flag checks (the data and the codec are checked by the launcher when the cell starts)."""
     from music_continuation.training import launcher as train_simple_ddp
     parser = launcher_parser()
-    defaults = {action.dest for action in parser._actions}
     cells = []
     for entry in grid:
         for seed in range(seeds):
@@ -255,8 +269,7 @@ def build_cells(grid: list[dict], shared: dict, seeds: int, out_dir: Path) -> li
                 train_simple_ddp.check_flags(args, parser)
             except AblateError as error:
                 raise AblateError(f"cell {entry['name']!r}: {error}") from None
-            settings = {key: value for key, value in sorted(vars(args).items())
-                        if key in defaults and key not in NOT_SETTINGS}
+            settings = {key: value for key, value in sorted(vars(args).items()) if key in IDENTITY}
             cells.append(Cell(entry["name"], seed, flags, settings, settings_hash(settings),
                               out_dir / entry["name"] / f"seed{seed}"))
     return cells
@@ -325,7 +338,7 @@ class Study:
             else:
                 self.client.set_terminated(self.run_id, status=status)
         except Exception as error:  # noqa: BLE001 - the study's result matters more than its status flag
-            print(f"warning: could not mark the study's MLflow run {status} ({one_line(error)})", file=sys.stderr)
+            warn(f"could not mark the study's MLflow run {status} ({one_line(error)})")
 
 
 def cell_status(cell: Cell, children: list) -> tuple[str, object]:
@@ -393,13 +406,6 @@ def check_folders(cells: list[Cell]) -> None:
                               f"use another --out_dir, or remove that folder to retrain it")
 
 
-def write_json(path: Path, data) -> None:
-    from music_continuation.utils import atomic_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
-
-
 # ---------------------------------------------------------------------------------------- evaluation
 
 _preloaded = {}
@@ -461,7 +467,7 @@ def evaluate_cell(cell, data_dir, args) -> tuple[dict, bool]:
                                             max_windows=args.max_windows, device=args.eval_device,
                                             batch_size=args.eval_batch_size, musical=True, progress=False)
     result = jsonable(result)
-    write_json(cell.folder / EVAL_CACHE, {"key": key, "result": result})
+    write_json(cell.folder / EVAL_CACHE, {"key": key, "result": result}, sort_keys=True)
     return result, True
 
 
@@ -470,6 +476,18 @@ def evaluate_cell(cell, data_dir, args) -> tuple[dict, bool]:
 def prepare(argv) -> dict:
     """Everything that can be checked before anything runs: flags, grid, names, values, folders."""
     parser = build_parser()
+    from_config = {}
+    name = given_config(argv)
+    if name is not None:      # ablate.py's own keys become its defaults; the launcher's go to every cell
+        try:
+            own, from_config = config_values(name, parser, others=flag_actions(launcher_parser()))
+        except ConfigError as error:
+            raise AblateError(str(error)) from None
+        apply_defaults(parser, own)
+        from_config = {flag: value for flag, value in from_config.items() if value is not None}  # None: the default
+        for flag in from_config:
+            if flag in RESERVED:
+                raise AblateError(f"--config {name}: {flag}: cannot be given to ablate.py: {RESERVED[flag]}")
     args, rest = parser.parse_known_args(argv)
     if args.seeds < 1:
         raise AblateError(f"--seeds must be at least 1, got {args.seeds}")
@@ -478,7 +496,7 @@ def prepare(argv) -> dict:
     if args.report_only and args.print_commands:
         raise AblateError("--report_only and --print_commands exclude each other")
     slurm = slurm_settings(args)
-    shared = parse_given(rest, "launcher flags")
+    shared = {**from_config, **parse_given(rest, "launcher flags")}
     for name in shared:
         if name in RESERVED:
             raise AblateError(f"--{name} cannot be given to ablate.py: {RESERVED[name]}")
@@ -496,7 +514,7 @@ def prepare(argv) -> dict:
     selected = [cell for cell in cells if not args.only or cell.name in args.only]
     check_folders(selected)
     # The study: its folder, its grid and its shared settings (so the report compares like with like).
-    shared_settings = {k: v for k, v in shared.items() if k not in NOT_SETTINGS}
+    shared_settings = {k: v for k, v in shared.items() if k in IDENTITY}
     key = settings_hash({"out_dir": str(out_dir), "grid": grid, "shared": shared_settings})
     return dict(args=args, shared=shared, grid=grid, names=names, out_dir=out_dir, cells=cells,
                 selected=selected, key=key, shared_settings=shared_settings, slurm=slurm)
@@ -643,7 +661,7 @@ def open_study(runner: Runner, plan: dict) -> tuple[Study, str]:
         if not args.report_only:
             write_json(cell.folder / CELL_FILE, {"name": cell.name, "seed": cell.seed, "hash": cell.hash,
                                                  "study": key, "settings": cell.settings,
-                                                 "command": shlex.join(cell.command)})
+                                                 "command": shlex.join(cell.command)}, sort_keys=True)
     return study_run, uri
 
 
@@ -800,8 +818,7 @@ def evaluate_on_slurm(plan: dict, selected: list, data_dir) -> set:
         slurm_executor(plan).evaluate(module.evaluate_cell, cells, data_dir, args,
                                       gpus=plan["slurm"].gpus_per_node)
     except (RuntimeError, ExecutorError) as error:
-        print(f"warning: {one_line(error)}; evaluating here on {plan['args'].eval_device}", file=sys.stderr,
-              flush=True)
+        warn(f"{one_line(error)}; evaluating here on {plan['args'].eval_device}")
         return set()
     return {cell.label for cell in cells}
 
@@ -812,7 +829,7 @@ def mark_finished(study_run: Study, run_id) -> None:
     try:
         study_run.client.set_terminated(run_id, status="FINISHED")
     except Exception as error:  # noqa: BLE001 - MLflow bookkeeping must not stop the study
-        print(f"warning: could not mark run {run_id} FINISHED ({one_line(error)})", file=sys.stderr)
+        warn(f"could not mark run {run_id} FINISHED ({one_line(error)})")
 
 
 def evaluate_cells(runner: Runner, selected: list, study_run: Study, data_dir, args,
@@ -873,8 +890,7 @@ def report(rows: list, missing: list, failures: list, plan: dict, study_run: Stu
         try:
             study_run.client.log_artifacts(study_run.run_id, str(report_dir), "report")
         except Exception as error:  # noqa: BLE001
-            print(f"warning: report not uploaded to MLflow ({one_line(error)}); it is in {report_dir}",
-                  file=sys.stderr)
+            warn(f"report not uploaded to MLflow ({one_line(error)}); it is in {report_dir}")
         print(markdown, flush=True)
         print(f"[ablate] report: {report_dir}/results.md, results.csv, results.png", file=sys.stderr, flush=True)
     if missing:
@@ -908,7 +924,7 @@ def log_evaluation(study_run: Study, run_id: str, result: dict) -> None:
     try:
         study_run.client.log_batch(run_id, metrics=metrics)
     except Exception as error:  # noqa: BLE001
-        print(f"warning: evaluation not logged to run {run_id} ({one_line(error)})", file=sys.stderr)
+        warn(f"evaluation not logged to run {run_id} ({one_line(error)})")
 
 
 def cli() -> None:

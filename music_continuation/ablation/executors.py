@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from music_continuation.utils import PACKAGE_PARENT
+from music_continuation.utils import PACKAGE_PARENT, Interrupted, UserError, write_json
 
 STATES = ("pending", "running", "requeued", "done", "failed")
 STOP_GRACE_SECONDS = 60.0        # after forwarding SIGINT/SIGTERM: time for a launcher to stop its ranks
@@ -41,7 +41,7 @@ SHARED_FILE_SYSTEMS = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "ceph", "cephf
                        "cifs", "smb3", "wekafs", "panfs", "fuse.juicefs", "9p", "virtiofs", "fuse.sshfs"}
 
 
-class ExecutorError(Exception):
+class ExecutorError(UserError):
     """A user error in the executor's flags or state, one line (ablate.py turns it into exit 2)."""
 
 
@@ -49,9 +49,6 @@ class ExecutorError(Exception):
 
 class Runner:
     """Runs one launcher at a time in its own session; SIGINT / SIGTERM are forwarded to it."""
-
-    class Interrupted(Exception):
-        """SIGINT / SIGTERM arrived; the running launcher was stopped."""
 
     def __init__(self):
         self.process = None
@@ -80,11 +77,11 @@ class Runner:
     def run(self, command: list[str], log_path: Path, on_start=None) -> tuple[int, str, float]:
         """(exit code, last line of its stderr, seconds); the output goes to the terminal and to log_path."""
         if self.signal is not None:
-            raise Runner.Interrupted()
+            raise Interrupted(self.signal)
         started = time.perf_counter()
         code, last = run_logged(command, log_path, on_start=on_start, watch=self)
         if self.signal is not None:
-            raise Runner.Interrupted()
+            raise Interrupted(self.signal)
         return code, last, time.perf_counter() - started
 
 
@@ -431,10 +428,7 @@ class SlurmExecutor:
             return {}
 
     def save_records(self) -> None:
-        from music_continuation.utils import atomic_path
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.folder / JOBS_FILE) as tmp:
-            tmp.write_text(json.dumps(self.records, indent=1, sort_keys=True) + "\n")
+        write_json(self.folder / JOBS_FILE, self.records, sort_keys=True)
 
     def attach(self, cell) -> str | None:
         """Take over the recorded job of this cell if it is still queued or running; its state, or None."""

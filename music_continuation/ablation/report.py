@@ -13,13 +13,12 @@ import math
 import statistics
 from pathlib import Path
 
-BASELINES = ("silence", "repeat", "oracle")   # = evaluation.BASELINES (not imported: it loads torch; a test pins it)
+from music_continuation.settings import BASELINES, LOSS_COMPONENTS  # the share columns follow LOSS_COMPONENTS
+
 # 'level' and 'tempo_ratio' are best at 1; everything else is an error or a distance (lower is better)
 HIGHER_IS_BETTER = {"rhythm", "chroma", "melody_f1", "pitch_class_agreement", "beat_f1"}
 CLOSEST_TO_ONE = {"level", "tempo_ratio"}
 GRAD_SHARE_PREFIX = "train_grad_share_"  # the launcher's per-epoch metric: a component's share of the gradient
-# losses.LOSS_COMPONENTS (not imported: it loads torch); the share columns' order, and their names when no run has any
-LOSS_COMPONENTS = ("rms_input", "rms_target", "spectral", "mel")
 
 
 

@@ -29,7 +29,7 @@ import torch
 import torchaudio.functional
 
 from music_continuation.codec import SAMPLE_RATE
-from music_continuation.utils import one_line
+from music_continuation.utils import UserError, one_line
 
 # First bytes of the formats libsndfile reads; any other file goes to FFmpeg. (libsndfile takes a file
 # that only its name calls .mp3 for MPEG and prints mpg123's complaints about it on stderr.)
@@ -37,7 +37,7 @@ LIBSNDFILE_SIGNATURES = (b"RIFF", b"RIFX", b"RF64", b"BW64", b"riff",   # WAV, R
                          b"FORM", b"fLaC", b"OggS", b".snd", b"dns.", b"caff")   # AIFF ... CAF
 
 
-class AudioLoadError(ValueError):
+class AudioLoadError(UserError, ValueError):
     """An audio file cannot be used; the message is one line: 'PATH: reason'."""
 
 

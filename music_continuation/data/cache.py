@@ -18,7 +18,8 @@ and audio as int16 PCM (sample / AUDIO_INT16_SCALE), half the bytes of "float32"
 cache_dtype) is float32. Either way the dataset hands out float32.
 
 Training opens the .npy files memory-mapped, one track at a time, so a corpus far larger than RAM works
-and nothing holds the whole corpus in any process.
+and nothing holds the whole corpus in any process. This module does not import audio_io.py, so training from
+a prepared cache needs none of the audio decoders (PyAV, libsndfile): bench/gpu_check.sh relies on it.
 
     CACHE/references/T<T>-S<S>/         the frozen decoder's audio of every segment, decoded once for codec
                                         targets (references.py; ContinuationDataset.use_references)
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from music_continuation.codec import FRAME_RATE, HOP_LENGTH, LATENT_DIM, SAMPLE_RATE
-from music_continuation.utils import missing_keys
+from music_continuation.utils import UserError, missing_keys
 
 MANIFEST_NAME = "manifest.json"
 TRACKS_DIR = "tracks"
@@ -50,20 +51,9 @@ DEFAULT_CACHE_DTYPE = "compact"
 AUDIO_INT16_SCALE = 32767   # int16 sample = round(clip(x, -1, 1) * 32767): symmetric, so -1 and 1 both fit
 SPLITS = ("train", "val")
 MAX_OPEN_TRACKS = 64      # memory maps kept open per process; each one holds a file descriptor
-# Reading audio lives in audio_io.py; these names stay importable from data for existing callers. Imported on
-# first use, so training from a prepared cache needs none of the audio decoders (PyAV, libsndfile): what
-# bench/gpu_check.sh relies on, on a machine with only PyTorch.
-_AUDIO_IO_NAMES = ("AudioLoadError", "iter_mono_blocks", "load_audio", "open_audio", "resampled_length")
 
 
-def __getattr__(name: str):
-    if name in _AUDIO_IO_NAMES:
-        from music_continuation.data import audio_io
-        return getattr(audio_io, name)
-    raise AttributeError(f"module 'data' has no attribute {name!r}")
-
-
-class CacheError(ValueError):
+class CacheError(UserError, ValueError):
     """The prepared cache is missing, incomplete or inconsistent; the message names the file."""
 
 

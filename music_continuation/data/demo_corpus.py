@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from music_continuation.utils import atomic_path
+from music_continuation.utils import atomic_path, write_json
 
 DEFAULT_NUM_TRACKS = 24
 DEFAULT_SECONDS = 12.0
@@ -286,7 +286,7 @@ def write_corpus(audio_dir, num_tracks: int = DEFAULT_NUM_TRACKS, seconds: float
         with atomic_path(path) as tmp_path:                       # hidden, then renamed: never half-written
             soundfile.write(tmp_path, audio.astype(np.float32), rate, format=fmt, subtype=subtype)
     record = {"settings": settings, "tracks": [{"file": p.name, **asdict(plan)} for (plan, _), p in zip(files, paths)]}
-    settings_path.write_text(json.dumps(record, indent=1))
+    write_json(settings_path, record)
     return paths
 
 

@@ -87,7 +87,16 @@ from music_continuation.data.journal import (
     write_journal,
     write_skipped,
 )
-from music_continuation.utils import TEMPORARY_NAME, atomic_path, missing_keys, one_line, run_command
+from music_continuation.utils import (
+    TEMPORARY_NAME,
+    UserError,
+    atomic_path,
+    missing_keys,
+    one_line,
+    run_command,
+    warn,
+    write_json,
+)
 
 # Files an audio folder holds besides music, skipped by name without being read; every other file is decided
 # by its content (audio_io.open_audio), so a track with a wrong extension or none is still found.
@@ -119,11 +128,11 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)     # 65504: larger latents cannot
 MERGE_LOCK = "merge.lock"    # in CACHE/shards: held to start a shard's progress and to merge
 
 
-class NoUsableAudioError(ValueError):
+class NoUsableAudioError(UserError, ValueError):
     """The audio folder has nothing that can be used (message names the folder)."""
 
 
-class CacheWriteError(OSError):
+class CacheWriteError(UserError, OSError):
     """Writing into the cache failed (a full disk, a read-only mount, ...): a fault of the run, never of an audio
     file. The message is one line: 'cannot write PATH: reason'."""
 
@@ -184,7 +193,7 @@ def _real_tree(audio_dir: Path, exclude: Path | None) -> tuple[dict, dict]:
 
 
 def _unreadable_folder(error: OSError) -> None:
-    _warn(f"cannot read {error.filename}: {error.strerror}; the files in it are skipped")
+    warn(f"cannot read {error.filename}: {error.strerror}; the files in it are skipped")
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -292,8 +301,8 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
 
 
 def write_json_atomic(path: Path, content: dict) -> None:
-    with writing(path), atomic_path(path) as tmp_path:
-        tmp_path.write_text(json.dumps(content, indent=1))
+    with writing(path):
+        write_json(path, content)
 
 
 def write_manifest_atomic(cache_dir: Path, manifest: dict) -> None:
@@ -622,10 +631,6 @@ def skip_kind(error: BaseException) -> str:
     return getattr(error, "kind", SKIP_UNREADABLE)
 
 
-def _warn(message: str) -> None:
-    tqdm.write(f"warning: {message}", file=sys.stderr)
-
-
 def _say(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
@@ -681,12 +686,12 @@ def prepare(audio_dir, out_dir, encodec_weights: str = "pretrained", val_fractio
                             f"(it holds {lock}); wait for it to finish"):
         stale = remove_stale_temporaries(out_dir, shard)
         if stale:
-            _warn(f"{out_dir}: deleted {stale} temporary files left by an interrupted run")
+            warn(f"{out_dir}: deleted {stale} temporary files left by an interrupted run")
         device = torch.device(device or default_device())
         workers = workers or default_workers(device)
         files, duplicates = find_files(audio_dir, exclude=out_dir)
         if duplicates:
-            _warn(f"{audio_dir}: skipped {duplicates} paths leading to a folder or file already found "
+            warn(f"{audio_dir}: skipped {duplicates} paths leading to a folder or file already found "
                   f"(symbolic links, hard links or link loops); each real file is encoded once")
         codec = load_codec(encodec_weights, device)
         header = _new_manifest(audio_dir, codec_fingerprint(codec), encodec_weights, cache_dtype)
@@ -854,7 +859,7 @@ def _done_and_todo(paths: list[Path], previous: dict, previous_skips: dict, rela
         if problem is None:
             done.append(track)
         else:
-            _warn(f"{problem}; re-encoding {source}")
+            warn(f"{problem}; re-encoding {source}")
             todo.append(path)
     return done, carried, todo
 
@@ -892,7 +897,7 @@ def _encode_all(todo: list, job, relative: dict, journal: JournalWriter, out_dir
             except (AudioLoadError, OSError) as error:
                 reason = str(error).removeprefix(f"{path}: ")
                 if verbose:
-                    _warn(f"{path}: {reason}")
+                    warn(f"{path}: {reason}")
                 entry = {"source": source, "kind": skip_kind(error), "reason": reason, "min_seconds": min_seconds,
                          **_stamp_or_none(path)}
                 skipped.append(entry)
@@ -1046,7 +1051,7 @@ def _check_promised_length(handle, frames: int, path: Path) -> None:
     if handle.frames > 0:
         promised = resampled_length(handle.frames, handle.samplerate) // HOP_LENGTH
         if promised - frames >= BLOCK_FRAMES:
-            _warn(f"{path}: {frames / FRAME_RATE:.2f} s of audio decoded, its header promises "
+            warn(f"{path}: {frames / FRAME_RATE:.2f} s of audio decoded, its header promises "
                   f"{promised / FRAME_RATE:.2f} s (truncated?); stored what decoded")
 
 
@@ -1198,7 +1203,7 @@ def _discard_if_stale(out_dir: Path, fingerprint: str) -> None:
         reason = f"stored as {cache_dtype(manifest, out_dir)}, not {DEFAULT_CACHE_DTYPE}"
     else:
         return
-    _warn(f"{out_dir}: the demo cache was {reason}; re-encoding it")
+    warn(f"{out_dir}: the demo cache was {reason}; re-encoding it")
     manifest_path(out_dir).unlink()
     for path in [*(out_dir / TRACKS_DIR).glob("*.npy"), *pending_shards(out_dir)]:
         path.unlink()
@@ -1244,7 +1249,7 @@ def verify(cache_dir, device=None, workers: int | None = None, progress: bool | 
               f"{seconds:.1f} s): intact{note}")
         return 0
     for damage in damaged:
-        _warn(f"damaged: {damage.line()}")
+        warn(f"damaged: {damage.line()}")
     ids = frozenset(damage.track["id"] for damage in damaged)
     _drop_references(cache_dir, ids)
     settings = manifest["settings"]

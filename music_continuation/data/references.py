@@ -52,7 +52,7 @@ from tqdm import tqdm
 from music_continuation.codec import HOP_LENGTH, LATENT_DIM, SAMPLE_RATE
 from music_continuation.data.cache import CACHE_DTYPES, MAX_OPEN_TRACKS, CacheError, cache_dtype, track_paths
 from music_continuation.data.integrity import user_cache_dir
-from music_continuation.utils import TEMPORARY_NAME, atomic_path
+from music_continuation.utils import TEMPORARY_NAME, atomic_path, write_json
 
 REFERENCES_DIR = "references"
 SET_NAME = "set.json"
@@ -137,7 +137,7 @@ def _build_lock(folder: Path):
 
 def segment_starts(frames: int, segment_frames: int, stride_frames: int) -> np.ndarray:
     """First frames of the segments a track of `frames` frames needs: the inputs (k * S) and targets (k * S + T)
-    of its windows k * S + 2T <= frames (data.ContinuationDataset's grid), sorted, each once. With S = T
+    of its windows k * S + 2T <= frames (cache.ContinuationDataset's grid), sorted, each once. With S = T
     these are 0, T, 2T, ... (frames // T segments): every segment serves two windows."""
     span = 2 * segment_frames
     if frames < span:
@@ -173,8 +173,7 @@ def _read_set(folder: Path) -> dict | None:
 
 
 def _write_set(folder: Path, content: dict) -> None:
-    with atomic_path(folder / SET_NAME) as tmp:
-        tmp.write_text(json.dumps(content, indent=1) + "\n")
+    write_json(folder / SET_NAME, content)
 
 
 def _track_file(folder: Path, track_id: str) -> Path:

@@ -7,7 +7,7 @@
 Windows are evenly spaced over the split (first and last included; all of them without --max_windows),
 the same for every checkpoint on the same cache and segment length. Prints a table (rows model,
 silence, repeat, oracle, skill; columns evaluation.SCORE_NAMES) and with --out writes the same figures
-as JSON. Figures and baselines are defined in evaluation.py.
+as JSON. Figures and baselines are defined in scoring.py.
 
 Exit status 0, or 2 with one line `error: ...` when a flag, the checkpoint, the codec or the cache is unusable,
 or a package the listeners need is missing (the line names it and the install command).
@@ -15,7 +15,6 @@ or a package the listeners need is missing (the line names it and the install co
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 
 from music_continuation.evaluation.listeners import BEAT_TRACKERS, ListenerUnavailable
 from music_continuation.evaluation.scoring import TARGET_AUDIO_CHOICES, evaluate_checkpoint, format_table
-from music_continuation.utils import OneLineParser, atomic_path, one_line, run_command
+from music_continuation.utils import OneLineParser, one_line, run_command, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,12 +59,6 @@ def check_flags(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--device {args.device}: {one_line(error)}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine")
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp_path:
-        tmp_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def run(args) -> int:

@@ -33,7 +33,7 @@ the track's end), for a file when it holds at least one segment after the contex
 (per example and mean), OUT_DIR/index.html (the listening page, listening_page.py) and, with --blind,
 OUT_DIR/blind_key.json (which of A/B is the model) plus A.wav / B.wav / spectrogram_ab.png per example.
 
-Metrics are evaluation.py's figures (evaluation.SCORE_NAMES, one definition for validation,
+Metrics are scoring.py's figures (scoring.SCORE_NAMES, one definition for validation,
 evaluate.py and this page), computed on the FIRST predicted segment: the continuation's first
 segment_frames * 320 samples against the target's first segment and the context (an autoregressive
 run is scored on that first window too):
@@ -57,7 +57,6 @@ bad checkpoint, codec mismatch, bad cache or flags, or a model whose output is n
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -96,12 +95,21 @@ from music_continuation.evaluation.listening_page import (
 from music_continuation.evaluation.plots import plot_continuations
 from music_continuation.evaluation.scoring import BASELINES, TARGET_AUDIO_CHOICES, EvaluationError, ScoreSums
 from music_continuation.losses.audio import CombinedLoss, rms_loss
-from music_continuation.utils import OneLineParser, atomic_path, check_mlflow_server, one_line, run_command, warn
+from music_continuation.utils import (
+    OneLineParser,
+    UserError,
+    atomic_path,
+    check_mlflow_server,
+    one_line,
+    run_command,
+    warn,
+    write_json,
+)
 
 PLAYER_PEAK = 0.99      # the loudest sample of an example's players: just below a player's full scale
 
 
-class InferenceError(RuntimeError):
+class InferenceError(UserError, RuntimeError):
     """Nothing can be generated (bad checkpoint, codec mismatch, bad cache); one-line message."""
 
 
@@ -379,10 +387,6 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp_path.write_text(text, encoding="utf-8")
 
 
-def write_json_atomic(path: Path, data) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
-
-
 def write_wav(path: Path, audio: torch.Tensor) -> None:
     """24 kHz mono 32-bit float WAV (lossless: the samples read back bit-identical), written atomically."""
     with atomic_path(path) as tmp_path:
@@ -568,15 +572,16 @@ def write_reports(out_dir: Path, args, state: dict, entries: list, failures: lis
                   timing: dict, key: dict | None) -> tuple[dict, dict | None]:
     """metrics.json, blind_key.json (with --blind) and index.html; returns the means (model, baselines)."""
     means, mean_baselines = mean_metrics([example for example, _ in entries])
-    write_json_atomic(out_dir / "metrics.json", {
+    write_json(out_dir / "metrics.json", {
         "settings": settings,
         "metrics_on": "first predicted segment against the target's first segment (rms_input: the context); "
-                      "baselines silence / repeat / oracle scored the same way (inference_sample.py docstring)",
+                      "baselines silence / repeat / oracle scored the same way "
+                      "(music_continuation/evaluation/inference.py docstring)",
         "examples": [{"name": e.name, "source": e.source, "files": files, "player_gain": e.player_gain,
                       "metrics": e.metrics, "baselines": e.baselines} for e, files in entries],
         "mean": means, "mean_baselines": mean_baselines, "failed": failures, "timing": timing})
     if key is not None:
-        write_json_atomic(out_dir / "blind_key.json", {
+        write_json(out_dir / "blind_key.json", {
             "meaning": "EXAMPLE/A.wav and EXAMPLE/B.wav are copies of EXAMPLE/player_<named>.wav; 'model' is "
                        "the label of the model's continuation", "seed": args.seed, "examples": key})
     windows = settings["windows"]

@@ -1,6 +1,6 @@
 """Two objective figures for listening tests: does the continuation keep the rhythm, and the harmony?
 
-The training losses (losses.py) compare a continuation with the real one sample by sample or frame
+The training losses (losses/audio.py) compare a continuation with the real one sample by sample or frame
 by frame; a continuation that keeps the groove and the key but not the exact notes scores badly on
 them. These two figures look at what a listener hears instead:
 
@@ -28,7 +28,7 @@ chroma_similarity(a, b)
         chroma    = 2 <d_a, d_b> / (|d_a|^2 + |d_b|^2)
 
     In [-1, 1]; 1.0 only for identical profiles (same key and the same share of pitched energy).
-    Why not the cosine of the raw chroma vectors (this figure until Issue 10): chroma vectors are
+    Why not the cosine of the raw chroma vectors: chroma vectors are
     non-negative, so any two sounds score well above 0 (noise against music gave 0.92). Dividing by
     w makes white noise's expected profile exactly flat (without it the filterbank alone favours the
     pitch classes whose semitones span more STFT bins: B 1.75x C#); the profiles sum to 1, so their
@@ -44,7 +44,7 @@ Silence: if neither signal has an onset (constant envelope) or any pitched energ
 the figure is 1.0; if only one of them is silent it is 0.0. (Likewise, two profiles that are both
 exactly flat agree, 1.0.)
 
-Runtime uses torch only (the STFT and mel filterbank come from losses.py, so the spectrograms are
+Runtime uses torch only (the STFT and mel filterbank come from losses/audio.py, so the spectrograms are
 the ones the losses see); librosa is a test-time reference only.
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ def log_mel(audio) -> torch.Tensor:
     mel = mel_module()
     x = _pad_to(_mono(audio), mel.min_length)
     with torch.no_grad():
-        # Only .stft, .mel_basis and MEL_FLOOR of losses.py are used: L = log(clamp(fb @ X, 1e-5)).
+        # Only .stft, .mel_basis and MEL_FLOOR of losses/audio.py are used: L = log(clamp(fb @ X, 1e-5)).
         return torch.matmul(mel.mel_basis, mel.stft(x[None])[0]).clamp(min=MEL_FLOOR).log()
 
 

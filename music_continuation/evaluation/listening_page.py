@@ -76,7 +76,8 @@ METRICS_NOTE = (
     "±70 ms), <code>tempo_ratio</code> and <code>frechet_codec</code> (a Fréchet distance between sets of "
     "EnCodec frames, not comparable to VGGish FAD; docs/musical-figures.md). "
     "&darr; lower is better, &uarr; higher is better, &rarr;1 closest to 1 is best; "
-    "definitions in listening_metrics.py and evaluation.py. Each figure is shown beside three baselines scored "
+    "definitions in music_continuation/evaluation/listening_metrics.py, scoring.py and listeners/. Each figure is shown "
+    "beside three baselines scored "
     "the same way: <b>silence</b> (zeros), <b>repeat</b> (the context's latents decoded as its own "
     "continuation) and <b>oracle</b> (the true next window's latents decoded: the best a latent prediction can "
     "do through this codec). A model worse than repeat on a figure has not learnt it.")

@@ -52,9 +52,10 @@ from music_continuation.evaluation.listeners import LISTENER_FIGURES
 from music_continuation.evaluation.listeners.frechet import STATS_SIZE, FrechetError, frechet_distance
 from music_continuation.evaluation.listening_metrics import listening_metrics
 from music_continuation.losses.audio import LOSS_COMPONENTS, CombinedLoss, check_weights
+from music_continuation.settings import BASELINES
+from music_continuation.utils import UserError
 
 TARGET_AUDIO_CHOICES = ("auto", "original", "codec")
-BASELINES = ("silence", "repeat", "oracle")
 SCORE_NAMES = ("loss", "rms_input", "rms_target", "spectral", "mel", "latent_mse", "level", "rhythm",
                "chroma") + LISTENER_FIGURES
 SKILL_NAMES = ("loss", "rms_input", "rms_target", "spectral", "mel", "latent_mse", "rhythm", "chroma",
@@ -69,7 +70,7 @@ VECTOR_SIZE = len(SUM_FIELDS) + 2 * STATS_SIZE
 _refusals_shown: set = set()     # each Fréchet refusal is printed once per process, not once per row
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
     """A figure cannot be computed (non-finite values, nothing to evaluate); the message is one line."""
 
 

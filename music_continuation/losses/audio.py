@@ -22,7 +22,6 @@ matters on CPU: bench/bench_losses.py); everything after the magnitude is ordina
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,26 +30,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from music_continuation.codec import SAMPLE_RATE
-
-
-@dataclass(frozen=True)
-class LossComponent:
-    """One training-loss component and every name it goes by."""
-    name: str        # metric key (train_<name>, val_<name>) and CombinedLoss keyword
-    flag: str        # launcher flag holding its weight
-    short: str       # name in the printed epoch block
-    default: float   # default weight
-    help: str
-
-
-# The one table of the loss components, in their canonical order: flags, logs, prints and tests derive from it.
-LOSSES = (
-    LossComponent("rms_input", "--loss_weight_input", "rms_in", 0.0, "RMS(output, input): reconstruction"),
-    LossComponent("rms_target", "--loss_weight_target", "rms_tgt", 1.0, "RMS(output, target): continuation"),
-    LossComponent("spectral", "--loss_weight_spectral", "spec", 0.0, "multi-resolution STFT(output, target)"),
-    LossComponent("mel", "--loss_weight_mel", "mel", 0.0, "log-mel L1(output, target)"),
-)
-LOSS_COMPONENTS = tuple(component.name for component in LOSSES)
+from music_continuation.settings import LOSS_COMPONENTS, LOSSES, LossComponent  # noqa: F401  (re-exported)
 
 
 def check_weights(weights: dict) -> dict:

@@ -40,7 +40,7 @@ from one larger batch only through the earlier micro-batches' provisional m_t (w
 is (1 - beta) / (1 - beta^t): everything at the first step, 0.1 % once the average has settled).
 
 The average is committed only when the step is applied: a non-finite g_i on any rank makes the reduced norms
-non-finite on every rank, the step is skipped on every rank together (train_simple_worker.optimizer_update)
+non-finite on every rank, the step is skipped on every rank together (worker.optimizer_update)
 and the average stays as it was.
 """
 from __future__ import annotations

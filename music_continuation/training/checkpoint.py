@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from music_continuation.utils import atomic_path, missing_keys, one_line
+from music_continuation.utils import UserError, atomic_path, missing_keys, one_line
 
 LOCK_NAME = ".training.lock"   # held (flock) by the run that owns the folder; holds that process's pid
 LATEST_NAME = "latest.pt"
@@ -44,7 +44,7 @@ BEST_NAME = "best.pt"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")   # added by DistributedDataParallel and torch.compile
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, unreadable or not one of ours (message is one line)."""
 
 

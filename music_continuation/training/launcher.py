@@ -6,9 +6,10 @@ Several nodes: start this same script with torchrun on each node; it then runs t
     torchrun --nnodes 2 --nproc_per_node 8 --node_rank 0 --rdzv_backend c10d \
         --rdzv_endpoint HOST:29500 train_simple_ddp.py --data_dir ...
 
-This file is the one place where settings are defined (argparse) and checked. Everything is validated
-before any process is spawned, so a bad flag costs a one-line error, not a crashed job. The training
-loop itself is in train_simple_worker.py.
+Settings are defined here (argparse) and checked; `--config FILE` (YAML or JSON, config.py) sets any of
+them from a file, and flags on the command line win. What each flag means to a resumed run and to a study
+is settings.FLAG_ROLES. Everything is validated before any process is spawned, so a bad flag costs a
+one-line error, not a crashed job. The training loop itself is in worker.py.
 """
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ from pathlib import Path
 import torch
 
 from music_continuation.codec import HOP_LENGTH, WEIGHT_CHOICES_HELP, CodecLoadError, codec_fingerprint, load_codec
+from music_continuation.config import ConfigError, parse_with_config
 from music_continuation.evaluation.listeners import BEAT_TRACKERS
 from music_continuation.evaluation.scoring import TARGET_AUDIO_CHOICES, resolve_target_audio
 from music_continuation.losses.audio import LOSSES, CombinedLoss, check_weights, weights_from_flags
+from music_continuation.settings import flags_where
 from music_continuation.training.checkpoint import describe_latest
 from music_continuation.utils import OneLineParser, check_mlflow_server, exit_now, free_port
 
@@ -46,7 +49,10 @@ def parse_bool(text: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="YAML or JSON file of flag: value (a preset name such as 'balanced' works too; "
+                             "docs/training.md); flags given on the command line win")
     data = parser.add_argument_group("data")
     data.add_argument("--data_dir", default=None,
                       help="cache made by prepare_data.py (default: the built-in demo corpus, prepared on first use)")
@@ -249,17 +255,13 @@ def check_data_and_codec(args: argparse.Namespace, parser: argparse.ArgumentPars
     return fingerprint
 
 
-# Flags a resumed run must share with its checkpoint: they define the model, the data it sees, its order
-# and the objective, so changing one would silently make a different experiment.
-RESUME_MUST_MATCH = ("d_model", "num_layers", "num_heads", "dropout", "segment_frames", "unity_test", "target_audio",
-                     "batch_size", "grad_accum_steps", "world_size", "lr", "warmup_steps", "weight_decay",
-                     "grad_clip", "seed", "loss_balancer", "balancer_ema_decay") + tuple(
-                         component.flag[2:] for component in LOSSES)
+# Flags a resumed run must share with its checkpoint (settings.FLAG_ROLES): a change would silently make a
+# different experiment. --nproc is compared as the world size, which torchrun may set instead.
+RESUME_MUST_MATCH = tuple("world_size" if flag == "nproc" else flag for flag in flags_where(resume="must match"))
 # Flags that may change on resume: said in one line, recorded in the checkpoint and as an MLflow tag.
 # --epochs keeps the LR schedule of the original run (its length is stored in the checkpoint): added epochs
 # continue at the schedule's final LR, lr/10, so the LR never jumps.
-RESUME_MAY_CHANGE = ("epochs", "data_dir", "references_dir", "num_workers", "compile", "decoder_checkpointing",
-                     "log_audio_every", "musical_every", "beat_tracker")
+RESUME_MAY_CHANGE = flags_where(resume="may change")
 
 
 def resume_changes(saved_args: dict, args: argparse.Namespace, world_size: int) -> tuple[list, dict]:
@@ -362,7 +364,10 @@ def parse_and_validate(argv=None, lock: bool = False) -> tuple[argparse.Namespac
     """The checked flags and the checkpoint to resume from; with `lock` (what main does), rank 0 also claims
     --checkpoint_dir, first of all the checks that touch the disk."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parse_with_config(parser, argv)
+    except ConfigError as error:
+        parser.error(str(error))
     args.resume_changes = {}
     check_flags(args, parser)
     if lock:
@@ -390,7 +395,7 @@ def main(argv=None) -> int:
     nproc = resolve_nproc(args)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
                       LOCAL_WORLD_SIZE=str(nproc))
-    # Ranks leave with os._exit (train_simple_worker.leave), so the semaphores of their DataLoader queues
+    # Ranks leave with os._exit (worker.leave), so the semaphores of their DataLoader queues
     # are freed by multiprocessing's resource tracker, which would warn about each: it inherits this -W.
     sys.warnoptions.append("ignore:resource_tracker:UserWarning")
     become_subreaper()

@@ -90,6 +90,12 @@ class MlflowLogger:
         except Exception as error:  # noqa: BLE001
             warn(f"MLflow artifact upload failed ({short(error)}); the files stay in {local_dir}")
 
+    def log_artifact(self, local_path: Path) -> None:
+        try:
+            self.client.log_artifact(self.run_id, str(local_path))
+        except Exception as error:  # noqa: BLE001
+            warn(f"MLflow artifact upload failed ({short(error)}); the file stays at {local_path}")
+
     def finish(self, status: str = "FINISHED") -> None:
         self.flush()
         try:
@@ -131,6 +137,9 @@ class JsonlLogger:
 
     def log_artifacts(self, local_dir: Path, artifact_path: str) -> None:
         self._write("artifacts", local_dir=str(local_dir), artifact_path=artifact_path)
+
+    def log_artifact(self, local_path: Path) -> None:
+        self._write("artifacts", local_dir=str(local_path), artifact_path="")
 
     def finish(self, status: str = "FINISHED") -> None:
         self._write("finish", status=status)

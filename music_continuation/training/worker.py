@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from music_continuation.codec import SAMPLE_RATE, FrozenDecoder, check_fingerprint, codec_fingerprint, load_codec
+from music_continuation.config import settings_text
 from music_continuation.data.cache import ContinuationDataset, LatentNormalizer
 from music_continuation.evaluation.scoring import (
     BASELINES,
@@ -54,6 +55,7 @@ from music_continuation.evaluation.scoring import (
 from music_continuation.losses.audio import LOSS_COMPONENTS, LOSSES, CombinedLoss, weights_from_flags
 from music_continuation.losses.balancer import LossBalancer
 from music_continuation.model import ContinuationTransformer
+from music_continuation.settings import FLAG_ROLES
 from music_continuation.training.checkpoint import (
     BEST_NAME,
     LATEST_NAME,
@@ -63,7 +65,15 @@ from music_continuation.training.checkpoint import (
     save_checkpoint,
 )
 from music_continuation.training.mlflow_logger import JsonlLogger, MlflowLogger, git_commit
-from music_continuation.utils import exit_now, one_line, strip_exception_prefix, warn
+from music_continuation.utils import (
+    Interrupted,
+    UserError,
+    atomic_path,
+    exit_now,
+    one_line,
+    strip_exception_prefix,
+    warn,
+)
 
 MAX_CONSECUTIVE_SKIPS = 10     # this many non-finite steps in a row end the run: training has diverged
 AUDIO_EXAMPLES = 3             # validation examples written as WAV + spectrogram every --log_audio_every epochs
@@ -74,18 +84,11 @@ MUSICAL_FIGURES = ("rhythm", "chroma") + LISTENER_FIGURES   # validation with --
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
 ARTIFACT_WAIT_SECONDS = 120    # at the end, how long rank 0 waits for background artifact uploads
 NAMED_BAD_EXAMPLES = 5         # non-finite validation examples named per warning
+SETTINGS_NAME = "settings.yaml"  # in CHECKPOINT_DIR and the MLflow run: the launch's resolved flags
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot continue (e.g. the loss keeps diverging); the message says why."""
-
-
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM reached this rank: unwind (finally blocks run), then exit quietly."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 _signals_received = []    # filled by the rank's signal handler (guarded_run); acted on at safe points
@@ -598,27 +601,6 @@ def write_audio_examples(ctx: Context, epoch: int) -> Path:
     return folder
 
 
-# --------------------------------------------------------------------------------------- test-only
-
-def _test_only_fault_injection(rank: int, step: int, batch: dict) -> None:
-    """TEST-ONLY hooks for tests/training/test_training.py; inert unless these variables are set.
-
-    TRAIN_SIMPLE_TEST_FAIL="R:S"        rank R raises at global step S (a crashing rank must end the job)
-    TRAIN_SIMPLE_TEST_NAN="R:S1,S2|all"  rank R's batch becomes NaN at those steps (collective skipping)
-    TRAIN_SIMPLE_TEST_SLOW="SECONDS"     every step sleeps this long (time to interrupt a run)
-    """
-    fail = os.environ.get("TRAIN_SIMPLE_TEST_FAIL")
-    if fail and fail.split(":")[0] == str(rank) and int(fail.split(":")[1]) == step:
-        raise RuntimeError(f"test-only failure injected on rank {rank} at step {step}")
-    nan = os.environ.get("TRAIN_SIMPLE_TEST_NAN")
-    if nan and nan.split(":")[0] == str(rank):
-        steps = nan.split(":")[1]
-        if steps == "all" or str(step) in steps.split(","):
-            batch["input_latent"][0, 0, 0] = float("nan")
-    if os.environ.get("TRAIN_SIMPLE_TEST_SLOW"):
-        time.sleep(float(os.environ["TRAIN_SIMPLE_TEST_SLOW"]))
-
-
 # ------------------------------------------------------------------------------------------- run
 
 def build_loaders(args, rank: int, world_size: int, device: torch.device):
@@ -705,10 +687,22 @@ def start_logger(ctx: Context, resume_state: dict | None, start_epoch: int) -> M
     if not logger.resumed:
         logger.log_params({**vars(args), "world_size": ctx.world_size, "device": ctx.device.type,
                            "codec_fingerprint": ctx.train_set.codec_fingerprint, "git_commit": git_commit()})
+    logger.log_artifact(write_settings(args))
     if resume_state and args.resume_changes:   # params are write-once: accepted changes become a tag
         logger.set_tag(f"resume_epoch_{start_epoch}_changes",
                        ", ".join(f"{name} {before} -> {now}" for name, (before, now) in args.resume_changes.items()))
     return logger
+
+
+def write_settings(args) -> Path:
+    """CHECKPOINT_DIR/settings.yaml: every flag's value as this launch resolved it (config file, then the
+    command line); itself a valid --config. Rewritten at every (re)start, like the checkpoint's args."""
+    settings = {flag: value for flag, value in vars(args).items() if flag in FLAG_ROLES and flag != "config"}
+    path = Path(args.checkpoint_dir) / SETTINGS_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp_path:
+        tmp_path.write_text(settings_text(settings))
+    return path
 
 
 def epoch_metrics(train: dict, val: dict | None, nonfinite: int, baselines: dict | None, seconds: float) -> dict:

@@ -215,15 +215,15 @@ def test_what_is_not_audio_fails_in_one_line_and_quietly(tmp_path, capfd):
 # ------------------------------------------------------------------------------------------ preparing
 
 def test_prepare_data_reads_a_folder_of_real_encodings(tmp_path, capfd):
-    """The real path: every encoding above is prepared (.opus no longer refused by its name; AAC in a file
-    named .mp3 or with no extension found by its content), stored exactly as load_audio decodes it; each file
+    """The real path: every encoding above is prepared (.opus read by its content, not refused by its name; AAC in a
+    file named .mp3 or with no extension found by its content), stored exactly as load_audio decodes it; each file
     that is not audio is skipped with one warning line (a named pipe without being opened), and nothing else
     is printed."""
     audio_dir = tmp_path / "music"
     audio_dir.mkdir()
     for name, (encoder, container, rate, _, _) in LOSSY.items():
-        # raw AAC's header length is FFmpeg's guess from the bit rate, so until preparation trusts the decoded
-        # length (issue 16 item 1, the "data" branch) whether the two agree on whole frames is luck
+        # raw AAC's header length is FFmpeg's guess from the bit rate: whether it agrees with the decoded
+        # length on whole frames is luck, so that file is left out
         if name != "adts_aac.mp3":
             encode(audio_dir / name, encoder, rate, container)
     encode(audio_dir / "really_m4a.mp3", "aac", 44_100, "mp4")                 # a renamed purchase

@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from music_continuation import codec
 from music_continuation.codec import HOP_LENGTH, LATENT_DIM, SAMPLE_RATE
+from music_continuation.data import audio_io, demo_corpus
 from music_continuation.data import cache as data
-from music_continuation.data import demo_corpus
 from music_continuation.data import prepare as prepare_data
 from music_continuation.data.journal import read_journal, read_skipped
 
@@ -117,8 +117,8 @@ def test_load_audio_mixes_to_mono_and_resamples_to_24k(tmp_path):
     soundfile.write(tmp_path / "s.wav", np.stack([left, right], axis=1), 44_100, subtype="FLOAT")
     soundfile.write(tmp_path / "m.wav", sine(300, 1.2, 16_000, 0.4), 16_000, subtype="FLOAT")
 
-    stereo = data.load_audio(tmp_path / "s.wav")
-    mono = data.load_audio(tmp_path / "m.wav")
+    stereo = audio_io.load_audio(tmp_path / "s.wav")
+    mono = audio_io.load_audio(tmp_path / "m.wav")
     assert stereo.shape == (1, 24_000) and stereo.dtype == torch.float32
     assert mono.shape == (1, 28_800)
     # the mean of the channels is a 440 Hz sine of amplitude 0.375; compare away from the edges
@@ -128,11 +128,11 @@ def test_load_audio_mixes_to_mono_and_resamples_to_24k(tmp_path):
 
 
 def test_load_audio_errors_name_the_file(tmp_path):
-    with pytest.raises(data.AudioLoadError, match="missing.wav: unreadable"):
-        data.load_audio(tmp_path / "missing.wav")
+    with pytest.raises(audio_io.AudioLoadError, match="missing.wav: unreadable"):
+        audio_io.load_audio(tmp_path / "missing.wav")
     (tmp_path / "text.wav").write_text("hello")
-    with pytest.raises(data.AudioLoadError, match="text.wav: "):
-        data.load_audio(tmp_path / "text.wav")
+    with pytest.raises(audio_io.AudioLoadError, match="text.wav: "):
+        audio_io.load_audio(tmp_path / "text.wav")
 
 
 def test_cached_tracks_are_24k_mono_with_whole_frames(prepared):
@@ -577,8 +577,8 @@ def test_huge_finite_samples_are_skipped_and_statistics_stay_finite(tmp_path, ca
     assert np.isfinite(manifest["latent_mean"]).all() and np.isfinite(manifest["latent_std"]).all()
     assert not list((tmp_path / "cache" / "tracks").glob(".*"))          # no temporaries of the skipped tracks
     # load_audio (used on --input files by inference) refuses them the same way
-    with pytest.raises(data.AudioLoadError, match="huge_stereo.wav: corrupt"):
-        data.load_audio(audio_dir / "huge_stereo.wav")
+    with pytest.raises(audio_io.AudioLoadError, match="huge_stereo.wav: corrupt"):
+        audio_io.load_audio(audio_dir / "huge_stereo.wav")
 
 
 def test_statistics_never_hold_nan(tmp_path, prepared):
@@ -666,9 +666,9 @@ def test_long_tracks_stream_in_blocks_like_whole_files(tmp_path, monkeypatch, ra
 def test_reading_in_blocks_holds_one_block_at_a_time(tmp_path):
     rate, seconds, block_seconds = 44_100, 5.0, 0.25
     soundfile.write(tmp_path / "a.wav", sine(440, seconds, rate), rate, subtype="FLOAT")
-    with data.open_audio(tmp_path / "a.wav") as handle:
-        sizes = [len(block) for block in data.iter_mono_blocks(handle, block_seconds)]
-    assert sum(sizes) == data.load_audio(tmp_path / "a.wav").shape[-1] == 120_000
+    with audio_io.open_audio(tmp_path / "a.wav") as handle:
+        sizes = [len(block) for block in audio_io.iter_mono_blocks(handle, block_seconds)]
+    assert sum(sizes) == audio_io.load_audio(tmp_path / "a.wav").shape[-1] == 120_000
     assert len(sizes) == seconds / block_seconds and max(sizes) == block_seconds * SAMPLE_RATE
 
 
@@ -720,7 +720,7 @@ def whole_file_mono_24k(path: Path) -> np.ndarray:
 
 
 def whole_frames(samples: int, rate: int) -> int:
-    return data.resampled_length(samples, rate) // HOP_LENGTH
+    return audio_io.resampled_length(samples, rate) // HOP_LENGTH
 
 
 def test_mp3_whose_header_over_promises_stores_what_decodes(reuse_random_codec, tmp_path, capsys):
@@ -756,7 +756,7 @@ def test_mp3_whose_header_over_promises_stores_what_decodes(reuse_random_codec, 
 
 
 class UnderPromisingReader:
-    """A reader (data.open_audio's) whose header estimate is `fraction` of the real length (0: unknown), as FFmpeg's
+    """A reader (audio_io.open_audio's) whose header estimate is `fraction` of the real length (0: unknown), as FFmpeg's
     container durations can be; everything else is the real reader's. It has no libsndfile format: a header of
     WAV, FLAC or AIFF states the exact length, which preparation trusts to skip a short file unread."""
     format = None

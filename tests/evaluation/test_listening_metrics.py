@@ -155,7 +155,7 @@ def test_white_noise_against_music_is_low():
     Each pitch class of 2+ s of noise pools hundreds of STFT bins over tens of frames, so its share
     departs from 1/12 by a few percent: |d_noise| < 0.1 |d_music| for any music with a key (a triad:
     |d| = 0.5; demo tracks, drums included: |d| > 0.1). By Cauchy-Schwarz the figure is then at most
-    2r / (1 + r^2) < 0.2 with r = 0.1. (The old mean-chroma cosine scored 0.92 here.)
+    2r / (1 + r^2) < 0.2 with r = 0.1. (The cosine of the mean chroma vectors scores 0.92 here.)
     """
     pieces = [chord()] + [demo_cycles(index, cycles=1)[0] for index in range(3)]
     for seed, music in enumerate(pieces):

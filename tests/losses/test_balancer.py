@@ -1,4 +1,4 @@
-"""Gradient shares and the loss balancer (balancer.py, issue 19).
+"""Gradient shares and the loss balancer (music_continuation/losses/balancer.py).
 
 References: EnCodec's own check of the formula (by hand), autograd through the whole graph for the per-
 component gradients at the output audio, a plain backward of the weighted sum for the unbalanced update,
@@ -303,7 +303,7 @@ def test_balanced_run_logs_shares_and_resumes_bit_exactly(small_cache, mlflow_se
     assert full.returncode == 0, full.stderr[-3000:]
     crash_step = steps_per_epoch(small_cache, nproc=1, batch_size=4) + 1
     crashed = run_launcher(argv + ["--checkpoint_dir", tmp_path / "ck"], cwd=tmp_path,
-                           env={"TRAIN_SIMPLE_TEST_FAIL": f"0:{crash_step}"})
+                           faults=f"fail=0:{crash_step}")
     assert crashed.returncode != 0 and load_checkpoint(tmp_path / "ck" / "latest.pt")["epoch"] == 1
     resumed = run_launcher(argv + ["--checkpoint_dir", tmp_path / "ck", "--resume", "auto"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""Faults a user meets around a training run (issue 17, items 2-6): every one ends in one line that says what
+"""Faults a user meets around a training run: every one ends in one line that says what
 happened, with a non-zero exit, and leaves no process behind.
 
 One run per checkpoint folder (a lock) and per new sqlite MLflow store at once; a lost peer under torchrun;
@@ -21,12 +21,13 @@ import pytest
 from bench import fault_trials
 from music_continuation.data.cache import read_manifest, track_paths
 from music_continuation.training.checkpoint import LOCK_NAME, CheckpointError, load_checkpoint, lock_checkpoint_dir
+from tests.fault_launcher import FAULT_LAUNCHER, fault_environment
 from tests.training.test_reliability import TINY_SIZES, copy_cache, sqlite_uri
 from tests.training.test_training import ROOT, RUN_TIMEOUT, TINY, run_launcher
 
 
-def launcher_command(tiny_cache, folder: Path, *extra) -> list[str]:
-    return [sys.executable, str(ROOT / "train_simple_ddp.py"), "--data_dir", str(tiny_cache), "--nproc", "2",
+def launcher_command(tiny_cache, folder: Path, *extra, script: Path = ROOT / "train_simple_ddp.py") -> list[str]:
+    return [sys.executable, str(script), "--data_dir", str(tiny_cache), "--nproc", "2",
             "--batch_size", "2", "--checkpoint_dir", str(folder / "ck"), "--mlflow_tracking_uri",
             sqlite_uri(folder)] + [str(a) for a in TINY_SIZES] + [str(a) for a in extra]
 
@@ -45,8 +46,8 @@ def kill_group(group: int) -> None:
 # ---------------------------------------------------------------------------------- one run per folder
 
 def test_a_second_training_on_the_same_checkpoint_dir_is_refused_naming_the_holder(tiny_cache, tmp_path):
-    first = subprocess.Popen(launcher_command(tiny_cache, tmp_path, "--epochs", 50), cwd=tmp_path,
-                             env=clean_env(TRAIN_SIMPLE_TEST_SLOW="0.2"), stdout=subprocess.DEVNULL,
+    first = subprocess.Popen(launcher_command(tiny_cache, tmp_path, "--epochs", 50, script=FAULT_LAUNCHER),
+                             cwd=tmp_path, env=fault_environment("slow=0.2", clean_env()), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
     lock_file = tmp_path / "ck" / LOCK_NAME
     try:

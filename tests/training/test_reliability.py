@@ -24,7 +24,8 @@ from music_continuation.data.integrity import check_cache_files
 from music_continuation.training import launcher as train_simple_ddp
 from music_continuation.training import worker as train_simple_worker
 from music_continuation.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from tests.training.test_training import ROOT, RUN_TIMEOUT, TINY, epoch_blocks, make_trainable, run_launcher, sqlite_uri
+from tests.fault_launcher import FAULT_LAUNCHER, fault_environment
+from tests.training.test_training import RUN_TIMEOUT, TINY, epoch_blocks, make_trainable, run_launcher, sqlite_uri
 
 pytestmark = pytest.mark.slow     # every test here starts a launch, a server, torchrun or Slurm
 
@@ -91,10 +92,10 @@ def test_non_finite_validation_names_the_examples_and_fails_the_run(tiny_cache, 
 def test_a_signal_stops_every_rank_with_one_line(tiny_cache, tmp_path, sig, to_group, code):
     """Ctrl-C in a terminal signals the whole process group; `kill -TERM PID` (Slurm's stop) only the launcher,
     which forwards it (the launcher handles SIGINT and SIGTERM alike)."""
-    command = [sys.executable, str(ROOT / "train_simple_ddp.py"), "--data_dir", str(tiny_cache), "--nproc", "2",
+    command = [sys.executable, str(FAULT_LAUNCHER), "--data_dir", str(tiny_cache), "--nproc", "2",
                "--batch_size", "2", "--epochs", "50", "--checkpoint_dir", str(tmp_path / "ck"),
                "--mlflow_tracking_uri", sqlite_uri(tmp_path)] + [str(a) for a in TINY_SIZES]
-    env = {**os.environ, "TRAIN_SIMPLE_TEST_SLOW": "0.2"}
+    env = fault_environment("slow=0.2", dict(os.environ))
     launcher = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
     try:
@@ -197,7 +198,7 @@ def test_resume_of_a_finished_run_needs_more_epochs(two_epoch_run, capsys):
 
 # ------------------------------------------------------------------------------- errors inside ranks
 
-# A truncated or missing cache file is now found at start, before any rank runs: tests/training/test_faults.py
+# A truncated or missing cache file is found at start, before any rank runs: tests/training/test_faults.py
 # (test_a_broken_cache_file_is_one_line_at_start); a failure inside a rank: test_faults' orphan trial.
 
 

@@ -33,6 +33,7 @@ from music_continuation.training.checkpoint import (
     unwrapped_state_dict,
 )
 from music_continuation.utils import free_port
+from tests.fault_launcher import FAULT_LAUNCHER, fault_environment
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,15 +67,20 @@ def sqlite_uri(folder: Path) -> str:
     return f"sqlite:///{path}"
 
 
-def run_launcher(argv, cwd: Path, env: dict | None = None, new_store: bool = False) -> subprocess.CompletedProcess:
+def run_launcher(argv, cwd: Path, env: dict | None = None, new_store: bool = False,
+                 faults: str | None = None) -> subprocess.CompletedProcess:
     """train_simple_ddp.py ARGV in `cwd`; MLflow's default store there starts as a copy of an empty one unless
-    `new_store` (the run creates it, as a user's first run does)."""
+    `new_store` (the run creates it, as a user's first run does). `faults`: run tests/fault_launcher.py with
+    these TEST_FAULTS instead."""
     if not new_store and "--mlflow_tracking_uri" not in map(str, argv):
         sqlite_uri(Path(cwd))
     environment = {key: value for key, value in os.environ.items()
                    if key not in ("MLFLOW_TRACKING_URI", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     environment.update(env or {})
-    command = [sys.executable, str(ROOT / "train_simple_ddp.py"), *map(str, argv)]
+    script = ROOT / "train_simple_ddp.py"
+    if faults is not None:
+        environment, script = fault_environment(faults, environment), FAULT_LAUNCHER
+    command = [sys.executable, str(script), *map(str, argv)]
     return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=RUN_TIMEOUT)
 
 
@@ -401,13 +407,12 @@ def test_run_script_defaults_overrides_and_demo_preset(tmp_path):
         assert result.returncode != 0 and "--data_dir" in result.stderr and "no such directory" in result.stderr
         return next(line for line in result.stderr.splitlines() if "exec " in line and "train_simple_ddp.py" in line)
     line = traced({})
-    assert ("--loss_weight_input 0.0 --loss_weight_target 1.0 --loss_weight_spectral 0.0 --loss_weight_mel 0.0"
-            in line) and "--epochs" not in line
+    assert "--loss_weight" not in line and "--config" not in line      # the launcher's defaults: pure continuation
     line = traced({"LOSS_WEIGHT_TARGET": "0.5", "LOSS_WEIGHT_SPECTRAL": "0.5"}, "--loss_weight_mel", "0.1")
     assert "--loss_weight_target 0.5 --loss_weight_spectral 0.5" in line and line.endswith(
         "--loss_weight_mel 0.1 --data_dir " + str(tmp_path / "none"))
     line = traced({}, "--demo")
-    assert "--epochs 3 --d_model 128 --num_layers 2" in line and "--mlflow_tracking_uri sqlite:///mlflow.db" in line
+    assert "--config configs/demo.yaml --data_dir" in line     # tests/test_config.py checks what the preset holds
 
 
 # ------------------------------------------------------------------------------------ real runs
@@ -462,6 +467,14 @@ def test_two_process_run_prints_epoch_blocks_and_logs_to_mlflow(reference_run, m
     assert {f"samples/epoch_0002/example0_{kind}.wav" for kind in ("input", "output", "target")} <= artifacts
     assert "samples/epoch_0002/example0_spectrogram.png" in artifacts
     assert not client.list_artifacts(run_id, "samples/epoch_0001")          # --log_audio_every 2
+    # the resolved settings: an artifact, the same file in the checkpoint folder, and the checkpoint's args
+    import yaml
+    local = reference_run["checkpoints"] / "settings.yaml"
+    saved = yaml.safe_load(local.read_text())
+    assert saved["nproc"] == 2 and saved["d_model"] == 32 and saved["loss_weight_target"] == 1.0
+    assert yaml.safe_load(open(client.download_artifacts(run_id, "settings.yaml", str(local.parent.parent)))) == saved
+    args = load_checkpoint(reference_run["checkpoints"] / "latest.pt")["args"]
+    assert {flag: args[flag] for flag in saved} == saved
     best = load_checkpoint(reference_run["checkpoints"] / "best.pt")
     assert best["val_loss"] == best["best_val_loss"] == min(b["val"][0] for b in blocks.values()) or \
         abs(best["val_loss"] - min(b["val"][0] for b in blocks.values())) < 1e-4
@@ -473,7 +486,7 @@ def crashed_run(reference_run, tiny_cache, tmp_path_factory):
     folder = tmp_path_factory.mktemp("crashed")
     crash_step = steps_per_epoch(tiny_cache, nproc=2, batch_size=2) + 1
     argv = reference_run["argv"] + ["--checkpoint_dir", folder / "ck"]
-    result = run_launcher(argv, cwd=folder, env={"TRAIN_SIMPLE_TEST_FAIL": f"1:{crash_step}"})
+    result = run_launcher(argv, cwd=folder, faults=f"fail=1:{crash_step}")
     return {"argv": argv, "result": result, "checkpoints": folder / "ck", "folder": folder}
 
 
@@ -549,7 +562,7 @@ def test_non_finite_losses_in_a_row_stop_every_rank(tiny_cache, tmp_path):
     result = run_launcher(["--data_dir", tiny_cache, "--nproc", 2, "--batch_size", 2, "--epochs", 2,
                            "--checkpoint_dir", tmp_path / "ck", "--mlflow_tracking_uri",
                            sqlite_uri(tmp_path)] + TINY, cwd=tmp_path,
-                          env={"TRAIN_SIMPLE_TEST_NAN": "1:all"})
+                          faults="nan=1:all")
     assert result.returncode != 0
     assert "update skipped on all ranks (1 in a row)" in result.stderr
     assert "10 consecutive steps had a non-finite loss or gradient" in result.stderr

@@ -1,0 +1,91 @@
+"""Facts that several jobs share, as pure data: the loss components, the baselines, and the role of every
+launcher flag.
+
+This module imports nothing heavy (no torch), so ablate.py can read it at start-up. The launcher, the worker,
+the losses, the scoring and the ablation report all take these names from here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LossComponent:
+    """One training-loss component and every name it goes by."""
+    name: str        # metric key (train_<name>, val_<name>) and CombinedLoss keyword
+    flag: str        # launcher flag holding its weight
+    short: str       # name in the printed epoch block
+    default: float   # default weight
+    help: str
+
+
+# The loss components in their canonical order: flags, logs, prints and tests derive from it.
+LOSSES = (
+    LossComponent("rms_input", "--loss_weight_input", "rms_in", 0.0, "RMS(output, input): reconstruction"),
+    LossComponent("rms_target", "--loss_weight_target", "rms_tgt", 1.0, "RMS(output, target): continuation"),
+    LossComponent("spectral", "--loss_weight_spectral", "spec", 0.0, "multi-resolution STFT(output, target)"),
+    LossComponent("mel", "--loss_weight_mel", "mel", 0.0, "log-mel L1(output, target)"),
+)
+LOSS_COMPONENTS = tuple(component.name for component in LOSSES)
+LOSS_WEIGHT_FLAGS = tuple(component.flag[2:] for component in LOSSES)
+
+# The trivial continuations every model is read against (evaluation.scoring scores them).
+BASELINES = ("silence", "repeat", "oracle")
+
+
+@dataclass(frozen=True)
+class Role:
+    """What a launcher flag means to a resumed run and to a loss study.
+
+    resume:   "must match" (a change would be another experiment: refused), "may change" (said in one
+              line and recorded), or None (not compared: where the run is stored and logged).
+    identity: part of a study cell's identity hash (ablate.py skips a cell whose hash finished).
+    ablate:   "cell" (a grid cell may set it), "study" (one value for the whole study), or "ablate"
+              (ablate.py sets it per cell and refuses it from the user).
+    """
+    resume: str | None
+    identity: bool
+    ablate: str
+    means: str
+
+
+ROLES = {
+    "experiment": Role("must match", True, "cell", "the model, the data it sees and the objective"),
+    "seed": Role("must match", True, "ablate", "init, data order and dropout; a study runs seeds 0..N-1"),
+    "length": Role("may change", True, "cell", "added epochs continue at the schedule's final LR"),
+    "data": Role("may change", True, "study", "the cache (and its codec): one per study"),
+    "runtime": Role("may change", False, "cell", "speed, memory and logging cadence, not the result"),
+    "derived": Role("may change", False, "study", "where files derived from the cache go (decoded references)"),
+    "tracking": Role(None, False, "study", "where MLflow keeps the runs: one per study"),
+    "logger": Role("must match", True, "ablate", "a study's cells log to MLflow, where ablate.py reads them"),
+    "bookkeeping": Role(None, False, "ablate", "where a run is written and how it is named"),
+    "preset": Role(None, False, "cell", "a settings file; what it sets is recorded flag by flag"),
+}
+
+# Every launcher flag (its argparse dest) and its one role (a test checks the launcher has no other flag).
+FLAG_ROLES = {
+    "data_dir": "data", "encodec_weights": "data", "references_dir": "derived",
+    "segment_frames": "experiment", "unity_test": "experiment", "target_audio": "experiment",
+    "num_workers": "runtime",
+    "epochs": "length",
+    "batch_size": "experiment", "grad_accum_steps": "experiment", "lr": "experiment", "weight_decay": "experiment",
+    "grad_clip": "experiment", "warmup_steps": "experiment",
+    "seed": "seed",
+    "compile": "runtime", "decoder_checkpointing": "runtime",
+    "d_model": "experiment", "num_layers": "experiment", "num_heads": "experiment", "dropout": "experiment",
+    **{flag: "experiment" for flag in LOSS_WEIGHT_FLAGS},
+    "loss_balancer": "experiment", "balancer_ema_decay": "experiment",
+    # On resume the world size (--nproc, or torchrun's) must match: it sets the data order and the batch.
+    "nproc": "experiment",
+    "checkpoint_dir": "bookkeeping", "resume": "bookkeeping", "run_name": "bookkeeping",
+    "mlflow_parent_run_id": "bookkeeping", "mlflow_tag": "bookkeeping",
+    "mlflow_tracking_uri": "tracking", "experiment_name": "tracking",
+    "logger": "logger",
+    "log_audio_every": "runtime", "musical_every": "runtime", "beat_tracker": "runtime",
+    "config": "preset",
+}
+
+def flags_where(**wanted) -> tuple:
+    """The flags whose role has every given property, in table order: flags_where(resume="must match")."""
+    return tuple(flag for flag, role in FLAG_ROLES.items()
+                 if all(getattr(ROLES[role], key) == value for key, value in wanted.items()))
