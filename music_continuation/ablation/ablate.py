@@ -53,7 +53,13 @@ LAUNCHER = ("-m", "music_continuation.training.launcher")     # run as a module:
 
 # The launcher's loss-weight flags in losses.LOSSES order (input, target, spectral, mel); not imported from
 # there because losses loads torch, which the start-up avoids (a test pins the two together).
-LOSS_WEIGHT_FLAGS = ("loss_weight_input", "loss_weight_target", "loss_weight_spectral", "loss_weight_mel")
+LOSS_WEIGHT_FLAGS = ("loss_weight_input", "loss_weight_target", "loss_weight_spectral", "loss_weight_mel",
+                     "loss_weight_adversarial", "loss_weight_feature_matching")
+# Flags added after studies existed: part of a cell's identity only where they differ from these defaults, so
+# the cells of earlier studies keep their hashes (and are not trained again).
+LATER_FLAG_DEFAULTS = {"loss_weight_adversarial": 0.0, "loss_weight_feature_matching": 0.0,
+                       "discriminator_lr": 3e-4, "adversarial_start_step": 0, "discriminator_context": False,
+                       "ema_decay": 0.0}
 
 
 def loss_weights(*weights: float) -> dict:
@@ -254,7 +260,8 @@ def build_cells(grid: list[dict], shared: dict, seeds: int, out_dir: Path) -> li
             except AblateError as error:
                 raise AblateError(f"cell {entry['name']!r}: {error}") from None
             settings = {key: value for key, value in sorted(vars(args).items())
-                        if key in defaults and key not in NOT_SETTINGS}
+                        if key in defaults and key not in NOT_SETTINGS
+                        and not (key in LATER_FLAG_DEFAULTS and value == LATER_FLAG_DEFAULTS[key])}
             cells.append(Cell(entry["name"], seed, flags, settings, settings_hash(settings),
                               out_dir / entry["name"] / f"seed{seed}"))
     return cells
