@@ -34,6 +34,11 @@ def run_step(parts, loss_fn, model, optimizer, scheduler, batches, adversary=Non
     return result, balancer
 
 
+def small(batch: dict) -> dict:
+    """Two examples: the discriminator's five scales are most of a step on CPU."""
+    return {name: tensor[:2] for name, tensor in batch.items()}
+
+
 def flat(module) -> torch.Tensor:
     return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
 
@@ -45,10 +50,9 @@ def test_the_discriminator_learns_while_the_frozen_decoder_never_changes(step_pa
     adversary = Adversary("cpu", lr=1e-3)
     decoder_before = [t.clone() for t in step_parts["decoder"].state_dict().values()]
     disc_before, model_before = flat(adversary.discriminator), flat(model)
-    for index, batch in enumerate(step_parts["batches"][:2]):
-        (applied, total, components), balancer = run_step(step_parts, loss_fn, model, optimizer, scheduler,
-                                                          [batch], adversary, step=index, balance=True)
-        assert applied
+    (applied, total, components), balancer = run_step(step_parts, loss_fn, model, optimizer, scheduler,
+                                                      [small(step_parts["batches"][0])], adversary, balance=True)
+    assert applied
     assert not torch.equal(flat(adversary.discriminator), disc_before)
     assert not torch.equal(flat(model), model_before)
     assert all(torch.equal(a, b) for a, b in zip(decoder_before, step_parts["decoder"].state_dict().values()))
@@ -64,7 +68,7 @@ def test_the_discriminator_learns_while_the_frozen_decoder_never_changes(step_pa
 def test_before_the_start_step_the_generator_gets_only_the_reference_gradient(step_parts):
     """During --adversarial_start_step the model's update is exactly that of the run without a discriminator,
     while the discriminator trains."""
-    batch = step_parts["batches"][0]
+    batch = small(step_parts["batches"][0])
     plain_model, plain_opt, plain_sched = make_sgd()
     plain_loss = CombinedLoss(**{**ADVERSARIAL, "adversarial": 0.0, "feature_matching": 0.0})
     run_step(step_parts, plain_loss, plain_model, plain_opt, plain_sched, [batch])
@@ -89,10 +93,10 @@ def test_a_non_finite_discriminator_skips_the_whole_step(step_parts):
         adversary.parameters[-1].fill_(float("nan"))            # the last layer's bias: NaN logits
     disc_before, model_before = flat(adversary.discriminator), flat(model)
     (applied, _, _), _ = run_step(step_parts, CombinedLoss(**ADVERSARIAL), model, optimizer, scheduler,
-                                  [step_parts["batches"][0]], adversary)
+                                  [small(step_parts["batches"][0])], adversary)
     assert not applied
     assert torch.equal(flat(model), model_before)
-    assert torch.equal(flat(adversary.discriminator), disc_before, ) or flat(adversary.discriminator).isnan().any()
+    assert torch.equal(flat(adversary.discriminator).nan_to_num(), disc_before.nan_to_num())   # no Adam step
     assert all(p.grad is None for p in adversary.parameters)
 
 
