@@ -5,9 +5,9 @@ no centring, normalised by the window's energy, sqrt(sum w^2)), its real and ima
 out [B, 2, frames, bins], through dilated 2-D convolutions (time first, frequency second):
 
     conv  2 -> F, kernel (3, 9)                                            + LeakyReLU(0.3)   feature map 1
-    conv  F -> F, kernel (3, 9), stride (1, 2), dilation (d, 1), d = 1, 2, 4   + LeakyReLU(0.3)   maps 2-4
+    conv  F -> F, kernel (3, 9), stride (1, 2), dilation (d, 1)            + LeakyReLU(0.3)   maps 2-4 (d = 1, 2, 4)
     conv  F -> F, kernel (3, 3)                                            + LeakyReLU(0.3)   feature map 5
-    conv  F -> 1, kernel (3, 3)                                                               logits [B, 1, frames, bins']
+    conv  F -> 1, kernel (3, 3)                                            logits [B, 1, frames, bins']
 
 F = 32 filters; every convolution but the first is weight-normalised; the paddings keep the frames, the
 strides halve the bins three times: bins' = ceil(ceil(ceil((n_fft / 2 + 1) / 2) / 2) / 2). Scales:

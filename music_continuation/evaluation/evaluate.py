@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from music_continuation.evaluation.scoring import TARGET_AUDIO_CHOICES, evaluate_checkpoint, format_table
+from music_continuation.training.checkpoint import WEIGHT_CHOICES
 from music_continuation.utils import OneLineParser, atomic_path, one_line, run_command
 
 
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target_audio", default=None, choices=TARGET_AUDIO_CHOICES,
                         help="audio to score against (default: the checkpoint's --target_audio, else auto)")
     parser.add_argument("--no_musical", action="store_true", help="skip rhythm and chroma (faster)")
+    parser.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto",
+                        help="which weights to run: 'auto' the EMA average when the checkpoint has one (trained "
+                             "with --ema_decay), else the raw ones; 'ema'; 'raw' the training weights")
     return parser
 
 
@@ -60,9 +64,10 @@ def write_json(path: Path, data: dict) -> None:
 def run(args) -> int:
     result = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, split=args.split,
                                  max_windows=args.max_windows, device=args.device, batch_size=args.batch_size,
-                                 musical=not args.no_musical, target_audio=args.target_audio)
+                                 musical=not args.no_musical, target_audio=args.target_audio, weights=args.weights)
     weights = ", ".join(f"{name} {value:g}" for name, value in result["weights"].items())
-    print(f"{result['checkpoint']} (epoch {result['epoch']}) on {result['windows']} {result['split']} windows of "
+    print(f"{result['checkpoint']} (epoch {result['epoch']}, {result['weights_used']} weights) "
+          f"on {result['windows']} {result['split']} windows of "
           f"{result['data_dir']}; target audio: {result['target_audio']}; loss weights: {weights}")
     print(format_table(result))
     print("skill = (repeat - model) / (repeat - oracle): 1 = as good as the oracle, 0 = no better than "

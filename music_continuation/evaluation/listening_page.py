@@ -27,7 +27,7 @@ from music_continuation.evaluation.scoring import BASELINES, SCORE_NAMES
 from music_continuation.losses.audio import LOSSES
 
 METRIC_NAMES = SCORE_NAMES
-BETTER = {**{component.name: "lower" for component in LOSSES if not component.adversarial}, "loss": "lower", "latent_mse": "lower",
+BETTER = {**{c.name: "lower" for c in LOSSES if not c.adversarial}, "loss": "lower", "latent_mse": "lower",
           "rhythm": "higher", "chroma": "higher", "level": "closest to 1"}
 ARROWS = {"lower": "&darr;", "higher": "&uarr;", "closest to 1": "&rarr;1"}
 MODEL_ROW = "model"

@@ -314,7 +314,7 @@ def _renormalizer(dataset, normalizer):
 @torch.no_grad()
 def evaluate_checkpoint(checkpoint, data_dir=None, split: str = "val", max_windows: int | None = None,
                         device="cpu", batch_size: int = 8, musical: bool = True, target_audio: str | None = None,
-                        progress: bool | None = None) -> dict:
+                        progress: bool | None = None, weights: str = "auto") -> dict:
     """Score a checkpoint and the three baselines on evenly spaced windows of a cache split.
 
     data_dir and target_audio default to the checkpoint's (target_audio: its --target_audio flag, 'auto'
@@ -331,7 +331,7 @@ def evaluate_checkpoint(checkpoint, data_dir=None, split: str = "val", max_windo
 
     if batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
-    model, normalizer, state = load_model_for_inference(checkpoint, device)
+    model, normalizer, state = load_model_for_inference(checkpoint, device, weights)
     args = state.get("args") or {}
     data_dir = data_dir if data_dir is not None else args.get("data_dir")
     if not data_dir:
@@ -375,7 +375,8 @@ def evaluate_checkpoint(checkpoint, data_dir=None, split: str = "val", max_windo
     return {"model": model_means, "baselines": baselines,
             "skill": skill(model_means, baselines["repeat"], baselines["oracle"]),
             "windows": len(indices), "checkpoint": str(checkpoint), "data_dir": str(data_dir), "split": split,
-            "target_audio": target_audio, "weights": weights, "epoch": state.get("epoch")}
+            "target_audio": target_audio, "weights": weights, "epoch": state.get("epoch"),
+            "weights_used": state["weights_used"]}
 
 
 def format_table(result: dict) -> str:

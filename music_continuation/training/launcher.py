@@ -28,10 +28,15 @@ import torch
 
 from music_continuation.codec import HOP_LENGTH, WEIGHT_CHOICES_HELP, CodecLoadError, codec_fingerprint, load_codec
 from music_continuation.evaluation.scoring import TARGET_AUDIO_CHOICES, resolve_target_audio
-from music_continuation.losses.audio import LOSSES, CombinedLoss, adversarial_weighted, check_weights, weights_from_flags
+from music_continuation.losses.audio import (
+    LOSSES,
+    CombinedLoss,
+    adversarial_weighted,
+    check_weights,
+    weights_from_flags,
+)
 from music_continuation.training.checkpoint import describe_latest
 from music_continuation.utils import OneLineParser, check_mlflow_server, exit_now, free_port
-
 
 # The discriminator's own flags and their defaults (AudioCraft's Adam lr for the compression solver); a value
 # other than these is an error in a run without a discriminator.

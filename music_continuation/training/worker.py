@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from music_continuation.adversarial.adversary import DISCRIMINATOR_FIGURES, Adversary
 from music_continuation.codec import SAMPLE_RATE, FrozenDecoder, check_fingerprint, codec_fingerprint, load_codec
 from music_continuation.data.cache import ContinuationDataset, LatentNormalizer
 from music_continuation.evaluation.scoring import (
@@ -50,7 +51,6 @@ from music_continuation.evaluation.scoring import (
     score_baselines_batch,
     skill,
 )
-from music_continuation.adversarial.adversary import DISCRIMINATOR_FIGURES, Adversary
 from music_continuation.losses.audio import (
     ADVERSARIAL_COMPONENTS,
     LOSS_COMPONENTS,
@@ -316,8 +316,8 @@ def optimizer_update(model, optimizer, scheduler, total: torch.Tensor, grad_clip
                      also_finite: torch.Tensor | None = None) -> bool:
     """The step's tail, after backward: clip, agree across ranks whether everything is finite, AdamW, LR.
 
-    also_finite: a further condition (the balancer's reduced norms, the discriminator's values). Returns whether the update was applied
-    (False: a non-finite loss or gradient on some rank)."""
+    also_finite: a further condition (the balancer's reduced norms, the discriminator's values). Returns whether
+    the update was applied (False: a non-finite loss or gradient on some rank)."""
     max_norm = grad_clip if grad_clip > 0 else float("inf")   # inf: measure the norm without clipping
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     finite = torch.isfinite(total) & torch.isfinite(grad_norm)
@@ -514,7 +514,7 @@ def _validate(ctx: Context) -> tuple[dict | None, int]:
             if ctx.adversary is not None:
                 figures = ctx.adversary.measure(output_audio[keep], references[0][keep], references[1][keep],
                                                 ctx.autocast)
-                adversarial_sums += torch.stack([figures[name] for name in adversarial_names]).double() * keep.sum()
+                adversarial_sums += torch.stack([figures[n] for n in adversarial_names]).double() * keep.sum()
     model.train()
     counts = all_reduce_sum(torch.cat([sums.vector(), adversarial_sums,
                                        torch.tensor([float(len(bad))], dtype=torch.float64, device=ctx.device)]))

@@ -43,7 +43,7 @@ def flat(module) -> torch.Tensor:
     return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
 
 
-def test_the_discriminator_learns_while_the_frozen_decoder_never_changes(step_parts):
+def test_the_discriminator_learns_while_the_frozen_decoder_never_changes(step_parts):  # noqa: F811
     loss_fn = CombinedLoss(**ADVERSARIAL)
     model, optimizer, scheduler = make_sgd()
     torch.manual_seed(1)
@@ -65,7 +65,7 @@ def test_the_discriminator_learns_while_the_frozen_decoder_never_changes(step_pa
     assert shares.sum().item() == pytest.approx(1.0) and (shares > 0).all()
 
 
-def test_before_the_start_step_the_generator_gets_only_the_reference_gradient(step_parts):
+def test_before_the_start_step_the_generator_gets_only_the_reference_gradient(step_parts):  # noqa: F811
     """During --adversarial_start_step the model's update is exactly that of the run without a discriminator,
     while the discriminator trains."""
     batch = small(step_parts["batches"][0])
@@ -85,7 +85,7 @@ def test_before_the_start_step_the_generator_gets_only_the_reference_gradient(st
     assert balancer.figures[1:3].min().item() > 0               # ... but measured
 
 
-def test_a_non_finite_discriminator_skips_the_whole_step(step_parts):
+def test_a_non_finite_discriminator_skips_the_whole_step(step_parts):  # noqa: F811
     model, optimizer, scheduler = make_sgd()
     torch.manual_seed(1)
     adversary = Adversary("cpu", lr=1e-3)

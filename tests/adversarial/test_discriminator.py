@@ -7,9 +7,9 @@ import pytest
 import torch
 import torchaudio
 
-from music_continuation.adversarial.discriminator import MultiScaleSTFTDiscriminator, STFTDiscriminator
-from music_continuation.optim.ema import ModelEMA
+from music_continuation.adversarial.discriminator import MultiScaleSTFTDiscriminator
 from music_continuation.adversarial.losses import FeatureMatchingLoss, HingeDiscriminatorLoss, HingeGeneratorLoss
+from music_continuation.optim.ema import ModelEMA
 
 # AudioCraft config/solver/compression/default.yaml, msstftd: n_ffts, hop_lengths, win_lengths, filters 32
 AUDIOCRAFT_SCALES = ((1024, 256, 1024), (2048, 512, 2048), (512, 128, 512), (256, 64, 256), (128, 32, 128))
