@@ -152,3 +152,41 @@ def test_the_ablation_identity_keeps_earlier_hashes_and_knows_the_new_flags():
     assert {name: parser.get_default(name) for name in ablate.LATER_FLAG_DEFAULTS} == ablate.LATER_FLAG_DEFAULTS
     assert set(launcher.DISCRIMINATOR_DEFAULTS) | {"ema_decay"} <= set(launcher.RESUME_MUST_MATCH)
     assert {"loss_weight_adversarial", "loss_weight_feature_matching"} <= set(launcher.RESUME_MUST_MATCH)
+
+
+def test_accumulated_micro_batches_match_one_batch(step_parts):  # noqa: F811
+    """Batch 2 in one micro-batch == 2 micro-batches of 1: the same gradients for the model and the discriminator
+    (both on SGD at lr 1, so the update is the gradient). Trained on the per-example hinge term; feature matching
+    is a ratio over each micro-batch."""
+    weights = {**ADVERSARIAL, "feature_matching": 0.0}
+    batch = small(step_parts["batches"][0])
+    results = []
+    for groups in ([batch], [{k: v[:1] for k, v in batch.items()}, {k: v[1:] for k, v in batch.items()}]):
+        model, optimizer, scheduler = make_sgd()
+        torch.manual_seed(1)
+        adversary = Adversary("cpu", lr=1e-3)
+        adversary.optimizer = torch.optim.SGD(adversary.parameters, lr=1.0)
+        (applied, total, _), _ = run_step(step_parts, CombinedLoss(**weights), model, optimizer, scheduler, groups,
+                                          adversary)
+        assert applied
+        results.append((model.state_dict(), adversary.discriminator.state_dict(), total))
+    (model_a, disc_a, total_a), (model_b, disc_b, total_b) = results
+    assert total_a.item() == pytest.approx(total_b.item(), rel=1e-5)
+    for state_a, state_b in ((model_a, model_b), (disc_a, disc_b)):
+        for name, tensor in state_a.items():
+            torch.testing.assert_close(tensor, state_b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_with_context_the_discriminator_hears_the_context_then_the_audio(step_parts):  # noqa: F811
+    heard = []
+    adversary = Adversary("cpu", lr=1e-3, context=True)
+    network = adversary.network
+    adversary.network = lambda x: heard.append(x.detach().clone()) or network(x)
+    batch = small(step_parts["batches"][0])
+    output = torch.randn(2, 1, 2560)
+    adversary.measure(output, batch["input_audio"], batch["target_audio"])
+    audio, = heard
+    assert audio.shape == (4, 1, 5120)                          # [generated; real], each context + continuation
+    assert torch.equal(audio[:2, :, :2560], batch["input_audio"]) and torch.equal(audio[2:, :, :2560],
+                                                                                    batch["input_audio"])
+    assert torch.equal(audio[:2, :, 2560:], output) and torch.equal(audio[2:, :, 2560:], batch["target_audio"])
