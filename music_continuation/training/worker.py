@@ -77,17 +77,17 @@ from music_continuation.utils import exit_now, one_line, strip_exception_prefix,
 MAX_CONSECUTIVE_SKIPS = 10     # this many non-finite steps in a row end the run: training has diverged
 AUDIO_EXAMPLES = 3             # validation examples written as WAV + spectrogram every --log_audio_every epochs
 METRIC_NAMES = ("loss",) + LOSS_COMPONENTS     # order of the accumulated training sums
+# Long enough for rank 0's end-of-epoch work (checkpoints, MLflow with capped retries) while the others
+# wait in the next collective; a rank that is really gone is noticed by the launcher long before.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
+ARTIFACT_WAIT_SECONDS = 120    # at the end, how long rank 0 waits for background artifact uploads
+NAMED_BAD_EXAMPLES = 5         # non-finite validation examples named per warning
 
 
 def metric_names(adversarial: bool) -> tuple[str, ...]:
     """The figures of a run, in the order they are summed: METRIC_NAMES, and with a discriminator its two loss
     components and its own figures (loss, mean logits on real and generated audio)."""
     return METRIC_NAMES + (ADVERSARIAL_COMPONENTS + DISCRIMINATOR_FIGURES if adversarial else ())
-# Long enough for rank 0's end-of-epoch work (checkpoints, MLflow with capped retries) while the others
-# wait in the next collective; a rank that is really gone is noticed by the launcher long before.
-PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
-ARTIFACT_WAIT_SECONDS = 120    # at the end, how long rank 0 waits for background artifact uploads
-NAMED_BAD_EXAMPLES = 5         # non-finite validation examples named per warning
 
 
 class TrainingError(RuntimeError):
