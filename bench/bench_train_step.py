@@ -5,6 +5,8 @@
     python bench/bench_train_step.py --segment_seconds 8 --decoder_checkpointing both
     python bench/bench_train_step.py --loss_balancer true                 # the step with the loss balancer
     python bench/bench_train_step.py --compare_balancer                   # steps without/with it, interleaved
+    python bench/bench_train_step.py --compare_adversarial                # without/with the discriminator, interleaved
+    python bench/bench_train_step.py --loss_weight_adversarial 0.25 --loss_weight_feature_matching 0.25   # its memory
     python bench/bench_train_step.py --mode loader --data_dir data_cache/demo --num_workers 2
     python bench/bench_train_step.py --target_audio codec                    # references read (stored)
     python bench/bench_train_step.py --target_audio codec --codec_references decoded   # decoded every step
@@ -36,10 +38,17 @@ import time
 
 import torch
 
+from music_continuation.adversarial.adversary import Adversary
 from music_continuation.codec import FRAME_RATE, HOP_LENGTH, LATENT_DIM, SAMPLE_RATE, FrozenDecoder, load_codec
 from music_continuation.data.cache import ContinuationDataset, LatentNormalizer
 from music_continuation.evaluation.scoring import decode_latents, reference_audio
-from music_continuation.losses.audio import LOSSES, CombinedLoss, weights_from_flags
+from music_continuation.losses.audio import (
+    LOSS_COMPONENTS,
+    LOSSES,
+    CombinedLoss,
+    adversarial_weighted,
+    weights_from_flags,
+)
 from music_continuation.losses.balancer import LossBalancer
 from music_continuation.model import ContinuationTransformer
 from music_continuation.training.launcher import parse_bool
@@ -54,13 +63,18 @@ def parse_args(argv=None):
     parser.add_argument("--d_model", type=int, default=256)
     parser.add_argument("--num_layers", type=int, default=4)
     parser.add_argument("--num_heads", type=int, default=4)
-    for component in LOSSES:   # default: every component trained, the most expensive step
-        parser.add_argument(component.flag, type=float, default=0.25, help=component.help)
+    for component in LOSSES:   # default: every reference component trained; the discriminator only when asked
+        parser.add_argument(component.flag, type=float, default=0.0 if component.adversarial else 0.25,
+                            help=component.help)
     parser.add_argument("--grad_clip", type=float, default=1.0)
     parser.add_argument("--loss_balancer", type=parse_bool, default=False, help="as the launcher's flag")
     parser.add_argument("--compare_balancer", action="store_true",
                         help="also time --steps steps without and with the balancer, alternating in this process "
                              "(robust to a machine whose load drifts): their medians and ratio")
+    parser.add_argument("--compare_adversarial", action="store_true",
+                        help="also time --steps steps without and with the discriminator (adversarial and feature "
+                             "matching at 0.25 each, beside the reference weights), alternating in this process: "
+                             "their medians and ratio")
     parser.add_argument("--target_audio", choices=("original", "codec"), default="original",
                         help="codec: the references are the decoder's audio of the true latents")
     parser.add_argument("--codec_references", choices=("stored", "decoded"), default="stored",
@@ -132,14 +146,23 @@ def build_training_parts(args, frames: int, checkpointing: bool, device: torch.d
     if args.compile:
         model = torch.compile(model)
     balancer = LossBalancer(loss_fn.weights, args.loss_balancer)
-    return model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast_for(device), balancer
+    adversary = build_adversary(loss_fn.weights, device, args.compile)
+    return model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast_for(device), balancer, adversary
+
+
+def build_adversary(weights: dict, device, compile: bool = False) -> Adversary | None:
+    """The trainer's discriminator (AudioCraft's configuration and Adam) when an adversarial weight is > 0."""
+    if not adversarial_weighted(weights):
+        return None
+    torch.manual_seed(1)
+    return Adversary(device, lr=3e-4, compile=compile)
 
 
 def stage_times(parts, host_batch, device, grad_clip: float, target_audio: str) -> dict:
     """The step's operations one at a time, each timed (same order and work as train_step), and one backward
     of the weighted sum through the same loss graph (`single_loss_backward`: what the step cost before it
     measured each component's gradient; not part of the step)."""
-    model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast, balancer = parts
+    model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast, balancer, adversary = parts
     times = {}
     times["data"], batch = timed(lambda: to_device(host_batch, device), device)
     with autocast():
@@ -149,13 +172,26 @@ def stage_times(parts, host_batch, device, grad_clip: float, target_audio: str) 
         times["decoder_forward"], output = timed(lambda: decode_latents(decoder, normalizer, prediction), device)
     audio = output.detach().float().requires_grad_(True)
     times["losses"], terms = timed(lambda: loss_fn.terms(audio, *references), device)
+    if adversary is not None:      # its forward on [generated; reference] and its own backward
+        def discriminator():
+            figures = adversary.terms(audio, *references, autocast)
+            adversary.backward(figures["discriminator_loss"], 1.0)
+            return figures
+        times["discriminator"], figures = timed(discriminator, device)
+        terms.update(figures)
     balancer.start_step()
     times["loss_gradients"], gradient = timed(
         lambda: balancer.gradient({name: terms[name] for name in balancer.names}, audio), device)
     times["backward"], _ = timed(lambda: output.backward(gradient.to(output.dtype)), device)
     total = loss_fn.weighted_sum(terms).detach()
-    times["optimizer"], _ = timed(lambda: optimizer_update(model, optimizer, scheduler, total, grad_clip,
-                                                           balancer.finite), device)
+    def update():
+        finite = balancer.finite
+        if adversary is not None:
+            finite = adversary.reduce_gradients() if finite is None else finite & adversary.reduce_gradients()
+        applied = optimizer_update(model, optimizer, scheduler, total, grad_clip, finite)
+        if adversary is not None:
+            adversary.step(applied)
+    times["optimizer"], _ = timed(update, device)
     balancer.end_step(True)
     again = audio.detach().requires_grad_(True)
     single_total = loss_fn.weighted_sum(loss_fn.terms(again, *references))
@@ -175,7 +211,7 @@ def decoder_alone(decoder, batch, device) -> float:
 
 def compare_balancer(args, parts, host_batch, device) -> dict:
     """Median step time without and with the balancer, the two alternating step by step."""
-    model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast, _ = parts
+    model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast, _, _ = parts
     balancers = {False: LossBalancer(loss_fn.weights, False), True: LossBalancer(loss_fn.weights, True)}
     times = {False: [], True: []}
     for _ in range(args.steps):
@@ -189,11 +225,36 @@ def compare_balancer(args, parts, host_batch, device) -> dict:
             "balancer_step_ratio": round(on / off, 4)}
 
 
+def compare_adversarial(args, parts, host_batch, device) -> dict:
+    """Median step time without and with the discriminator, the two alternating step by step (same model)."""
+    model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast, _, _ = parts
+    reference = {name: weight for name, weight in loss_fn.weights.items() if name in LOSS_COMPONENTS}
+    configs = {}
+    for on in (False, True):
+        weights = {**reference, **({"adversarial": 0.25, "feature_matching": 0.25} if on else {})}
+        fn = CombinedLoss(**weights).to(device)
+        configs[on] = (fn, LossBalancer(fn.weights, args.loss_balancer),
+                       build_adversary(fn.weights, device, args.compile))
+    times = {False: [], True: []}
+    for index in range(args.warmup + args.steps):
+        for on, (fn, balancer, adversary) in configs.items():
+            seconds, _ = timed(lambda f=fn, b=balancer, a=adversary: train_step(
+                model, decoder, normalizer, f, optimizer, scheduler, to_device(host_batch, device),
+                grad_clip=args.grad_clip, autocast_ctx=autocast, target_audio=args.target_audio, balancer=b,
+                adversary=a), device)
+            if index >= args.warmup:
+                times[on].append(seconds)
+    off, on = statistics.median(times[False]), statistics.median(times[True])
+    return {"step_seconds_adversarial_off": round(off, 4), "step_seconds_adversarial_on": round(on, 4),
+            "adversarial_step_ratio": round(on / off, 4),
+            "discriminator_parameters": sum(p.numel() for p in configs[True][2].parameters)}
+
+
 def bench_step(args, segment_seconds: float, checkpointing: bool) -> dict:
     device = torch.device(args.device)
     frames = round(segment_seconds * FRAME_RATE)
     parts = build_training_parts(args, frames, checkpointing, device)
-    model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast, balancer = parts
+    model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast, balancer, adversary = parts
     stored = args.target_audio == "codec" and args.codec_references == "stored"
     host_batch = synthetic_batch(args.batch_size, frames, device, stored_references=stored)
     if device.type == "cuda":
@@ -205,7 +266,7 @@ def bench_step(args, segment_seconds: float, checkpointing: bool) -> dict:
         seconds, _ = timed(lambda: train_step(model, decoder, normalizer, loss_fn, optimizer, scheduler,
                                               to_device(host_batch, device), grad_clip=args.grad_clip,
                                               autocast_ctx=autocast, target_audio=args.target_audio,
-                                              balancer=balancer), device)
+                                              balancer=balancer, adversary=adversary), device)
         if index >= args.warmup:
             step_times.append(seconds)
     peak = peak_rss_mb() if device.type == "cpu" else torch.cuda.max_memory_allocated(device) / 2**20
@@ -219,6 +280,8 @@ def bench_step(args, segment_seconds: float, checkpointing: bool) -> dict:
     single_backward = statistics.median(single for _, single in runs)
 
     comparison = compare_balancer(args, parts, host_batch, device) if args.compare_balancer else {}
+    if args.compare_adversarial:
+        comparison.update(compare_adversarial(args, parts, host_batch, device))
 
     step = statistics.median(step_times)
     decode = statistics.median(decoder_times)
@@ -233,7 +296,7 @@ def bench_step(args, segment_seconds: float, checkpointing: bool) -> dict:
         "audio_seconds_per_second": round(args.batch_size * frames * HOP_LENGTH / SAMPLE_RATE / step, 3),
         "decoder_fwd_bwd_seconds": round(decode, 4),
         "step_over_decoder": round(step / decode, 3),
-        "loss_balancer": args.loss_balancer,
+        "loss_balancer": args.loss_balancer, "discriminator": adversary is not None,
         "stage_share": {name: round(value / stage_sum, 3) for name, value in stage_medians.items()},
         "loss_gradients_seconds": round(stage_medians["loss_gradients"], 4),
         "single_loss_backward_seconds": round(single_backward, 4),

@@ -17,6 +17,7 @@ class LossComponent:
     short: str       # name in the printed epoch block
     default: float   # default weight
     help: str
+    adversarial: bool = False   # measured by the discriminator (music_continuation.adversarial), not CombinedLoss
 
 
 # The loss components in their canonical order: flags, logs, prints and tests derive from it.
@@ -25,8 +26,26 @@ LOSSES = (
     LossComponent("rms_target", "--loss_weight_target", "rms_tgt", 1.0, "RMS(output, target): continuation"),
     LossComponent("spectral", "--loss_weight_spectral", "spec", 0.0, "multi-resolution STFT(output, target)"),
     LossComponent("mel", "--loss_weight_mel", "mel", 0.0, "log-mel L1(output, target)"),
+    LossComponent("adversarial", "--loss_weight_adversarial", "adv", 0.0,
+                  "hinge adversarial loss of the multi-scale STFT discriminator on the output", adversarial=True),
+    LossComponent("feature_matching", "--loss_weight_feature_matching", "feat", 0.0,
+                  "discriminator feature-matching L1(output, target), normalised per feature map", adversarial=True),
 )
-LOSS_COMPONENTS = tuple(component.name for component in LOSSES)
+# The components CombinedLoss measures against the reference audio (every run, every scorer, the total).
+LOSS_COMPONENTS = tuple(component.name for component in LOSSES if not component.adversarial)
+ADVERSARIAL_COMPONENTS = tuple(component.name for component in LOSSES if component.adversarial)
+
+
+def adversarial_weighted(weights: dict) -> bool:
+    """Whether a run with these weights trains a discriminator (either adversarial component above 0)."""
+    return any(float(weights.get(name, 0.0)) > 0 for name in ADVERSARIAL_COMPONENTS)
+
+
+def shown_losses(weights: dict) -> tuple[LossComponent, ...]:
+    """The components a run prints and logs: the four reference ones, then the adversarial ones if trained."""
+    return tuple(c for c in LOSSES if not c.adversarial or adversarial_weighted(weights))
+
+
 LOSS_WEIGHT_FLAGS = tuple(component.flag[2:] for component in LOSSES)
 
 # The trivial continuations every model is read against (evaluation.scoring scores them).
@@ -75,6 +94,8 @@ FLAG_ROLES = {
     "d_model": "experiment", "num_layers": "experiment", "num_heads": "experiment", "dropout": "experiment",
     **{flag: "experiment" for flag in LOSS_WEIGHT_FLAGS},
     "loss_balancer": "experiment", "balancer_ema_decay": "experiment",
+    "discriminator_lr": "experiment", "adversarial_start_step": "experiment", "discriminator_context": "experiment",
+    "ema_decay": "experiment",
     # On resume the world size (--nproc, or torchrun's) must match: it sets the data order and the batch.
     "nproc": "experiment",
     "checkpoint_dir": "bookkeeping", "resume": "bookkeeping", "run_name": "bookkeeping",

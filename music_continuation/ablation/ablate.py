@@ -56,6 +56,12 @@ from music_continuation.utils import Interrupted, UserError, exit_now, export_pa
 
 LAUNCHER = ("-m", "music_continuation.training.launcher")     # run as a module: torchrun takes the same argv
 
+# Flags added after studies existed: part of a cell's identity only where they differ from these defaults, so
+# the cells of earlier studies keep their hashes (and are not trained again).
+LATER_FLAG_DEFAULTS = {"loss_weight_adversarial": 0.0, "loss_weight_feature_matching": 0.0,
+                       "discriminator_lr": 3e-4, "adversarial_start_step": 0, "discriminator_context": False,
+                       "ema_decay": 0.0}
+
 # The default grid: the four documented loss mixes (the presets in configs/) and the unity sanity check.
 DEFAULT_GRID = [
     {"name": "continuation", "config": "continuation"},
@@ -269,7 +275,8 @@ def build_cells(grid: list[dict], shared: dict, seeds: int, out_dir: Path) -> li
                 train_simple_ddp.check_flags(args, parser)
             except AblateError as error:
                 raise AblateError(f"cell {entry['name']!r}: {error}") from None
-            settings = {key: value for key, value in sorted(vars(args).items()) if key in IDENTITY}
+            settings = {key: value for key, value in sorted(vars(args).items())
+                        if key in IDENTITY and not (key in LATER_FLAG_DEFAULTS and value == LATER_FLAG_DEFAULTS[key])}
             cells.append(Cell(entry["name"], seed, flags, settings, settings_hash(settings),
                               out_dir / entry["name"] / f"seed{seed}"))
     return cells

@@ -34,7 +34,6 @@ import fcntl
 import hashlib
 import io
 import itertools
-import json
 import os
 import sys
 import tempfile

@@ -22,6 +22,7 @@ import torch
 
 from music_continuation.evaluation.listeners import BEAT_TRACKERS, ListenerUnavailable
 from music_continuation.evaluation.scoring import TARGET_AUDIO_CHOICES, evaluate_checkpoint, format_table
+from music_continuation.training.checkpoint import WEIGHT_CHOICES
 from music_continuation.utils import OneLineParser, one_line, run_command, write_json
 
 
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "frechet_codec (docs/musical-figures.md)")
     parser.add_argument("--beat_tracker", default="librosa", choices=BEAT_TRACKERS,
                         help="beat tracker of beat_f1 and tempo_ratio (madmom: CC BY-NC-SA 4.0 models)")
+    parser.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto",
+                        help="which weights to run: 'auto' the EMA average when the checkpoint has one (trained "
+                             "with --ema_decay), else the raw ones; 'ema'; 'raw' the training weights")
     return parser
 
 
@@ -66,9 +70,10 @@ def run(args) -> int:
                                  max_windows=args.max_windows, device=args.device, batch_size=args.batch_size,
                                  musical=not args.no_musical, target_audio=args.target_audio,
                                  listeners=not args.no_listeners, beat_tracker=args.beat_tracker,
-                                 references_dir=args.references_dir)
+                                 references_dir=args.references_dir, weights=args.weights)
     weights = ", ".join(f"{name} {value:g}" for name, value in result["weights"].items())
-    print(f"{result['checkpoint']} (epoch {result['epoch']}) on {result['windows']} {result['split']} windows of "
+    print(f"{result['checkpoint']} (epoch {result['epoch']}, {result['weights_used']} weights) "
+          f"on {result['windows']} {result['split']} windows of "
           f"{result['data_dir']}; target audio: {result['target_audio']}; loss weights: {weights}")
     print(format_table(result))
     print("skill = (repeat - model) / (repeat - oracle): 1 = as good as the oracle, 0 = no better than "

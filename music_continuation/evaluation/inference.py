@@ -146,11 +146,11 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._")[:60] or "example"
 
 
-def load_model(checkpoint: str, device: str):
+def load_model(checkpoint: str, device: str, weights: str = "auto"):
     """(model, normalizer, checkpoint dict), any failure as InferenceError naming the file."""
     from music_continuation.training.checkpoint import load_model_for_inference
     try:
-        model, normalizer, state = load_model_for_inference(checkpoint, device)
+        model, normalizer, state = load_model_for_inference(checkpoint, device, weights)
     except Exception as error:  # noqa: BLE001 - CheckpointError, but also torch / device errors
         message = one_line(error)
         if str(checkpoint) not in message:
@@ -505,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="real audio played before the context, so a listener knows the music before the seam")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0, help="seeds torch and the --blind shuffle")
+    parser.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+                        help="which weights to run: 'auto' the EMA average when the checkpoint has one (trained "
+                             "with --ema_decay), else the raw ones; 'ema'; 'raw' the training weights")
     parser.add_argument("--batch_size", type=int, default=8, help="examples generated together")
     parser.add_argument("--blind", action="store_true", help="label the two players A/B in random order per example; "
                                                              "the key goes to blind_key.json")
@@ -586,6 +589,7 @@ def write_reports(out_dir: Path, args, state: dict, entries: list, failures: lis
                        "the label of the model's continuation", "seed": args.seed, "examples": key})
     windows = settings["windows"]
     page_settings = {"checkpoint": args.checkpoint, "epoch": state.get("epoch"),
+                     "weights": state["weights_used"],
                      "lead-in": f"up to {settings['lead_in_seconds']:.2f} s",
                      "context": f"{settings['segment_seconds']:.2f} s",
                      "continuation": f"{settings['continue_seconds']:.2f} s"
@@ -602,7 +606,7 @@ def write_reports(out_dir: Path, args, state: dict, entries: list, failures: lis
 def run(args) -> int:
     torch.manual_seed(args.seed)
     out_dir = Path(args.out_dir)
-    model, normalizer, state = load_model(args.checkpoint, args.device)
+    model, normalizer, state = load_model(args.checkpoint, args.device, args.weights)
     segment_frames = segment_frames_of(state, args.checkpoint)
     segment_samples = segment_frames * HOP_LENGTH
     codec, weights, codec_print = load_codec_for(args, state)

@@ -27,7 +27,7 @@ from music_continuation.evaluation.scoring import BASELINES, SCORE_NAMES
 from music_continuation.losses.audio import LOSSES
 
 METRIC_NAMES = SCORE_NAMES
-BETTER = {**{component.name: "lower" for component in LOSSES}, "loss": "lower", "latent_mse": "lower",
+BETTER = {**{c.name: "lower" for c in LOSSES if not c.adversarial}, "loss": "lower", "latent_mse": "lower",
           "rhythm": "higher", "chroma": "higher", "level": "closest to 1", "melody_f1": "higher",
           "pitch_class_agreement": "higher", "beat_f1": "higher", "tempo_ratio": "closest to 1",
           "frechet_codec": "lower"}
@@ -76,8 +76,8 @@ METRICS_NOTE = (
     "±70 ms), <code>tempo_ratio</code> and <code>frechet_codec</code> (a Fréchet distance between sets of "
     "EnCodec frames, not comparable to VGGish FAD; docs/musical-figures.md). "
     "&darr; lower is better, &uarr; higher is better, &rarr;1 closest to 1 is best; "
-    "definitions in music_continuation/evaluation/listening_metrics.py, scoring.py and listeners/. Each figure is shown "
-    "beside three baselines scored "
+    "definitions in music_continuation/evaluation/listening_metrics.py, scoring.py and listeners/. "
+    "Each figure is shown beside three baselines scored "
     "the same way: <b>silence</b> (zeros), <b>repeat</b> (the context's latents decoded as its own "
     "continuation) and <b>oracle</b> (the true next window's latents decoded: the best a latent prediction can "
     "do through this codec). A model worse than repeat on a figure has not learnt it.")

@@ -355,7 +355,7 @@ def _renormalizer(dataset, normalizer):
 def evaluate_checkpoint(checkpoint, data_dir=None, split: str = "val", max_windows: int | None = None,
                         device="cpu", batch_size: int = 8, musical: bool = True, target_audio: str | None = None,
                         progress: bool | None = None, listeners: bool = True, beat_tracker: str = "librosa",
-                        references_dir=None) -> dict:
+                        references_dir=None, weights: str = "auto") -> dict:
     """Score a checkpoint and the three baselines on evenly spaced windows of a cache split.
 
     data_dir and target_audio default to the checkpoint's (target_audio: its --target_audio flag, 'auto'
@@ -377,7 +377,7 @@ def evaluate_checkpoint(checkpoint, data_dir=None, split: str = "val", max_windo
     if listeners:
         from music_continuation.evaluation.listeners import check_available
         check_available(beat_tracker)     # a missing package fails now, not after loading everything
-    model, normalizer, state = load_model_for_inference(checkpoint, device)
+    model, normalizer, state = load_model_for_inference(checkpoint, device, weights)
     args = state.get("args") or {}
     data_dir = data_dir if data_dir is not None else args.get("data_dir")
     if not data_dir:
@@ -428,7 +428,8 @@ def evaluate_checkpoint(checkpoint, data_dir=None, split: str = "val", max_windo
     return {"model": model_means, "baselines": baselines,
             "skill": skill(model_means, baselines["repeat"], baselines["oracle"]),
             "windows": len(indices), "checkpoint": str(checkpoint), "data_dir": str(data_dir), "split": split,
-            "target_audio": target_audio, "weights": weights, "epoch": state.get("epoch")}
+            "target_audio": target_audio, "weights": weights, "epoch": state.get("epoch"),
+            "weights_used": state["weights_used"]}
 
 
 def format_table(result: dict) -> str:

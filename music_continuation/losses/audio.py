@@ -13,7 +13,11 @@ Each loss is a small module stating its formula (X, Y: floored STFT magnitudes o
     LogMelLoss               mean |log clamp(fb X, 1e-5) - log clamp(fb Y, 1e-5)|
     MultiResolutionSTFTLoss  SC + LogMag, each averaged over FFT 512/1024/2048, hop 128/256/512
     MelSpectrogramLoss       LogMelLoss on the 1024/256 magnitudes
-    CombinedLoss             the weighted sum of the four training components (LOSSES)
+    CombinedLoss             the weighted sum of the four reference components (LOSS_COMPONENTS)
+
+LOSSES also names the two adversarial components (adversarial, feature_matching): they are measured by a
+discriminator (music_continuation.adversarial), not against the reference by CombinedLoss, and exist only in
+runs that give either of them a weight.
 
 STFTMagnitude is the one module differentiated by hand (`STFTMagnitude.magnitude_backward`: an inverse
 real FFT and an overlap-add, a few times fewer tensor operations than autograd through torch.stft, which
@@ -30,30 +34,39 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from music_continuation.codec import SAMPLE_RATE
-from music_continuation.settings import LOSS_COMPONENTS, LOSSES, LossComponent  # noqa: F401  (re-exported)
+from music_continuation.settings import (  # noqa: F401  (re-exported)
+    ADVERSARIAL_COMPONENTS,
+    LOSS_COMPONENTS,
+    LOSSES,
+    LossComponent,
+    adversarial_weighted,
+    shown_losses,
+)
 
 
 def check_weights(weights: dict) -> dict:
     """The loss weights {component name: weight} as floats; ValueError naming the flag if one is bad.
 
-    Every component must be given, each a finite number >= 0, and at least one must be positive.
+    Every reference component must be given (an adversarial one left out is 0), each a finite number >= 0,
+    and at least one reference component must be positive.
     """
-    unknown = sorted(set(weights) - set(LOSS_COMPONENTS))
+    names = tuple(component.name for component in LOSSES)
+    unknown = sorted(set(weights) - set(names))
     missing = [name for name in LOSS_COMPONENTS if name not in weights]
     if unknown or missing:
         raise ValueError(f"loss weights: unknown {unknown}, missing {missing}; the components are "
-                         f"{', '.join(LOSS_COMPONENTS)}")
+                         f"{', '.join(names)}")
     checked = {}
     for component in LOSSES:
-        weight = weights[component.name]
+        weight = weights.get(component.name, 0.0)
         try:
             weight = float(weight)
         except (TypeError, ValueError):
             weight = math.nan
         if not (math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"{component.flag} must be a number >= 0, got {weights[component.name]}")
+            raise ValueError(f"{component.flag} must be a number >= 0, got {weights.get(component.name)}")
         checked[component.name] = weight
-    if not any(checked.values()):
+    if not any(checked[name] for name in LOSS_COMPONENTS):
         raise ValueError("all four --loss_weight_* are 0: there is nothing to train on")
     return checked
 
@@ -61,7 +74,7 @@ def check_weights(weights: dict) -> dict:
 def weights_from_flags(args) -> dict:
     """{component name: weight} from parsed launcher flags (an argparse Namespace or a dict of flags)."""
     flags = args if isinstance(args, dict) else vars(args)
-    return {component.name: flags[component.flag[2:]] for component in LOSSES}
+    return {component.name: flags.get(component.flag[2:], component.default) for component in LOSSES}
 
 
 MAGNITUDE_FLOOR = 1e-7   # floor on the power re^2 + im^2 before the sqrt (Parallel WaveGAN)
@@ -352,9 +365,13 @@ class MelSpectrogramLoss(nn.Module):
 
 
 class CombinedLoss(nn.Module):
-    """Weighted sum of the four training losses (LOSSES).
+    """Weighted sum of the four reference losses (LOSS_COMPONENTS).
 
         total = w_in rms(out, in) + w_tgt rms(out, tgt) + w_spec MRSTFT(out, tgt) + w_mel Mel(out, tgt)
+
+    The adversarial weights are kept in `weights` (the balancer and the trainer read them there) but never enter
+    the total: the adversarial terms are measured against a discriminator that changes every step, so they
+    cannot rank epochs or runs; the total, best.pt and the skill stay reference-based.
 
     Returns (total, components), components = {"rms_input", "rms_target", "spectral", "mel"} as detached
     scalar tensors (no host sync). Every component is measured, but those with weight 0 are computed under
@@ -364,9 +381,10 @@ class CombinedLoss(nn.Module):
     """
 
     def __init__(self, *, rms_input: float = 0.0, rms_target: float = 1.0, spectral: float = 0.0, mel: float = 0.0,
-                 sample_rate: int = SAMPLE_RATE):
+                 adversarial: float = 0.0, feature_matching: float = 0.0, sample_rate: int = SAMPLE_RATE):
         super().__init__()
-        self.weights = check_weights(dict(rms_input=rms_input, rms_target=rms_target, spectral=spectral, mel=mel))
+        self.weights = check_weights(dict(rms_input=rms_input, rms_target=rms_target, spectral=spectral, mel=mel,
+                                          adversarial=adversarial, feature_matching=feature_matching))
         self.spectral = MultiResolutionSTFTLoss()
         self.mel = MelSpectrogramLoss(sample_rate=sample_rate)
         self.min_length = max(self.spectral.min_length, self.mel.min_length)

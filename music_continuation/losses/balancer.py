@@ -85,8 +85,13 @@ class LossBalancer:
         self.finite = None        # balance: bool tensor, False if a reduced norm of this step was non-finite
         self.figures = None       # this rank's step figures: [norm sums (K), examples, share sums (K), batches]
 
-    def gradient(self, losses: dict, y: torch.Tensor) -> torch.Tensor:
-        """sum_i s_i dl_i/dy for the micro-batch's trained losses {name: scalar with a graph to the leaf y}."""
+    def gradient(self, losses: dict, y: torch.Tensor, held: tuple = ()) -> torch.Tensor:
+        """sum_i s_i dl_i/dy for the micro-batch's trained losses {name: scalar with a graph to the leaf y}.
+
+        held: components measured but not applied in this step (the adversarial terms during
+        --adversarial_start_step): their s_i is 0, while their norms still enter the average, so it has
+        settled by the time they start.
+        """
         grads = []
         for index, name in enumerate(self.names):    # the loss graph only: y is a leaf
             grad, = torch.autograd.grad(losses[name], y, retain_graph=index < len(self.names) - 1)
@@ -95,12 +100,19 @@ class LossBalancer:
         # n_i: the mean per-example norm of one example's loss gradient (rows of g_i are 1/size of it)
         norms = torch.stack([grad.flatten(1).norm(dim=1).mean() for grad in grads]).double() * size
         scales = self._scales(norms, size)
+        if held:
+            scales = scales * self._mask(held, scales.device)
         applied = scales * norms
         self._add_figures(norms * size, size, applied / applied.sum())
         gradient = torch.zeros_like(y)
         for grad, scale in zip(grads, scales.to(y.dtype)):
             gradient.add_(grad * scale)
         return gradient
+
+    def _mask(self, held: tuple, device) -> torch.Tensor:
+        """1 for the components applied in this step, 0 for those held back."""
+        return torch.tensor([0.0 if name in held else 1.0 for name in self.names], dtype=torch.float64,
+                            device=device)
 
     def _constants(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(w_i, w_i / sum w) as float64 tensors on the device, made once (no host-to-device copy per step)."""

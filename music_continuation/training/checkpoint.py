@@ -21,6 +21,11 @@ A checkpoint is one torch file holding a dict:
     world_size        processes that produced it
     balancer          with --loss_balancer: the moving average of the gradient norms at the output audio
                       {"components", "ema_decay", "ema_sum", "ema_count"} (balancer.LossBalancer); else None
+    discriminator     with an adversarial weight > 0: {"model", "optimizer"} state dicts of the discriminator
+                      and its Adam (adversarial.adversary.Adversary); else None
+    ema               with --ema_decay > 0: {"decay", "count", "average"} (optim.ema.ModelEMA); else None
+    weights           which weights inference uses by default: "ema" (the `ema` average) or "raw" (`model`,
+                      always the training weights, which resuming continues from)
 
 No RNG state is stored: the worker reseeds every process at the start of each epoch from
 (seed, rank, epoch) and the DistributedSampler shuffles from (seed, epoch), so the epoch number is
@@ -97,7 +102,8 @@ def unwrapped_state_dict(model: torch.nn.Module) -> dict:
 def build_checkpoint(*, model, optimizer, scheduler, schedule_steps: int, epoch: int, args: dict,
                      resume_history: list, normalizer_stats: tuple, codec_fingerprint: str, encodec_weights: str,
                      mlflow_run_id, best_val_loss: float, best: dict, val_loss: float, segment_frames: int,
-                     skipped_steps: int, world_size: int, balancer: dict | None = None) -> dict:
+                     skipped_steps: int, world_size: int, balancer: dict | None = None,
+                     discriminator: dict | None = None, ema: dict | None = None) -> dict:
     """The checkpoint dict of the module docstring (the one place its contents are assembled)."""
     latent_mean, latent_std = normalizer_stats
     return {"model": unwrapped_state_dict(model), "model_config": model.config,
@@ -106,7 +112,8 @@ def build_checkpoint(*, model, optimizer, scheduler, schedule_steps: int, epoch:
             "latent_mean": latent_mean, "latent_std": latent_std, "codec_fingerprint": codec_fingerprint,
             "encodec_weights": encodec_weights, "mlflow_run_id": mlflow_run_id, "best_val_loss": best_val_loss,
             "best": best, "val_loss": val_loss, "segment_frames": segment_frames,
-            "skipped_steps": skipped_steps, "world_size": world_size, "balancer": balancer}
+            "skipped_steps": skipped_steps, "world_size": world_size, "balancer": balancer,
+            "discriminator": discriminator, "ema": ema, "weights": "raw" if ema is None else "ema"}
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
@@ -183,15 +190,36 @@ def describe_latest(checkpoint_dir: str | os.PathLike) -> str:
     return f"latest checkpoint is {path}, epoch {epoch}; resume with --resume auto"
 
 
-def load_model_for_inference(path: str | os.PathLike, device="cpu"):
-    """(model in eval mode, LatentNormalizer, checkpoint dict) from a training checkpoint."""
+WEIGHT_CHOICES = ("auto", "ema", "raw")   # auto: the EMA weights when the checkpoint has them, else the raw ones
+
+
+def inference_state_dict(state: dict, weights: str = "auto", path="checkpoint") -> tuple[dict, str]:
+    """(the model state dict to run, "ema" or "raw") of a checkpoint; CheckpointError if "ema" is asked of a
+    checkpoint trained without --ema_decay."""
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_CHOICES)}, got {weights!r}")
+    ema = state.get("ema")
+    if weights == "ema" and ema is None:
+        raise CheckpointError(f"{path}: has no EMA weights (trained without --ema_decay); pass --weights raw")
+    if ema is None or weights == "raw":
+        return state["model"], "raw"
+    averaged = dict(state["model"])
+    averaged.update({name: tensor.to(averaged[name].dtype) for name, tensor in ema["average"].items()})
+    return averaged, "ema"
+
+
+def load_model_for_inference(path: str | os.PathLike, device="cpu", weights: str = "auto"):
+    """(model in eval mode, LatentNormalizer, checkpoint dict) from a training checkpoint.
+
+    weights: "auto" (the EMA weights when present), "ema" or "raw"; the dict's "weights_used" says which."""
     from music_continuation.data.cache import LatentNormalizer
     from music_continuation.model import ContinuationTransformer
 
     state = load_checkpoint(path)
+    model_state, state["weights_used"] = inference_state_dict(state, weights, path)
     try:
         model = ContinuationTransformer(**state["model_config"])
-        model.load_state_dict(state["model"])
+        model.load_state_dict(model_state)
     except (TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path}: model weights do not match its model_config "
                               f"({one_line(error)})") from None

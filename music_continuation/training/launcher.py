@@ -31,10 +31,20 @@ from music_continuation.codec import HOP_LENGTH, WEIGHT_CHOICES_HELP, CodecLoadE
 from music_continuation.config import ConfigError, parse_with_config
 from music_continuation.evaluation.listeners import BEAT_TRACKERS
 from music_continuation.evaluation.scoring import TARGET_AUDIO_CHOICES, resolve_target_audio
-from music_continuation.losses.audio import LOSSES, CombinedLoss, check_weights, weights_from_flags
+from music_continuation.losses.audio import (
+    LOSSES,
+    CombinedLoss,
+    adversarial_weighted,
+    check_weights,
+    weights_from_flags,
+)
 from music_continuation.settings import flags_where
 from music_continuation.training.checkpoint import describe_latest
 from music_continuation.utils import OneLineParser, check_mlflow_server, exit_now, free_port
+
+# The discriminator's own flags and their defaults (AudioCraft's Adam lr for the compression solver); a value
+# other than these is an error in a run without a discriminator.
+DISCRIMINATOR_DEFAULTS = {"discriminator_lr": 3e-4, "adversarial_start_step": 0, "discriminator_context": False}
 
 
 def parse_bool(text: str) -> bool:
@@ -108,6 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--balancer_ema_decay", type=float, default=0.999,
                       help="decay of the balancer's bias-corrected moving average of the gradient norms, in [0, 1]")
 
+    adversarial = parser.add_argument_group(
+        "adversarial training and weight averaging (docs/adversarial.md): on when --loss_weight_adversarial or "
+        "--loss_weight_feature_matching is above 0")
+    adversarial.add_argument("--discriminator_lr", type=float, default=DISCRIMINATOR_DEFAULTS["discriminator_lr"],
+                             help="learning rate of the discriminator's Adam (betas 0.5, 0.9, as AudioCraft's)")
+    adversarial.add_argument("--adversarial_start_step", type=int,
+                             default=DISCRIMINATOR_DEFAULTS["adversarial_start_step"],
+                             help="optimiser steps before the generator's adversarial and feature-matching terms "
+                                  "apply (they are measured before; the discriminator trains from the start)")
+    adversarial.add_argument("--discriminator_context", type=parse_bool, nargs="?", const=True,
+                             default=DISCRIMINATOR_DEFAULTS["discriminator_context"],
+                             help="the discriminator also hears the context before the seam, so it judges whether "
+                                  "the continuation follows it, not only whether it sounds real")
+    adversarial.add_argument("--ema_decay", type=float, default=0.0,
+                             help="decay of the per-step moving average of the model's weights, used for validation, "
+                                  "best.pt and inference (0: off; AudioCraft uses 0.99)")
+
     run = parser.add_argument_group("processes, checkpoints, logging")
     run.add_argument("--nproc", type=int, default=None,
                      help="processes on this node (default: every visible GPU, else 1 on CPU; any number on CPU)")
@@ -170,9 +197,10 @@ def check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
             parser.error(f"--musical_every {args.musical_every}: {error}")
 
     try:
-        check_weights(weights_from_flags(args))
+        weights = check_weights(weights_from_flags(args))
     except ValueError as error:
         parser.error(str(error))
+    check_adversarial_flags(args, parser, weights)
 
     min_length = CombinedLoss().min_length   # the STFT/mel losses are always measured: their FFT sets the minimum
     min_frames = math.ceil(min_length / HOP_LENGTH)
@@ -185,6 +213,21 @@ def check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
     for tag in args.mlflow_tag:
         if "=" not in tag or not tag.split("=", 1)[0].strip():
             parser.error(f"--mlflow_tag {tag!r}: expected KEY=VALUE")
+
+
+def check_adversarial_flags(args: argparse.Namespace, parser: argparse.ArgumentParser, weights: dict) -> None:
+    """The discriminator's flags need a discriminator; --ema_decay is in [0, 1)."""
+    if not (math.isfinite(args.ema_decay) and 0.0 <= args.ema_decay < 1.0):
+        parser.error(f"--ema_decay must be in [0, 1) (0: off), got {args.ema_decay}")
+    if not (math.isfinite(args.discriminator_lr) and args.discriminator_lr > 0):
+        parser.error(f"--discriminator_lr must be a positive number, got {args.discriminator_lr}")
+    if args.adversarial_start_step < 0:
+        parser.error(f"--adversarial_start_step must be >= 0, got {args.adversarial_start_step}")
+    if not adversarial_weighted(weights):
+        for name, default in DISCRIMINATOR_DEFAULTS.items():
+            if getattr(args, name) != default:
+                parser.error(f"--{name} needs a discriminator: give --loss_weight_adversarial or "
+                             f"--loss_weight_feature_matching a weight above 0")
 
 
 def demo_cache_ready(cache_dir: Path) -> bool:
@@ -299,6 +342,9 @@ def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, fi
     if "world_size" in state:
         saved["world_size"] = state["world_size"]
     saved.setdefault("loss_balancer", False)     # checkpoints from before the balancer trained without it
+    # ... and those from before the discriminator and the EMA without them
+    saved = {**DISCRIMINATOR_DEFAULTS, "ema_decay": 0.0,
+             **{c.flag[2:]: 0.0 for c in LOSSES if c.adversarial}, **saved}
     refused, accepted = resume_changes(saved, args, world_size_of(args))
     if refused:
         name, before, now = refused[0]

@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from music_continuation.adversarial.adversary import DISCRIMINATOR_FIGURES, Adversary
 from music_continuation.codec import SAMPLE_RATE, FrozenDecoder, check_fingerprint, codec_fingerprint, load_codec
 from music_continuation.config import settings_text
 from music_continuation.data.cache import ContinuationDataset, LatentNormalizer
@@ -52,9 +53,18 @@ from music_continuation.evaluation.scoring import (
     score_baselines_batch,
     skill,
 )
-from music_continuation.losses.audio import LOSS_COMPONENTS, LOSSES, CombinedLoss, weights_from_flags
+from music_continuation.losses.audio import (
+    ADVERSARIAL_COMPONENTS,
+    LOSS_COMPONENTS,
+    LOSSES,
+    CombinedLoss,
+    adversarial_weighted,
+    shown_losses,
+    weights_from_flags,
+)
 from music_continuation.losses.balancer import LossBalancer
 from music_continuation.model import ContinuationTransformer
+from music_continuation.optim.ema import ModelEMA
 from music_continuation.settings import FLAG_ROLES
 from music_continuation.training.checkpoint import (
     BEST_NAME,
@@ -85,6 +95,12 @@ PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
 ARTIFACT_WAIT_SECONDS = 120    # at the end, how long rank 0 waits for background artifact uploads
 NAMED_BAD_EXAMPLES = 5         # non-finite validation examples named per warning
 SETTINGS_NAME = "settings.yaml"  # in CHECKPOINT_DIR and the MLflow run: the launch's resolved flags
+
+
+def metric_names(adversarial: bool) -> tuple[str, ...]:
+    """The figures of a run, in the order they are summed: METRIC_NAMES, and with a discriminator its two loss
+    components and its own figures (loss, mean logits on real and generated audio)."""
+    return METRIC_NAMES + (ADVERSARIAL_COMPONENTS + DISCRIMINATOR_FIGURES if adversarial else ())
 
 
 class TrainingError(UserError, RuntimeError):
@@ -242,7 +258,8 @@ def autocast_for(device: torch.device):
 # ------------------------------------------------------------------------------------------ step
 
 def train_step(model, decoder, normalizer, loss_fn, optimizer, scheduler, batches, grad_clip: float,
-               autocast_ctx=contextlib.nullcontext, target_audio: str = "original", balancer: LossBalancer = None):
+               autocast_ctx=contextlib.nullcontext, target_audio: str = "original", balancer: LossBalancer = None,
+               adversary: Adversary | None = None, step: int = 0):
     """One optimiser step on one batch, or a list of micro-batches, already on the device.
 
     Returns (applied, total, components): the loss figures as example-weighted means over the micro-batches.
@@ -254,13 +271,21 @@ def train_step(model, decoder, normalizer, loss_fn, optimizer, scheduler, batche
     balancer.figures. A non-finite loss or gradient on ANY rank skips the update on every rank (one
     all_reduce of a flag), so the replicas never diverge. The scheduler advances either way: the LR is a
     function of the step.
+
+    With an adversary (adversarial/adversary.py), each micro-batch's y also goes through the discriminator:
+    its adversarial and feature-matching terms join the balancer's (held back before --adversarial_start_step,
+    `step` being this optimiser step's index), the discriminator's loss is backpropagated into its own
+    parameters only, its gradients are averaged over the ranks once per step, and it is updated exactly when
+    the model is (a non-finite discriminator value skips the step on every rank like a non-finite loss).
     """
     batches = [batches] if isinstance(batches, dict) else list(batches)
     sizes = [batch["input_latent"].shape[0] for batch in batches]
     balancer = balancer if balancer is not None else LossBalancer(loss_fn.weights)
     balancer.start_step()
     optimizer.zero_grad(set_to_none=True)
-    total, components = 0.0, dict.fromkeys(LOSS_COMPONENTS, 0.0)
+    names = metric_names(adversary is not None)[1:]
+    held = () if adversary is None or adversary.trains_generator(step) else ADVERSARIAL_COMPONENTS
+    total, components = 0.0, dict.fromkeys(names, 0.0)
     for index, (batch, size) in enumerate(zip(batches, sizes)):
         last = index == len(batches) - 1
         # DDP decides in the forward whether the backward all-reduces: both go inside no_sync
@@ -272,13 +297,22 @@ def train_step(model, decoder, normalizer, loss_fn, optimizer, scheduler, batche
                 output_audio = predict_audio(model, normalizer, decoder, batch["input_latent"])
             audio = output_audio.detach().float().requires_grad_(True)    # the loss graph starts here
             terms = loss_fn.terms(audio, *references)                     # fp32 inside
-            gradient = balancer.gradient({name: terms[name] for name in balancer.names}, audio)
+            if adversary is not None:
+                terms.update(adversary.terms(audio, *references, autocast_ctx))
+                adversary.backward(terms["discriminator_loss"], share)   # before the balancer frees the graph
+            gradient = balancer.gradient({name: terms[name] for name in balancer.names}, audio, held)
             # every rank always runs backward, so DDP's gradient all-reduce stays in lock-step
             output_audio.backward((gradient * share).to(output_audio.dtype))
         micro_total = loss_fn.weighted_sum(terms).detach()
         total = total + micro_total * share
-        components = {name: components[name] + terms[name].detach() * share for name in LOSS_COMPONENTS}
-    applied = optimizer_update(model, optimizer, scheduler, total, grad_clip, balancer.finite)
+        components = {name: components[name] + terms[name].detach() * share for name in names}
+    also_finite = balancer.finite
+    if adversary is not None:
+        adversary_finite = adversary.reduce_gradients() & torch.isfinite(components["discriminator_loss"])
+        also_finite = adversary_finite if also_finite is None else also_finite & adversary_finite
+    applied = optimizer_update(model, optimizer, scheduler, total, grad_clip, also_finite)
+    if adversary is not None:
+        adversary.step(applied)
     balancer.end_step(applied)
     return applied, total, components
 
@@ -287,8 +321,8 @@ def optimizer_update(model, optimizer, scheduler, total: torch.Tensor, grad_clip
                      also_finite: torch.Tensor | None = None) -> bool:
     """The step's tail, after backward: clip, agree across ranks whether everything is finite, AdamW, LR.
 
-    also_finite: a further condition (the balancer's reduced norms). Returns whether the update was applied
-    (False: a non-finite loss or gradient on some rank)."""
+    also_finite: a further condition (the balancer's reduced norms, the discriminator's values). Returns whether
+    the update was applied (False: a non-finite loss or gradient on some rank)."""
     max_norm = grad_clip if grad_clip > 0 else float("inf")   # inf: measure the norm without clipping
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     finite = torch.isfinite(total) & torch.isfinite(grad_norm)
@@ -311,7 +345,8 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def stack_metrics(total: torch.Tensor, components: dict) -> torch.Tensor:
-    return torch.stack([total.float()] + [components[name].float() for name in LOSS_COMPONENTS])
+    """The step's figures in metric_names order (the components dict holds exactly those after the total)."""
+    return torch.stack([total.float()] + [value.float() for value in components.values()])
 
 
 # -------------------------------------------------------------------------------------- context
@@ -343,6 +378,12 @@ class Context:
     global_step: int = 0
     consecutive_skips: int = 0
     listeners: object = None              # listeners.Listeners with --musical_every, else None
+    adversary: Adversary | None = None    # the discriminator and its optimiser, when an adversarial weight is > 0
+    ema: ModelEMA | None = None           # the moving average of raw_model's weights, with --ema_decay > 0
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return metric_names(self.adversary is not None)
 
 
 def micro_batch_groups(loader, accum: int):
@@ -362,7 +403,7 @@ def train_one_epoch(ctx: Context, epoch: int) -> dict:
     """One pass over this rank's shard; returns the epoch means over all ranks' examples, the LR, skips."""
     ctx.model.train()
     ctx.train_sampler.set_epoch(epoch)     # a different shuffle every epoch, identical on every rank
-    sums = torch.zeros(len(METRIC_NAMES) + 1, device=ctx.device)   # weighted sums ..., example count
+    sums = torch.zeros(len(ctx.metric_names) + 1, device=ctx.device)   # weighted sums ..., example count
     gradient_sums = torch.zeros(ctx.balancer.figure_size(), dtype=torch.float64, device=ctx.device)
     steps = ctx.steps_per_epoch
     bar = tqdm(total=steps, desc=f"Epoch {epoch}/{ctx.args.epochs}", leave=False, file=sys.stderr,
@@ -378,12 +419,14 @@ def train_one_epoch(ctx: Context, epoch: int) -> dict:
             skipped += 1
             bar.update()
             continue
-        _test_only_fault_injection(ctx.rank, ctx.global_step, group[0])     # after the data check: a model fault
         applied, total, components = train_step(ctx.model, ctx.decoder, ctx.normalizer, ctx.loss_fn,
                                                 ctx.optimizer, ctx.scheduler, group, ctx.args.grad_clip,
-                                                ctx.autocast, ctx.args.target_audio, ctx.balancer)
+                                                ctx.autocast, ctx.args.target_audio, ctx.balancer,
+                                                ctx.adversary, ctx.global_step)
         ctx.global_step += 1
         if applied:
+            if ctx.ema is not None:
+                ctx.ema.update(ctx.raw_model)
             size = sum(batch["input_latent"].shape[0] for batch in group)
             sums[:-1] += stack_metrics(total, components) * size
             sums[-1] += size
@@ -393,7 +436,8 @@ def train_one_epoch(ctx: Context, epoch: int) -> dict:
             skipped += 1
             ctx.consecutive_skips += 1
             if ctx.rank == 0:
-                warn(f"step {ctx.global_step}: non-finite loss or gradient on some rank, update "
+                what = "loss or gradient" if ctx.adversary is None else "loss, gradient or discriminator value"
+                warn(f"step {ctx.global_step}: non-finite {what} on some rank, update "
                      f"skipped on all ranks ({ctx.consecutive_skips} in a row)")
             if ctx.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:   # the same on every rank: all stop together
                 raise TrainingError(f"{ctx.consecutive_skips} consecutive steps had a non-finite loss or "
@@ -406,7 +450,7 @@ def train_one_epoch(ctx: Context, epoch: int) -> dict:
             print(f"  epoch {epoch}: {index + 1}/{steps} steps, {time.perf_counter() - started:.0f} s",
                   file=sys.stderr, flush=True)
     bar.close()
-    means = reduce_means(sums)
+    means = reduce_means(sums, ctx.metric_names)
     gradients = ctx.balancer.epoch_figures(all_reduce_sum(gradient_sums))
     return {**means, "gradients": gradients, "learning_rate": lr, "skipped_steps": skipped}
 
@@ -454,12 +498,12 @@ def check_trained(train: dict, epoch: int, steps: int) -> None:
         raise TrainingError(f"epoch {epoch}: the training figures {', '.join(bad)} are not finite")
 
 
-def reduce_means(sums: torch.Tensor) -> dict:
+def reduce_means(sums: torch.Tensor, names: tuple[str, ...] = METRIC_NAMES) -> dict:
     """SUM the (weighted sums, count) vector over ranks once, then divide: means over all examples."""
     sums = all_reduce_sum(sums.clone()).cpu()
     count = sums[-1].item()
     means = sums[:-1] / count if count > 0 else torch.full_like(sums[:-1], float("nan"))
-    return dict(zip(METRIC_NAMES, means.tolist()))
+    return dict(zip(names, means.tolist(), strict=True))
 
 
 def real_val_batches(ctx: Context):
@@ -494,12 +538,21 @@ def validate(ctx: Context, musical: bool = False) -> tuple[dict | None, int]:
     """(validation figures over every real example of every rank, number of non-finite examples).
 
     Figures are evaluation.ScoreSums means (loss, the four components, latent_mse, level; with `musical` also
-    rhythm, chroma and the listeners'); None when some example was non-finite: each rank names its own in one
-    warning, and the epoch has no validation result.
+    rhythm, chroma and the listeners'), and with a discriminator its figures (adversarial, feature_matching,
+    discriminator_*) of the same examples; None when some example was non-finite: each rank names its own in
+    one warning, and the epoch has no validation result. With --ema_decay the model is validated with its
+    averaged weights.
     """
+    with (ctx.ema.swapped(ctx.raw_model) if ctx.ema is not None else contextlib.nullcontext()):
+        return _validate(ctx, musical)
+
+
+def _validate(ctx: Context, musical: bool) -> tuple[dict | None, int]:
     model = ctx.raw_model      # not the DDP wrapper: validation needs no collectives
     model.eval()
     sums = ScoreSums(ctx.device, "validation")
+    adversarial_names = ctx.metric_names[len(METRIC_NAMES):]
+    adversarial_sums = torch.zeros(len(adversarial_names), dtype=torch.float64, device=ctx.device)
     bad = []
     for batch, indices in real_val_batches(ctx):
         with ctx.autocast():
@@ -513,13 +566,23 @@ def validate(ctx: Context, musical: bool = False) -> tuple[dict | None, int]:
             sums.add(output_audio[keep], (references[0][keep], references[1][keep]), ctx.loss_fn,
                      prediction[keep], batch["target_latent"][keep], musical=musical,
                      listeners=ctx.listeners if musical else None)
+            if ctx.adversary is not None:
+                figures = ctx.adversary.measure(output_audio[keep], references[0][keep], references[1][keep],
+                                                ctx.autocast)
+                adversarial_sums += torch.stack([figures[n] for n in adversarial_names]).double() * keep.sum()
     model.train()
-    counts = all_reduce_sum(torch.cat([sums.vector(), torch.tensor([float(len(bad))], dtype=torch.float64,
-                                                                     device=ctx.device)]))
+    counts = all_reduce_sum(torch.cat([sums.vector(), adversarial_sums,
+                                       torch.tensor([float(len(bad))], dtype=torch.float64, device=ctx.device)]))
     if bad:
         warn_non_finite(ctx, bad)
     nonfinite = int(counts[-1].item())
-    return (None if nonfinite else ScoreSums.from_vector(counts[:-1], "validation").means()), nonfinite
+    if nonfinite:
+        return None, nonfinite
+    score_sums = counts[:-1 - len(adversarial_names)]
+    means = ScoreSums.from_vector(score_sums, "validation").means()
+    examples = score_sums[0].item()
+    means.update(zip(adversarial_names, (counts[len(score_sums):-1] / examples).tolist()))
+    return means, nonfinite
 
 
 def warn_non_finite(ctx: Context, bad: list) -> None:
@@ -548,14 +611,18 @@ def baseline_figures(ctx: Context) -> dict | None:
         return None
 
 
-def format_epoch_block(epoch: int, epochs: int, train: dict, val: dict, lr: float) -> str:
-    """The epoch block; a figure that does not exist (no validation result) is 'n/a', never 'nan'."""
+def format_epoch_block(epoch: int, epochs: int, train: dict, val: dict, lr: float, components=None) -> str:
+    """The epoch block; components: the LossComponents shown (default: the four reference ones). A figure that
+    does not exist (no validation result) is 'n/a', never 'nan'."""
+    components = components or tuple(c for c in LOSSES if not c.adversarial)
+
     def figure(value):
         return f"{value:.4f}" if value is not None and math.isfinite(value) else "n/a"
 
     def line(label, means):
-        parts = ", ".join(f"{component.short}: {figure(means[component.name])}" for component in LOSSES)
+        parts = ", ".join(f"{component.short}: {figure(means[component.name])}" for component in components)
         return f"  {label:<11} {figure(means['loss'])} ({parts})"
+
     return "\n".join([f"Epoch {epoch}/{epochs}:", line("Train Loss:", train), line("Val Loss:", val),
                       f"  LR: {lr:.2e}"])
 
@@ -662,6 +729,10 @@ def build_context(args, resume_state: dict | None) -> Context:
     balancer = LossBalancer(loss_fn.weights, args.loss_balancer, args.balancer_ema_decay)
     if resume_state is not None:
         balancer.load_state_dict(resume_state.get("balancer"), device)
+    adversary = build_adversary(args, loss_fn.weights, device, resume_state)
+    ema = ModelEMA(raw_model, args.ema_decay) if getattr(args, "ema_decay", 0.0) > 0 else None
+    if ema is not None and resume_state is not None:
+        ema.load_state_dict(resume_state["ema"])
     compiled = torch.compile(raw_model) if args.compile else raw_model   # fused kernels on GPU
     return Context(
         args=args, rank=rank, world_size=world_size, device=device, autocast=autocast_for(device),
@@ -671,7 +742,20 @@ def build_context(args, resume_state: dict | None) -> Context:
         loss_fn=loss_fn, balancer=balancer, raw_model=raw_model,
         model=DDP(compiled, device_ids=[local_rank] if device.type == "cuda" else None),
         optimizer=optimizer, scheduler=scheduler, schedule_steps=schedule_steps, steps_per_epoch=steps_per_epoch,
-        global_step=scheduler.last_epoch, listeners=listeners)
+        global_step=scheduler.last_epoch, listeners=listeners, adversary=adversary, ema=ema)
+
+
+def build_adversary(args, weights: dict, device, resume_state: dict | None) -> Adversary | None:
+    """The discriminator when an adversarial weight is above 0 (else None: nothing is built), seeded alike on
+    every rank, or as the checkpoint left it."""
+    if not adversarial_weighted(weights):
+        return None
+    torch.manual_seed(args.seed + 1)      # its own stream: the model's init is the same with or without it
+    adversary = Adversary(device, args.discriminator_lr, args.discriminator_context, args.adversarial_start_step,
+                          args.compile)
+    if resume_state is not None:
+        adversary.load_state_dict(resume_state["discriminator"])
+    return adversary
 
 
 def start_logger(ctx: Context, resume_state: dict | None, start_epoch: int) -> MlflowLogger:
@@ -705,14 +789,15 @@ def write_settings(args) -> Path:
     return path
 
 
-def epoch_metrics(train: dict, val: dict | None, nonfinite: int, baselines: dict | None, seconds: float) -> dict:
+def epoch_metrics(train: dict, val: dict | None, nonfinite: int, baselines: dict | None, seconds: float,
+                  names: tuple[str, ...] = METRIC_NAMES) -> dict:
     """What MLflow gets for one epoch (never a NaN: an epoch without a validation result logs none)."""
-    metrics = {f"train_{name}": train[name] for name in METRIC_NAMES}
+    metrics = {f"train_{name}": train[name] for name in names}
     metrics.update({f"train_{name}": value for name, value in train.get("gradients", {}).items()})
     metrics.update(learning_rate=train["learning_rate"], skipped_steps=train["skipped_steps"],
                    epoch_seconds=seconds, val_nonfinite_examples=nonfinite)
     if val is not None:
-        metrics.update({f"val_{name}": val[name] for name in METRIC_NAMES + ("latent_mse", "level") + MUSICAL_FIGURES
+        metrics.update({f"val_{name}": val[name] for name in names + ("latent_mse", "level") + MUSICAL_FIGURES
                         if val[name] is not None})
         for name, value in musical_skill(val, baselines).items():
             metrics[f"val_skill_{name}"] = value
@@ -791,8 +876,9 @@ class Reporter:
     def epoch(self, epoch: int, train: dict, val: dict | None, nonfinite: int, baselines: dict | None,
               progress: Progress, is_best: bool, seconds: float) -> None:
         ctx, args = self.ctx, self.ctx.args
-        shown = val if val is not None else dict.fromkeys(METRIC_NAMES, float("nan"))
-        print(format_epoch_block(epoch, args.epochs, train, shown, train["learning_rate"]), flush=True)
+        shown = val if val is not None else dict.fromkeys(ctx.metric_names, float("nan"))
+        print(format_epoch_block(epoch, args.epochs, train, shown, train["learning_rate"],
+                                 shown_losses(ctx.loss_fn.weights)), flush=True)
         state = build_checkpoint(
             model=ctx.raw_model, optimizer=ctx.optimizer, scheduler=ctx.scheduler, schedule_steps=ctx.schedule_steps,
             epoch=epoch, args=vars(args), resume_history=progress.resume_history,
@@ -800,13 +886,18 @@ class Reporter:
             codec_fingerprint=ctx.train_set.codec_fingerprint, encodec_weights=args.encodec_weights,
             mlflow_run_id=self.logger.run_id, best_val_loss=progress.best_val_loss, best=progress.best,
             val_loss=shown["loss"], segment_frames=args.segment_frames, skipped_steps=progress.skipped_steps,
-            world_size=ctx.world_size, balancer=ctx.balancer.state_dict())
+            world_size=ctx.world_size, balancer=ctx.balancer.state_dict(),
+            discriminator=None if ctx.adversary is None else ctx.adversary.state_dict(),
+            ema=None if ctx.ema is None else ctx.ema.state_dict())
         save_checkpoint(Path(args.checkpoint_dir) / LATEST_NAME, state)
         if is_best:
             save_checkpoint(Path(args.checkpoint_dir) / BEST_NAME, state)
-        sent = self.logger.log_metrics(epoch_metrics(train, val, nonfinite, baselines, seconds), step=epoch)
+        sent = self.logger.log_metrics(epoch_metrics(train, val, nonfinite, baselines, seconds, ctx.metric_names),
+                                       step=epoch)
         if args.log_audio_every and epoch % args.log_audio_every == 0:
-            self.samples(epoch, write_audio_examples(ctx, epoch), sent)
+            with (ctx.ema.swapped(ctx.raw_model) if ctx.ema is not None else contextlib.nullcontext()):
+                folder = write_audio_examples(ctx, epoch)    # what validation heard: the averaged weights
+            self.samples(epoch, folder, sent)
 
     def samples(self, epoch: int, folder: Path, sent: bool) -> None:
         """Upload an epoch's sample folder in the background, unless its metrics could not be sent: a server

@@ -155,3 +155,33 @@ def test_references_decoded_on_the_device_match_the_cpu(request, tmp_path, devic
     got = torch.from_numpy(stored.segment(track["id"], start).copy())
     assert (got - expected).square().mean().sqrt() < 1e-4 * expected.square().mean().sqrt()
     assert os.path.isfile(references.set_dir(cache, 8, 8) / references.SET_NAME)
+
+
+def test_adversarial_step_under_bf16_autocast_with_fp32_losses(device, decoder):
+    """The discriminator in the trainer's step: bf16 convolutions, float32 STFT and losses, finite, learning;
+    compiled on CUDA as --compile does (the CPU stand-in skips compiling: minutes on 2 cores)."""
+    from music_continuation.adversarial.adversary import Adversary
+    from music_continuation.data.cache import LatentNormalizer
+    from music_continuation.losses.balancer import LossBalancer
+    from music_continuation.training.worker import build_optimizer, train_step
+    torch.manual_seed(0)
+    model = ContinuationTransformer(d_model=64, num_layers=2, num_heads=4, dropout=0.0).to(device)
+    loss_fn = CombinedLoss(**WEIGHTS, adversarial=4.0, feature_matching=4.0).to(device)
+    adversary = Adversary(device, lr=3e-4, compile=device.type == "cuda")
+    optimizer, scheduler = build_optimizer(model, 1e-4, 0.01, 10, 100)
+    frames = 16
+    batch = {"input_latent": latents(2, frames, device), "target_latent": latents(2, frames, device, seed=1),
+             "input_audio": 0.1 * torch.randn(2, 1, frames * HOP_LENGTH, device=device),
+             "target_audio": 0.1 * torch.randn(2, 1, frames * HOP_LENGTH, device=device)}
+    normalizer = LatentNormalizer(torch.zeros(LATENT_DIM), torch.ones(LATENT_DIM)).to(device)
+    before = torch.cat([p.detach().flatten().clone() for p in adversary.parameters])
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        logits, _ = adversary.discriminator(batch["target_audio"])
+    assert logits[0].dtype == torch.bfloat16 and adversary.discriminator.scales[0].spectrogram(
+        batch["target_audio"]).dtype == torch.float32
+    balancer = LossBalancer(loss_fn.weights, balance=True)
+    applied, total, components = train_step(model, decoder, normalizer, loss_fn, optimizer, scheduler, [batch], 1.0,
+                                            lambda: autocast(device), "original", balancer, adversary)
+    assert applied and total.dtype == torch.float32
+    assert all(value.dtype == torch.float32 and torch.isfinite(value) for value in components.values())
+    assert not torch.equal(torch.cat([p.detach().flatten() for p in adversary.parameters]), before)

@@ -41,10 +41,10 @@ TINY = ["--segment_frames", 8, "--d_model", 32, "--num_layers", 1, "--num_heads"
         "--warmup_steps", 2, "--lr", 1e-3, "--log_audio_every", 0]
 METRICS = (("train_loss", "val_loss", "learning_rate", "val_latent_mse", "val_level", "val_skill",
             "train_grad_norm_rms_target", "train_grad_share_rms_target")     # the default weights train rms_target
-           + tuple(f"{split}_{c.name}" for split in ("train", "val") for c in LOSSES))
+           + tuple(f"{split}_{c.name}" for split in ("train", "val") for c in LOSSES if not c.adversarial))
 BASELINE_METRICS = tuple(f"val_baseline_{name}_loss" for name in ("silence", "repeat", "oracle"))
 NUMBER = r"(-?[0-9.]+(?:e[-+][0-9]+)?|n/a)"       # n/a: a figure that does not exist (no validation)
-PARTS = rf"{NUMBER} \(" + ", ".join(rf"{c.short}: {NUMBER}" for c in LOSSES) + r"\)"
+PARTS = rf"{NUMBER} \(" + ", ".join(rf"{c.short}: {NUMBER}" for c in LOSSES if not c.adversarial) + r"\)"
 EPOCH_BLOCK = re.compile(rf"^Epoch (\d+)/(\d+):\n  Train Loss: {PARTS}\n  Val Loss:   {PARTS}\n  LR: {NUMBER}$",
                          re.MULTILINE)
 RUN_TIMEOUT = 420        # seconds: a hung job fails the test instead of blocking the suite

@@ -1,0 +1,1 @@
+"""Adversarial training: the multi-scale STFT discriminator, its losses, and its training step."""

@@ -1,0 +1,1 @@
+"""Optimisation helpers beyond the optimiser itself (the EMA of the weights)."""
