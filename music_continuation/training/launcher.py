@@ -29,7 +29,9 @@ import torch
 from music_continuation.codec import HOP_LENGTH, WEIGHT_CHOICES_HELP, CodecLoadError, codec_fingerprint, load_codec
 from music_continuation.evaluation.scoring import TARGET_AUDIO_CHOICES, resolve_target_audio
 from music_continuation.losses.audio import LOSSES, CombinedLoss, check_weights, weights_from_flags
+from music_continuation.training import watchdog
 from music_continuation.training.checkpoint import describe_latest
+from music_continuation.training.watchdog import DEFAULT_STUCK_TIMEOUT, FIRST_STEP_FACTOR
 from music_continuation.utils import OneLineParser, check_mlflow_server, exit_now, free_port
 
 
@@ -117,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "of MLflow (a machine without MLflow, e.g. bench/gpu_check.sh)")
     run.add_argument("--log_audio_every", type=int, default=10,
                      help="epochs between validation audio + spectrogram artifacts (0: never)")
+    run.add_argument("--stuck_timeout", type=float, default=DEFAULT_STUCK_TIMEOUT,
+                     help=f"seconds without progress on any rank (a step, a validation batch, a checkpoint) after "
+                          f"which the job is stuck: every rank's Python stack goes to CHECKPOINT_DIR/logs, one line "
+                          f"names the stuck rank, the job ends; the first step may take {FIRST_STEP_FACTOR}x this")
     return parser
 
 
@@ -140,6 +146,8 @@ def check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.d_model % args.num_heads or args.d_model % 2:
         parser.error(f"--d_model ({args.d_model}) must be even and divisible by --num_heads ({args.num_heads})")
+    if not (math.isfinite(args.stuck_timeout) and args.stuck_timeout >= 1):
+        parser.error(f"--stuck_timeout must be at least 1 (seconds), got {args.stuck_timeout}")
     for name in ("num_workers", "log_audio_every", "warmup_steps"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
@@ -240,7 +248,8 @@ RESUME_MUST_MATCH = ("d_model", "num_layers", "num_heads", "dropout", "segment_f
 # Flags that may change on resume: said in one line, recorded in the checkpoint and as an MLflow tag.
 # --epochs keeps the LR schedule of the original run (its length is stored in the checkpoint): added epochs
 # continue at the schedule's final LR, lr/10, so the LR never jumps.
-RESUME_MAY_CHANGE = ("epochs", "data_dir", "num_workers", "compile", "decoder_checkpointing", "log_audio_every")
+RESUME_MAY_CHANGE = ("epochs", "data_dir", "num_workers", "compile", "decoder_checkpointing", "log_audio_every",
+                     "stuck_timeout")
 
 
 def resume_changes(saved_args: dict, args: argparse.Namespace, world_size: int) -> tuple[list, dict]:
@@ -379,10 +388,12 @@ def main(argv=None) -> int:
     reports = context.SimpleQueue()
     ranks = [context.Process(target=train_simple_worker.spawned_worker, args=(rank, args, resume_path, reports),
                              name=f"rank{rank}") for rank in range(nproc)]
+    board = watchdog.Board(watchdog.board_path(nproc), nproc)     # the ranks' heartbeats (they find it by the env)
     try:
-        return supervise(ranks, reports, args.checkpoint_dir)
+        return supervise(ranks, reports, args.checkpoint_dir, board, args.stuck_timeout)
     finally:
         end_orphans()
+        board.remove()
 
 
 PR_SET_CHILD_SUBREAPER = 36    # prctl(2) option
@@ -426,13 +437,16 @@ def end_orphans() -> None:
                 os.waitpid(pid, 0)
 
 
-def supervise(ranks: list, reports, checkpoint_dir: str) -> int:
+def supervise(ranks: list, reports, checkpoint_dir: str, board=None, stuck_timeout: float = DEFAULT_STUCK_TIMEOUT
+              ) -> int:
     """Start the rank processes and wait for them; return the job's exit code, having printed at most one line.
 
-    The first rank to fail (an error report, or an exit without having reported success) ends the job:
-    the others get SIGTERM, then SIGKILL after STOP_GRACE_SECONDS. SIGINT / SIGTERM to the launcher stop
-    every rank the same way and exit 130 / 143. A rank that reported success but then died while tearing
-    down (e.g. SIGABRT from a library's exit handler) does not fail a finished run.
+    The first rank to fail (an error report, a stuck job reported by a rank's watchdog, or an exit without
+    having reported success) ends the job: the others get SIGTERM, then SIGKILL after STOP_GRACE_SECONDS.
+    SIGINT / SIGTERM to the launcher stop every rank the same way and exit 130 / 143. A rank that reported
+    success but then died while tearing down (e.g. SIGABRT from a library's exit handler) does not fail a
+    finished run. `board`: the ranks' heartbeats; if no rank's own watchdog has acted LAUNCHER_GRACE_SECONDS
+    after the limit (every rank stopped), the launcher does what it would have (watchdog.end_stuck).
     """
     received = []
     previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in EXIT_FOR_SIGNAL}
@@ -446,6 +460,11 @@ def supervise(ranks: list, reports, checkpoint_dir: str) -> int:
             multiprocessing.connection.wait([p.sentinel for p in ranks], timeout=0.5)
             drain(reports, done, errors)
             dead = failed(ranks, done)     # before stopping the others, whose exits are not the cause
+            if board is not None and not (errors or dead):
+                stuck = watchdog.stuck_slots(board, stuck_timeout, watchdog.LAUNCHER_GRACE_SECONDS)
+                if stuck and board.try_lock():
+                    what, _ = watchdog.end_stuck(board, stuck, Path(checkpoint_dir) / "logs", stuck_timeout)
+                    errors.append(f"error: {what}. {describe_latest(checkpoint_dir)}")
     finally:
         stop(ranks)
         for sig, handler in previous.items():
@@ -455,23 +474,35 @@ def supervise(ranks: list, reports, checkpoint_dir: str) -> int:
         print(f"interrupted: {describe_latest(checkpoint_dir)}", file=sys.stderr, flush=True)
         return EXIT_FOR_SIGNAL[received[0]]
     if errors:
-        print(f"error: training failed on {errors[0]}", file=sys.stderr, flush=True)
+        print(errors[0], file=sys.stderr, flush=True)
     else:
         index, code = dead[0]
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-        print(f"error: training failed: rank {index} {how} without an error report "
-              f"(out of memory? see the system log)", file=sys.stderr, flush=True)
+        print(lost_rank_line(index, ranks[index].pid, code, [r for r in range(len(ranks)) if r != index],
+                             checkpoint_dir), file=sys.stderr, flush=True)
     return 1
 
 
+def lost_rank_line(rank: int, pid: int, code: int, others: list, checkpoint_dir: str) -> str:
+    """The line for a rank that ended without a report (killed, out of memory): the same words as a survivor's
+    under torchrun (worker.peer_loss_line), with the checkpoint to resume from."""
+    how = (f"was lost ({signal.Signals(-code).name}): killed, or out of memory (see the system log)" if code < 0
+           else f"exited with code {code} without an error report")
+    stopped = (f"rank {others[0]} stopped too" if len(others) == 1 else
+               f"ranks {', '.join(map(str, others))} stopped too" if others else "the job stopped")
+    return f"error: rank {rank} (pid {pid}) {how}; {stopped}. {describe_latest(checkpoint_dir)}"
+
+
 def drain(reports, done: set, errors: list) -> None:
-    """Read the ranks' reports: ("done", rank, None) or ("error", rank, one-line message)."""
+    """Read the ranks' reports: ("done", rank, None), ("error", rank, one-line message) or ("stuck", rank, the
+    watchdog's whole line)."""
     while not reports.empty():
         kind, rank, message = reports.get()
         if kind == "done":
             done.add(rank)
-        else:
+        elif kind == "stuck":
             errors.append(message)
+        else:
+            errors.append(f"error: training failed on {message}")
 
 
 def failed(ranks: list, done: set) -> list:
