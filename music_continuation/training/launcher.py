@@ -263,6 +263,17 @@ def resume_changes(saved_args: dict, args: argparse.Namespace, world_size: int) 
     return refused, accepted
 
 
+def epochs_note(change: list | None) -> str:
+    """What a changed --epochs does to the LR schedule, whose length the checkpoint keeps."""
+    if change is None:
+        return ""
+    before, now = change
+    if now > before:
+        return " (the LR schedule keeps its length; added epochs run at lr/10)"
+    return (f" (the LR schedule keeps its length of {before} epochs: training stops at epoch {now}, before the "
+            f"LR has decayed to lr/10)")
+
+
 def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, fingerprint: str) -> str | None:
     """The checkpoint file to continue from (None: start fresh), checked against the flags and the cache."""
     from music_continuation.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
@@ -298,9 +309,7 @@ def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, fi
                      f"pass a larger --epochs to train on")
     if accepted:
         said = ", ".join(f"--{name} {before} -> {now}" for name, (before, now) in accepted.items())
-        print(f"--resume {path}: continuing with {said}"
-              + (" (the LR schedule keeps its length; added epochs run at lr/10)" if "epochs" in accepted else ""),
-              file=sys.stderr)
+        print(f"--resume {path}: continuing with {said}{epochs_note(accepted.get('epochs'))}", file=sys.stderr)
     args.resume_changes = accepted
     return str(path)
 
@@ -366,6 +375,7 @@ def parse_and_validate(argv=None, lock: bool = False) -> tuple[argparse.Namespac
 
 STOP_GRACE_SECONDS = 10.0     # after SIGTERM, ranks get this long to exit cleanly before SIGKILL
 EXIT_FOR_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+RANK_CLOSED_ITS_RUN = (0, 1, 130, 143)    # rank 0 exits so only after closing its MLflow run (worker.guarded_run)
 
 
 def main(argv=None) -> int:
@@ -470,6 +480,9 @@ def supervise(ranks: list, reports, checkpoint_dir: str, board=None, stuck_timeo
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     drain(reports, done, errors)       # after the stop too: a rank's own error line beats "it exited"
+    if ranks and ranks[0].exitcode not in RANK_CLOSED_ITS_RUN:
+        from music_continuation.training.mlflow_logger import close_recorded_run
+        close_recorded_run(checkpoint_dir, "KILLED" if received else "FAILED")
     if received:
         print(f"interrupted: {describe_latest(checkpoint_dir)}", file=sys.stderr, flush=True)
         return EXIT_FOR_SIGNAL[received[0]]

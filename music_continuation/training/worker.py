@@ -660,7 +660,8 @@ def start_logger(ctx: Context, resume_state: dict | None, start_epoch: int) -> M
         logger = JsonlLogger(Path(args.checkpoint_dir) / "metrics.jsonl", run_id, tags)
     else:
         logger = MlflowLogger(args.mlflow_tracking_uri, args.experiment_name, args.run_name, run_id,
-                              args.mlflow_parent_run_id, tags)
+                              args.mlflow_parent_run_id, tags, checkpoint_dir=args.checkpoint_dir,
+                              continue_recorded=args.resume == "auto")
     if not logger.resumed:
         logger.log_params({**vars(args), "world_size": ctx.world_size, "device": ctx.device.type,
                            "codec_fingerprint": ctx.train_set.codec_fingerprint, "git_commit": git_commit()})
