@@ -523,7 +523,7 @@ def slurm_settings(args) -> executors.SlurmSettings | None:
                                    ("cpus_per_task", settings.cpus_per_task, 1), ("parallel", settings.parallel, 0)):
             if value < least:
                 raise AblateError(f"--slurm_{name} must be at least {least}, got {value}")
-        settings.time_minutes      # noqa: B018 - checks --slurm_time
+        settings.check_time()      # --slurm_time: its syntax, and long enough for the checkpoint signal
     except ExecutorError as error:
         raise AblateError(str(error)) from None
     return settings
