@@ -619,8 +619,7 @@ def open_study(runner: Runner, plan: dict) -> tuple[Study, str]:
     try:
         check_mlflow_server(uri)
     except OSError as error:
-        raise AblateError(f"--mlflow_tracking_uri {uri}: the MLflow tracking server does not answer "
-                          f"({error})") from None
+        raise AblateError(f"--mlflow_tracking_uri {uri}: {error}") from None
     params = {"grid": json.dumps(plan["grid"], sort_keys=True), "grid_hash": settings_hash(plan["grid"]),
               "shared_flags": shlex.join(tokens_of(shared)) or "(none)", "git_commit": git_commit(),
               "out_dir": str(out_dir), "study_hash": key,

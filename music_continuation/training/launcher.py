@@ -322,8 +322,7 @@ def check_mlflow_reachable(args: argparse.Namespace, parser: argparse.ArgumentPa
     try:
         check_mlflow_server(uri)
     except OSError as error:
-        parser.error(f"--mlflow_tracking_uri {uri}: the MLflow tracking server does not answer ({error}); "
-                     f"start it (mlflow server ...) or point the flag at a running one")
+        parser.error(f"--mlflow_tracking_uri {uri}: {error}")
 
 
 # ------------------------------------------------------------------------------------------ launch

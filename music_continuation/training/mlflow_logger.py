@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -228,7 +229,20 @@ def close_recorded_run(checkpoint_dir, status: str = "FAILED") -> None:
         warn(f"could not mark MLflow run {record['run_id']} {status} ({short(error)})")
 
 
+# MLflow's client wraps urllib3's retry error: "API request to URL failed with exception HTTPConnectionPool(host=...,
+# port=...): Max retries exceeded with url: ... (Caused by ResponseError('too many 500 error responses'))".
+API_FAILURE = re.compile(r"API request to (?P<url>\S+) failed with exception .*?\(Caused by \w+\((?P<cause>.*)\)\)",
+                         re.S)
+
+
 def short(error: BaseException) -> str:
+    """The error in one short line: for a failed API request, the URL and urllib3's cause only."""
+    text = str(error)
+    match = API_FAILURE.search(text)
+    if match:
+        cause = match.group("cause").strip().strip("'\"")
+        cause = cause.rsplit(">: ", 1)[-1]          # '<urllib3.connection.HTTPConnection object at 0x..>: reason'
+        return f"API request to {match.group('url')} failed: {cause}"[:300]
     return one_line(error)[:300]     # an HTTP error can carry a whole HTML page on its first line
 
 

@@ -62,7 +62,7 @@ from music_continuation.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from music_continuation.training.mlflow_logger import JsonlLogger, MlflowLogger, git_commit
+from music_continuation.training.mlflow_logger import API_FAILURE, JsonlLogger, MlflowLogger, git_commit, short
 from music_continuation.utils import exit_now, one_line, strip_exception_prefix, warn
 
 MAX_CONSECUTIVE_SKIPS = 10     # this many non-finite steps in a row end the run: training has diverged
@@ -936,6 +936,8 @@ def error_line(error: BaseException) -> str:
     text = str(error).strip()
     if "Original Traceback" in text:
         return strip_exception_prefix(text.splitlines()[-1])
+    if API_FAILURE.search(text):        # MLflow's client quoting urllib3: the URL and the cause are enough
+        return short(error)
     return one_line(error)
 
 
