@@ -62,6 +62,7 @@ def test_the_mlflow_server_fixture_dies_with_a_killed_pytest(tmp_path):
                               str(ROOT / "tests" / "fixture_probe.py")], cwd=ROOT,
                              env={**os.environ, "FIXTURE_PROBE_OUT": str(out)}, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
+    sessions = []
     try:
         deadline = time.monotonic() + 300
         while not out.exists():
@@ -78,8 +79,9 @@ def test_the_mlflow_server_fixture_dies_with_a_killed_pytest(tmp_path):
         with pytest.raises(OSError):
             urllib.request.urlopen(uri + "/health", timeout=2)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(inner.pid, signal.SIGKILL)
+        for group in [inner.pid] + sessions:           # whatever is left if the test failed
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
 
 
 def children_of(pid: int) -> list[int]:
