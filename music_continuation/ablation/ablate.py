@@ -80,7 +80,8 @@ RESERVED = {"seed": "use --seeds N (cell k runs with --seed k)",
 STUDY_ONLY = ("data_dir", "mlflow_tracking_uri", "experiment_name")
 # Flags that do not change what a run computes: left out of its identity hash.
 NOT_SETTINGS = {"checkpoint_dir", "resume", "mlflow_tracking_uri", "experiment_name", "run_name", "log_audio_every",
-                "num_workers", "compile", "decoder_checkpointing", "mlflow_parent_run_id", "mlflow_tag"}
+                "num_workers", "compile", "decoder_checkpointing", "mlflow_parent_run_id", "mlflow_tag",
+                "stuck_timeout"}
 
 TAG_STUDY, TAG_CELL, TAG_SEED, TAG_HASH = "ablation_study", "ablation_cell", "ablation_seed", "ablation_hash"
 CELL_FILE = "cell.json"                  # in each cell's folder: its name, seed, hash, settings and command

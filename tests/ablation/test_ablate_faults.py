@@ -81,3 +81,10 @@ def test_the_checkpoint_signal_comes_a_quarter_of_a_short_limit_early(time_limit
     settings = executors.SlurmSettings(time=time_limit)
     settings.check_time()
     assert settings.signal_delay_seconds == delay
+
+
+def test_the_stuck_timeout_is_not_part_of_a_cells_identity(tmp_path):
+    """It changes when a stuck job is ended, not what a run computes: studies keep their hashes."""
+    grid = [{"name": "a", "flags": {}}]
+    cells = [ablate.build_cells(grid, shared, 1, tmp_path)[0] for shared in ({}, {"stuck_timeout": 60.0})]
+    assert "stuck_timeout" not in cells[0].settings and cells[0].hash == cells[1].hash
