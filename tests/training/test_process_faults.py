@@ -10,12 +10,12 @@ import subprocess
 
 import pytest
 
-from bench.fault_trials import group_members
+from bench.fault_trials import group_members, spawned_ranks
 from music_continuation.training.launcher import epochs_note
 from music_continuation.training.mlflow_logger import RUN_RECORD, MlflowLogger, close_recorded_run, read_run_record
 from tests.training.test_faults import clean_env, launcher_command
 from tests.training.test_training import RUN_TIMEOUT, sqlite_uri
-from tests.training.test_watchdog import spawned_ranks, wait_for_epoch
+from tests.training.test_watchdog import wait_for_epoch
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.fault_trials import group_members, rank_pid
+from bench.fault_trials import group_members, rank_pid, spawned_ranks
 from music_continuation.training import watchdog
 from music_continuation.training.checkpoint import load_checkpoint
 from tests.training.test_faults import clean_env, launcher_command
@@ -22,18 +22,6 @@ from tests.training.test_training import RUN_TIMEOUT, run_launcher
 
 STUCK_TIMEOUT = 5          # seconds; the tests' runs take ~1 s a step (TRAIN_SIMPLE_TEST_SLOW + a tiny model)
 SLACK = 10                 # seconds the one line may come after the timeout: stacks, kills, the launcher's poll
-
-
-def spawned_ranks(launcher: int) -> list[int]:
-    """The launcher's rank processes, rank 0 first (started in rank order, so in pid order)."""
-    ranks = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()
-                if int(stat[1]) == launcher and b"spawn_main" in entry.joinpath("cmdline").read_bytes():
-                    ranks.append(int(entry.name))
-    return sorted(ranks)
 
 
 def wait_for_epoch(process: subprocess.Popen, folder: Path, epoch: int = 1) -> int:
