@@ -62,7 +62,14 @@ from music_continuation.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from music_continuation.training.mlflow_logger import API_FAILURE, JsonlLogger, MlflowLogger, git_commit, short
+from music_continuation.training.mlflow_logger import (
+    API_FAILURE,
+    JsonlLogger,
+    MlflowLogger,
+    close_recorded_run,
+    git_commit,
+    short,
+)
 from music_continuation.utils import exit_now, one_line, strip_exception_prefix, warn
 
 MAX_CONSECUTIVE_SKIPS = 10     # this many non-finite steps in a row end the run: training has diverged
@@ -887,6 +894,8 @@ def guarded_run(args, resume_path: str | None, reports=None) -> int:
             if lost:
                 if line:
                     print(line, file=sys.stderr, flush=True)
+                    if 0 in lost_peers():       # rank 0 could not close its MLflow run
+                        close_recorded_run(args.checkpoint_dir, "FAILED")
                 leave(1)
         if interrupted:           # also errors caused by peers that were stopped at the same moment
             if reports is None and rank == 0:
