@@ -74,3 +74,31 @@ def test_resume_says_what_a_changed_epoch_count_does_to_the_schedule():
                                     "before the LR has decayed to lr/10)")
     assert "added epochs" not in epochs_note([10, 4]) and epochs_note(None) == ""
 
+
+
+@pytest.mark.slow      # the random codec's decoder on 3 windows: seconds on an idle machine, a minute on a busy one
+def test_the_step_0_baselines_say_how_far_they_are(tiny_cache, monkeypatch, capsys):
+    """A long start-up (the baselines over every validation window) prints progress on rank 0."""
+    import types
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from music_continuation.codec import FrozenDecoder, load_codec
+    from music_continuation.data.cache import ContinuationDataset, LatentNormalizer
+    from music_continuation.losses.audio import CombinedLoss
+    from music_continuation.training import worker
+    dataset = ContinuationDataset(tiny_cache, "val", 8)
+    val_set = torch.utils.data.Subset(dataset, range(3))        # 3 windows in 2 batches: 2 progress lines
+    ctx = types.SimpleNamespace(
+        rank=0, world_size=1, device=torch.device("cpu"), autocast=worker.autocast_for(torch.device("cpu")),
+        val_set=val_set, val_loader=DataLoader(val_set, batch_size=2), val_indices=list(range(len(val_set))),
+        decoder=FrozenDecoder(load_codec("random")), normalizer=LatentNormalizer(dataset.latent_mean,
+                                                                                  dataset.latent_std),
+        loss_fn=CombinedLoss(rms_target=1.0), args=types.SimpleNamespace(target_audio="original"))
+    monkeypatch.setattr(worker, "BASELINE_PROGRESS_SECONDS", -1.0)      # every batch, instead of every 10 s
+    assert worker.baseline_figures(ctx) is not None
+    lines = capsys.readouterr().err.strip().splitlines()
+    windows = len(val_set)
+    assert lines[-1].startswith(f"  step-0 baselines (silence, repeat, oracle; once per run): {windows}/{windows} "
+                                f"validation windows, ") and len(lines) == 2
