@@ -8,7 +8,7 @@ torchrun: `torchrun --standalone --nproc_per_node 2 train_simple_ddp.py ...`, ki
     sqlalchemy noise (torchrun's own report may follow).
 orphans: the built-in launcher, 2 ranks x 2 DataLoader workers, rank 1 fails at its first step (workers still
     starting). Correct: exit 1, one `error:` line, and no process of the job alive once the launcher has exited.
-stuck: the built-in launcher, 2 ranks, `--stuck_timeout 5`; SIGSTOP of rank 1 in epoch 2. Correct: exit 1, one
+stuck: the built-in launcher, 2 ranks, `--stuck_timeout 10`; SIGSTOP of rank 1 in epoch 2. Correct: exit 1, one
     `error:` line naming rank 1 as stuck and latest.pt, no process left; the trial's figure is the time from the
     SIGSTOP to the launcher's exit.
 Prints one line per trial, then `torchrun kill: K of N correct` / `orphans: K of N clean` / `stuck: K of N
@@ -151,7 +151,7 @@ def orphan_trial(data_dir: str, work: Path, fail_step: int = 0) -> tuple[bool, s
     return not problems, "; ".join(problems) or "clean"
 
 
-STUCK_TIMEOUT = 5
+STUCK_TIMEOUT = 10
 
 
 def spawned_ranks(launcher: int) -> list[int]:

@@ -31,7 +31,7 @@ from music_continuation.evaluation.scoring import TARGET_AUDIO_CHOICES, resolve_
 from music_continuation.losses.audio import LOSSES, CombinedLoss, check_weights, weights_from_flags
 from music_continuation.training import watchdog
 from music_continuation.training.checkpoint import describe_latest
-from music_continuation.training.watchdog import DEFAULT_STUCK_TIMEOUT, FIRST_STEP_FACTOR
+from music_continuation.training.watchdog import DEFAULT_STUCK_TIMEOUT, FIRST_STEP_FACTOR, START_UP_SECONDS
 from music_continuation.utils import OneLineParser, check_mlflow_server, exit_now, free_port
 
 
@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stuck_timeout", type=float, default=DEFAULT_STUCK_TIMEOUT,
                      help=f"seconds without progress on any rank (a step, a validation batch, a checkpoint) after "
                           f"which the job is stuck: every rank's Python stack goes to CHECKPOINT_DIR/logs, one line "
-                          f"names the stuck rank, the job ends; the first step may take {FIRST_STEP_FACTOR}x this")
+                          f"names the stuck rank, the job ends; the start-up and first step may take "
+                          f"{FIRST_STEP_FACTOR}x this, at least {START_UP_SECONDS:.0f} s")
     return parser
 
 

@@ -15,9 +15,10 @@ launcher watches the board too, LAUNCHER_GRACE_SECONDS later: the case where eve
        atomically, so it stays the last finished epoch's), and the one line is reported: to the launcher's
        queue under the built-in launcher, on stderr under torchrun / Slurm; then this rank exits EXIT_STUCK.
 
-Limits: --stuck_timeout for every phase, FIRST_STEP_FACTOR x that from the start of a process to the end of
-its first training step (references, baselines, MLflow's first calls, torch.compile, cuDNN autotuning, the
-first reads from a cold file system). Validation beats per batch, checkpoints per file.
+Limits: --stuck_timeout for every phase; from the start of a process to the end of its first training step
+(imports, references, baselines, MLflow's first calls, torch.compile, cuDNN autotuning, the first reads from a
+cold file system) FIRST_STEP_FACTOR x that, at least START_UP_SECONDS. Validation beats per batch, checkpoints
+per file.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ import time
 from pathlib import Path
 
 DEFAULT_STUCK_TIMEOUT = 600.0     # seconds without progress on any rank of a host: the job is stuck
-FIRST_STEP_FACTOR = 3             # the first training step of a process may take this many timeouts
+FIRST_STEP_FACTOR = 3             # the first training step of a process may take this many timeouts ...
+START_UP_SECONDS = 300.0          # ... and at least this long (imports, MLflow, references on a loaded machine)
 STACK_SIGNAL = signal.SIGUSR1     # makes a rank write its Python stack to its log (faulthandler.register)
 STACK_WAIT_SECONDS = 5.0          # how long the acting rank waits for the others' stacks
 EXIT_STUCK = 3                    # the exit code of the rank that ended a stuck job
@@ -48,7 +50,11 @@ SLOT = struct.Struct("<dqqqq")    # last beat (CLOCK_MONOTONIC, seconds), pid, p
 def process_group_timeout(stuck_timeout: float) -> float:
     """Seconds for torch.distributed's own timeout: longer than the watchdog's longest limit, so the watchdog
     (one line, the stacks) always comes first; the collective's timeout only backs it up."""
-    return FIRST_STEP_FACTOR * stuck_timeout + 60.0
+    return start_up_limit(stuck_timeout) + 60.0
+
+
+def start_up_limit(timeout: float) -> float:
+    return max(FIRST_STEP_FACTOR * timeout, START_UP_SECONDS)
 
 
 def board_path(world_size: int) -> Path:
@@ -172,8 +178,8 @@ def check_interval(timeout: float) -> float:
 
 
 def limit(timeout: float, phase: int, first: int) -> float:
-    """A phase's limit: the first step and the start-up may take FIRST_STEP_FACTOR timeouts."""
-    return timeout * (FIRST_STEP_FACTOR if first or PHASES[phase] == "start-up" else 1)
+    """A phase's limit: the start-up and the first step have start_up_limit."""
+    return start_up_limit(timeout) if first or PHASES[phase] == "start-up" else timeout
 
 
 def log_path(log_dir: Path, rank: int) -> Path:

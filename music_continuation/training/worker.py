@@ -771,6 +771,7 @@ class Reporter:
             save_checkpoint(Path(args.checkpoint_dir) / BEST_NAME, state)
         watchdog.beat("checkpoint")      # MLflow: a few capped retries at most
         sent = self.logger.log_metrics(epoch_metrics(train, val, nonfinite, baselines, seconds), step=epoch)
+        watchdog.beat("checkpoint")
         if args.log_audio_every and epoch % args.log_audio_every == 0:
             self.samples(epoch, write_audio_examples(ctx, epoch), sent)
 
