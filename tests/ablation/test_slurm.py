@@ -71,18 +71,25 @@ def wait_final(job_id: str, count: int = 1) -> list[str]:
     pytest.fail(f"job {job_id} not finished after {JOB_TIMEOUT} s: {sacct_states(job_id)}")
 
 
-def release_requeued(job_id: str, time_limit: str | None = None) -> None:
-    """Slurm holds a requeued batch job for 120 s (its BeginTime); once it is pending again, start it now (with
-    `time_limit` back, for a job whose limit run_into_the_time_limit shortened)."""
+def release_requeued(job_id: str) -> None:
+    """Slurm holds a requeued batch job for 120 s (its BeginTime); once it is pending again, start it now."""
     deadline = time.monotonic() + JOB_TIMEOUT
     while time.monotonic() < deadline:
-        shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=60).stdout
-        if "JobState=PENDING" in shown:
-            limit = [f"TimeLimit={time_limit}"] if time_limit else []
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", *limit, "StartTime=now"], check=True, timeout=60)
+        if release_if_pending(job_id):
             return
         time.sleep(0.5)
     pytest.fail(f"job {job_id} was not pending again within {JOB_TIMEOUT} s of its requeue")
+
+
+def release_if_pending(job_id: str, time_limit: str | None = None) -> bool:
+    """If the requeued job is pending, start it now (with `time_limit` back, for a job whose limit
+    run_into_the_time_limit shortened); whether it was."""
+    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=60).stdout
+    if "JobState=PENDING" not in shown:
+        return False
+    limit = [f"TimeLimit={time_limit}"] if time_limit else []
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", *limit, "StartTime=now"], check=True, timeout=60)
+    return True
 
 
 def run_into_the_time_limit(job_id: str) -> None:
@@ -171,9 +178,11 @@ def gather_with_interruptions(study: dict) -> subprocess.CompletedProcess:
     is saved (the ablate.py waiting must say 'requeued' and the cells continue from latest.pt)."""
     process = subprocess.Popen(ablate_command(study), cwd=study["out"].parent, env=environment(**study.get("env", {})),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    waiting, interrupted = dict(INTERRUPTIONS), []
+    # Each requeued job is released as soon as it is pending again: waiting for the other cell first could let
+    # Slurm's 120 s hold expire on a loaded machine (the job would start again on its own, past the release).
+    waiting, to_release = dict(INTERRUPTIONS), {}
     deadline = time.monotonic() + JOB_TIMEOUT
-    while waiting and time.monotonic() < deadline and process.poll() is None:
+    while (waiting or to_release) and time.monotonic() < deadline and process.poll() is None:
         for label, command in list(waiting.items()):
             if (study["out"] / label / "latest.pt").is_file():
                 job = study["records"][label]["job_id"]
@@ -181,11 +190,13 @@ def gather_with_interruptions(study: dict) -> subprocess.CompletedProcess:
                     subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
                 else:
                     run_into_the_time_limit(job)
-                interrupted.append((job, command))
+                to_release[job] = "60" if command == "time limit" else None
                 del waiting[label]
+        for job, time_limit in list(to_release.items()):
+            if release_if_pending(job, time_limit):
+                del to_release[job]
         time.sleep(0.2)
-    for job, command in interrupted:
-        release_requeued(job, time_limit="60" if command == "time limit" else None)
+    assert not waiting and not to_release, f"not interrupted {waiting}, not released {to_release}"
     stdout, stderr = process.communicate(timeout=2 * JOB_TIMEOUT)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
