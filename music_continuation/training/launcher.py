@@ -480,19 +480,18 @@ def supervise(ranks: list, reports, checkpoint_dir: str, board=None, stuck_timeo
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     drain(reports, done, errors)       # after the stop too: a rank's own error line beats "it exited"
-    if ranks and ranks[0].exitcode not in RANK_CLOSED_ITS_RUN:
-        from music_continuation.training.mlflow_logger import close_recorded_run
-        close_recorded_run(checkpoint_dir, "KILLED" if received else "FAILED")
     if received:
         print(f"interrupted: {describe_latest(checkpoint_dir)}", file=sys.stderr, flush=True)
-        return EXIT_FOR_SIGNAL[received[0]]
-    if errors:
+    elif errors:
         print(errors[0], file=sys.stderr, flush=True)
     else:
         index, code = dead[0]
         print(lost_rank_line(index, ranks[index].pid, code, [r for r in range(len(ranks)) if r != index],
                              checkpoint_dir), file=sys.stderr, flush=True)
-    return 1
+    if ranks and ranks[0].exitcode not in RANK_CLOSED_ITS_RUN:
+        from music_continuation.training.mlflow_logger import close_recorded_run
+        close_recorded_run(checkpoint_dir, "KILLED" if received else "FAILED")
+    return EXIT_FOR_SIGNAL[received[0]] if received else 1
 
 
 def lost_rank_line(rank: int, pid: int, code: int, others: list, checkpoint_dir: str) -> str:

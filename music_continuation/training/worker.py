@@ -812,6 +812,7 @@ def run(args, resume_path: str | None = None) -> None:
     watchdog.beat("start-up")
     if ctx.rank == 0:
         reporter = Reporter(ctx, start_logger(ctx, resume_state, progress.start_epoch))
+        _stuck_report.append(reporter)        # end_stuck_job closes its MLflow run
     baselines = baseline_figures(ctx)
     if reporter is not None:
         announce(ctx, reporter.logger, baselines, progress.start_epoch if resume_state else None)
@@ -849,20 +850,23 @@ def run(args, resume_path: str | None = None) -> None:
 
 # ------------------------------------------------------------------------------------- failures
 
-_stuck_report = []     # the launcher's queue, or None under torchrun: where end_stuck_job reports
+_stuck_report = []     # [the launcher's queue or None (torchrun), checkpoint dir, rank 0's Reporter once it exists]
 
 
 def end_stuck_job(what: str, stuck_rank: int) -> NoReturn:
     """The watchdog's end of a stuck job (in its thread; the other ranks of this host are killed already):
     one line, to the launcher (which prints it and stops every rank) or, under torchrun, on stderr."""
     rank = int(os.environ.get("RANK", "0"))
-    checkpoint_dir = _stuck_report[1] if len(_stuck_report) > 1 else "."
+    reports, checkpoint_dir, *reporter = _stuck_report or [None, "."]
     line = f"error: {what}. {describe_latest(checkpoint_dir)}"
-    reports = _stuck_report[0] if _stuck_report else None
     if reports is not None:
         reports.put(("stuck", rank, line))
     else:
         print(line, file=sys.stderr, flush=True)
+    if reporter:           # rank 0 acts: its MLflow run is closed here, not left RUNNING
+        with contextlib.suppress(Exception):
+            reporter[0].logger.finish("FAILED")
+        exit_now(1)
     exit_now(watchdog.EXIT_STUCK)
 
 

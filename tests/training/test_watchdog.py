@@ -17,6 +17,7 @@ import pytest
 from bench.fault_trials import group_members, rank_pid, spawned_ranks
 from music_continuation.training import watchdog
 from music_continuation.training.checkpoint import load_checkpoint
+from music_continuation.training.mlflow_logger import read_run_record
 from tests.training.test_faults import clean_env, launcher_command
 from tests.training.test_training import RUN_TIMEOUT, run_launcher
 
@@ -70,6 +71,9 @@ def test_a_stopped_rank_ends_the_job_with_one_line_and_its_stack_then_resume_con
     stack = (folder / "logs" / "rank1.log").read_text()
     assert "no progress on this host" in stack and 'File "' in stack and "train_one_epoch" in stack, stack[-3000:]
     assert "train_one_epoch" in (folder / "logs" / "rank0.log").read_text()   # rank 0 waits inside its step
+    from mlflow.tracking import MlflowClient
+    record = read_run_record(folder)
+    assert MlflowClient(record["tracking_uri"]).get_run(record["run_id"]).info.status == "FAILED"
     epoch = load_checkpoint(folder / "latest.pt")["epoch"]
     resumed = run_launcher(launcher_command(tiny_cache, tmp_path)[2:] + ["--epochs", epoch + 1, "--resume", "auto"],
                            cwd=tmp_path)
