@@ -129,10 +129,15 @@ def test_the_job_is_stuck_only_when_no_rank_of_the_host_progresses(board):
         assert watchdog.stuck_slots(board, timeout=50) is None        # rank 0 beat just now
         time.sleep(0.01)
         assert set(watchdog.stuck_slots(board, timeout=0.001)) == {0, 1}
-        # the first step may take FIRST_STEP_FACTOR timeouts
+        # the start-up and the first step may take FIRST_STEP_FACTOR timeouts, at least START_UP_SECONDS
         board.write(0, watchdog.PHASES.index("step"), 1, first=True)
-        time.sleep(0.05)
-        assert watchdog.stuck_slots(board, timeout=0.05 / watchdog.FIRST_STEP_FACTOR + 0.01) is None
+        time.sleep(0.01)
+        assert watchdog.stuck_slots(board, timeout=0.001) is None
+        assert watchdog.limit(600, watchdog.PHASES.index("step"), 1) == 1800
+        assert watchdog.limit(10, watchdog.PHASES.index("references"), 1) == watchdog.START_UP_SECONDS
+        assert watchdog.limit(10, watchdog.PHASES.index("validation"), 0) == 10
+        board.write(0, watchdog.PHASES.index("step"), 7, first=False)
+        time.sleep(0.01)
         os.kill(sleeper.pid, signal.SIGSTOP)                          # rank 1 beat last long ago and is stopped
         deadline = time.monotonic() + 5
         while watchdog.process_state(sleeper.pid) != "T" and time.monotonic() < deadline:
