@@ -474,18 +474,22 @@ def supervise(ranks: list, reports, checkpoint_dir: str, board=None, stuck_timeo
                 stuck = watchdog.stuck_slots(board, stuck_timeout, watchdog.LAUNCHER_GRACE_SECONDS)
                 if stuck and board.try_lock():
                     what, _ = watchdog.end_stuck(board, stuck, Path(checkpoint_dir) / "logs", stuck_timeout)
-                    errors.append(f"error: {what}. {describe_latest(checkpoint_dir)}")
+                    errors.append((None, f"error: {what}. {describe_latest(checkpoint_dir)}"))
     finally:
         stop(ranks)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     drain(reports, done, errors)       # after the stop too: a rank's own error line beats "it exited"
+    # A rank killed without a report is the cause; the others' errors (a collective that lost it) are effects.
+    # A stuck job's line (rank None: the watchdog killed the other ranks itself) says why they were killed.
+    stuck = bool(errors) and errors[0][0] is None
+    lost = [(index, code) for index, code in dead if code < 0 and index not in {rank for rank, _ in errors}]
     if received:
         print(f"interrupted: {describe_latest(checkpoint_dir)}", file=sys.stderr, flush=True)
-    elif errors:
-        print(errors[0], file=sys.stderr, flush=True)
+    elif errors and (stuck or not lost):
+        print(errors[0][1], file=sys.stderr, flush=True)
     else:
-        index, code = dead[0]
+        index, code = (lost or dead)[0]
         print(lost_rank_line(index, ranks[index].pid, code, [r for r in range(len(ranks)) if r != index],
                              checkpoint_dir), file=sys.stderr, flush=True)
     if ranks and ranks[0].exitcode not in RANK_CLOSED_ITS_RUN:
@@ -506,15 +510,15 @@ def lost_rank_line(rank: int, pid: int, code: int, others: list, checkpoint_dir:
 
 def drain(reports, done: set, errors: list) -> None:
     """Read the ranks' reports: ("done", rank, None), ("error", rank, one-line message) or ("stuck", rank, the
-    watchdog's whole line)."""
+    watchdog's whole line); errors get (rank, the line to print), a stuck job's first with rank None."""
     while not reports.empty():
         kind, rank, message = reports.get()
         if kind == "done":
             done.add(rank)
-        elif kind == "stuck":
-            errors.append(message)
+        elif kind == "stuck":          # the watchdog killed the other ranks: its line, not theirs, says why
+            errors.insert(0, (None, message))
         else:
-            errors.append(f"error: training failed on {message}")
+            errors.append((rank, f"error: training failed on {message}"))
 
 
 def failed(ranks: list, done: set) -> list:
