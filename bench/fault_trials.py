@@ -9,7 +9,11 @@ torchrun: `torchrun --standalone --nproc_per_node 2 tests/fault_launcher.py ...`
     sqlalchemy noise (torchrun's own report may follow).
 orphans: the built-in launcher, 2 ranks x 2 DataLoader workers, rank 1 fails at its first step (workers still
     starting). Correct: exit 1, one `error:` line, and no process of the job alive once the launcher has exited.
-Prints one line per trial, then `torchrun kill: K of N correct` / `orphans: K of N clean`.
+stuck: the built-in launcher, 2 ranks, `--stuck_timeout 10`; SIGSTOP of rank 1 in epoch 2. Correct: exit 1, one
+    `error:` line naming rank 1 as stuck and latest.pt, no process left; the trial's figure is the time from the
+    SIGSTOP to the launcher's exit.
+Prints one line per trial, then `torchrun kill: K of N correct` / `orphans: K of N clean` / `stuck: K of N
+correct`.
 """
 from __future__ import annotations
 
@@ -154,17 +158,66 @@ def orphan_trial(data_dir: str, work: Path, fail_step: int = 0) -> tuple[bool, s
     return not problems, "; ".join(problems) or "clean"
 
 
+STUCK_TIMEOUT = 10
+
+
+def spawned_ranks(launcher: int) -> list[int]:
+    """The launcher's rank processes, rank 0 first (started in rank order, so in pid order)."""
+    ranks = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                command = entry.joinpath("cmdline").read_bytes()
+                if int(proc_stat(entry.name)[1]) == launcher and b"spawn_main" in command:
+                    ranks.append(int(entry.name))
+    return sorted(ranks)
+
+
+def stuck_trial(data_dir: str, work: Path, stop_after_epoch: int = 1) -> tuple[bool, str]:
+    folder = work / "ck"
+    command = [sys.executable, str(ROOT / "train_simple_ddp.py"), "--data_dir", data_dir, "--nproc", "2",
+               "--epochs", "50", "--checkpoint_dir", str(folder), "--stuck_timeout", str(STUCK_TIMEOUT),
+               "--mlflow_tracking_uri", f"sqlite:///{work / 'mlflow.db'}"] + TINY
+    launcher = subprocess.Popen(command, cwd=work, env=environment(TRAIN_SIMPLE_TEST_SLOW="0.3"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while (latest_epoch(folder) or 0) < stop_after_epoch:
+            if launcher.poll() is not None or time.monotonic() > deadline:
+                return False, "did not reach epoch 1: " + launcher.communicate()[1][-2000:]
+            time.sleep(0.2)
+        time.sleep(1.0)
+        os.kill(spawned_ranks(launcher.pid)[1], signal.SIGSTOP)
+        stopped = time.monotonic()
+        _, stderr = launcher.communicate(timeout=TIMEOUT)
+        elapsed = time.monotonic() - stopped
+        left = group_members(launcher.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+    (work / "stderr.txt").write_text(stderr)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    problems = [] if launcher.returncode == 1 else [f"exit {launcher.returncode}"]
+    if len(errors) != 1 or not errors[0].startswith("error: rank 1 made no progress") or "latest.pt" not in errors[0]:
+        problems.append(f"lines {errors}")
+    problems += [f"noise {word!r}" for word in NOISE if word in stderr]
+    if left:
+        problems.append(f"left {left}")
+    return not problems, "; ".join(problems) or f"line after {elapsed:.1f} s: {errors[0]}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", required=True)
     parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--which", default="torchrun,orphans")
+    parser.add_argument("--which", default="torchrun,orphans", help="comma-separated: torchrun, orphans, stuck")
     parser.add_argument("--work", default=None, help="folder for the trials' checkpoints (default: a temporary one)")
     args = parser.parse_args()
     base = Path(args.work or tempfile.mkdtemp(prefix="fault_trials_"))
     summary = []
     for which, trial, label in (("torchrun", torchrun_kill_trial, "torchrun kill: {} of {} correct"),
-                                ("orphans", orphan_trial, "orphans: {} of {} clean")):
+                                ("orphans", orphan_trial, "orphans: {} of {} clean"),
+                                ("stuck", stuck_trial, "stuck: {} of {} correct")):
         if which not in args.which.split(","):
             continue
         good = 0

@@ -103,6 +103,7 @@ FLAG_ROLES = {
     "mlflow_tracking_uri": "tracking", "experiment_name": "tracking",
     "logger": "logger",
     "log_audio_every": "runtime", "musical_every": "runtime", "beat_tracker": "runtime",
+    "stuck_timeout": "runtime",
     "config": "preset",
 }
 

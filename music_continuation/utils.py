@@ -10,7 +10,6 @@ import re
 import signal
 import socket
 import sys
-import urllib.request
 import warnings
 from pathlib import Path
 from typing import NoReturn
@@ -150,17 +149,57 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class TrackingServerError(OSError):
+    """An http(s) tracking URI that cannot be used; the message says what answered and what to do."""
+
+
+MLFLOW_API_PROBE = "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"   # cheap, read-only
+
+
 def check_mlflow_server(uri: str | None, timeout: float = MLFLOW_PROBE_TIMEOUT) -> None:
-    """Raise OSError (with the reason) unless the MLflow server at an http(s) `uri` answers /health.
+    """Raise TrackingServerError (what answered, what to do) unless the MLflow server at an http(s) `uri` answers
+    /health and its REST API works (a server up with a broken database answers /health and fails every call).
 
     MLflow's own client retries a dead server with back-off for minutes; this asks once, quickly.
     A local store (sqlite, file, or no URI) has nothing to reach and always passes.
     """
     if not uri or not uri.startswith(("http://", "https://")):
         return
+    base = uri.rstrip("/")
+    status, body = http_get(base + "/health", timeout)
+    if status != 200:
+        raise TrackingServerError(f"the server answered /health with HTTP {status}{said(body)}: it is up but "
+                                  f"unhealthy; see the server's log")
+    status, body = http_get(base + MLFLOW_API_PROBE, timeout)
+    if status == 200 or (status == 404 and "RESOURCE_DOES_NOT_EXIST" in body):
+        return
+    path = MLFLOW_API_PROBE.split("?")[0]
+    if status >= 500:
+        raise TrackingServerError(f"the server answers /health but its API fails (HTTP {status} on {path}"
+                                  f"{said(body)}); see the server's log (its backend store or artifact root)")
+    raise TrackingServerError(f"the server answers /health but not as an MLflow tracking server (HTTP {status} on "
+                              f"{path}); check the URI's host, port and path")
+
+
+def http_get(url: str, timeout: float) -> tuple[int, str]:
+    """(HTTP status, the first KB of the body) of a GET; TrackingServerError if nothing answers."""
+    import urllib.error
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-            if response.status != 200:
-                raise OSError(f"HTTP {response.status}")
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read(1024).decode(errors="replace")
+    except urllib.error.HTTPError as error:       # an answer, with a status of 400 or more
+        return error.code, (error.read(1024) or b"").decode(errors="replace")
     except (OSError, ValueError) as error:     # URLError is an OSError; a malformed URI a ValueError
-        raise OSError(getattr(error, "reason", error)) from None
+        reason = getattr(error, "reason", error)
+        raise TrackingServerError(f"the MLflow tracking server does not answer ({reason}); start it "
+                                  f"(mlflow server ...) or point the flag at a running one") from None
+
+
+def said(body: str) -> str:
+    """': MESSAGE' from an HTTP error body (MLflow's JSON "message", else its first line), at most 120 chars."""
+    import json
+    text = body.strip()
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        text = str(json.loads(text).get("message") or text)
+    text = text.splitlines()[0].strip() if text else ""
+    return f": {text[:120]}" if text else ""

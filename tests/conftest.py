@@ -9,10 +9,14 @@
                     temporary folder; SLURM_CONF set for the session), stopped at teardown. Skipped where
                     Slurm cannot be installed (not root), but in CI ($CI set, as .ci/run does) a Slurm that
                     cannot start fails the tests.
+
+Both run under tests/process_guard.py, which holds a pipe from this process: when pytest ends, however (kill -9
+included), the guard sees the pipe close and stops the server's process group / runs `dev_slurm.sh stop`.
 """
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -25,6 +29,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 MLFLOW_START_TIMEOUT = 240.0     # seconds; a cold `mlflow server` takes ~10-50 s on a busy 2-core machine
+GUARD = ROOT / "tests" / "process_guard.py"
+
+
+def guarded(command: list[str], on_exit: str | None = None, **popen) -> subprocess.Popen:
+    """Start `command` (or nothing) under the process guard, which ends it when this process ends by any signal:
+    stdin is the guard's pipe from us, held open (never written) until teardown closes it."""
+    argv = [sys.executable, str(GUARD)] + (["--on_exit", on_exit] if on_exit else []) + ["--", *command]
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, start_new_session=True, **popen)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -55,8 +67,9 @@ def mlflow_server(tmp_path_factory) -> str:
     if not Path(command[0]).exists():
         command[:1] = [sys.executable, "-m", "mlflow"]
     log = open(folder / "server.log", "wb")
-    # Its own session, so teardown can stop the server and the uvicorn/job-runner children it starts.
-    server = subprocess.Popen(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # Its own session under the guard, so teardown (or the guard, if pytest is killed) stops the server and the
+    # uvicorn/job-runner children it starts.
+    server = guarded(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + MLFLOW_START_TIMEOUT
@@ -75,7 +88,7 @@ def mlflow_server(tmp_path_factory) -> str:
             time.sleep(0.5)
         yield uri
     finally:
-        _stop_process_group(server)
+        stop_guarded(server, timeout=15.0)      # the guard stops the server's group
         log.close()
 
 
@@ -96,6 +109,15 @@ def _stop_process_group(process: subprocess.Popen) -> None:
             return
 
 
+def stop_guarded(guard: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Close the guard's pipe and wait for it to have stopped what it guards."""
+    guard.stdin.close()
+    try:
+        guard.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop_process_group(guard)
+
+
 SLURM_CANNOT_INSTALL = 3       # cluster/dev_slurm.sh's exit code: Slurm missing and not root
 SLURM_NODES = 2                # two nodes on this machine, so that multi-node jobs run for real
 
@@ -107,13 +129,15 @@ def slurm(tmp_path_factory) -> Path:
     script = ROOT / "cluster" / "dev_slurm.sh"
     env = {**os.environ, "DEV_SLURM_DIR": str(folder), "DEV_SLURM_NODES": str(SLURM_NODES)}
     in_ci = bool(os.environ.get("CI"))
+    # The daemons leave every process group: the guard runs `dev_slurm.sh stop` when pytest ends, however it ends.
+    guard = guarded([], on_exit=f"bash {shlex.quote(str(script))} stop", env=env)
     try:
         started = subprocess.run(["bash", str(script), "start"], env=env, capture_output=True, text=True,
                                  timeout=600)
     except subprocess.TimeoutExpired:
         started = subprocess.CompletedProcess([], 1, "", "cluster/dev_slurm.sh start took over 600 s")
     if started.returncode != 0:
-        subprocess.run(["bash", str(script), "stop"], env=env, capture_output=True, timeout=120)
+        stop_guarded(guard)
         said = started.stderr.strip().splitlines()[-1] if started.stderr.strip() else f"exit {started.returncode}"
         if started.returncode == SLURM_CANNOT_INSTALL and not in_ci:
             pytest.skip(f"no Slurm here: {said}")
@@ -123,7 +147,7 @@ def slurm(tmp_path_factory) -> Path:
     try:
         yield folder
     finally:
-        subprocess.run(["bash", str(script), "stop"], env=env, capture_output=True, timeout=120)
+        stop_guarded(guard)
         if previous is None:
             os.environ.pop("SLURM_CONF", None)
         else:

@@ -551,7 +551,7 @@ def slurm_settings(args) -> executors.SlurmSettings | None:
                                    ("cpus_per_task", settings.cpus_per_task, 1), ("parallel", settings.parallel, 0)):
             if value < least:
                 raise AblateError(f"--slurm_{name} must be at least {least}, got {value}")
-        settings.time_minutes      # noqa: B018 - checks --slurm_time
+        settings.check_time()      # --slurm_time: its syntax, and long enough for the checkpoint signal
     except ExecutorError as error:
         raise AblateError(str(error)) from None
     return settings
@@ -647,8 +647,7 @@ def open_study(runner: Runner, plan: dict) -> tuple[Study, str]:
     try:
         check_mlflow_server(uri)
     except OSError as error:
-        raise AblateError(f"--mlflow_tracking_uri {uri}: the MLflow tracking server does not answer "
-                          f"({error})") from None
+        raise AblateError(f"--mlflow_tracking_uri {uri}: {error}") from None
     params = {"grid": json.dumps(plan["grid"], sort_keys=True), "grid_hash": settings_hash(plan["grid"]),
               "shared_flags": shlex.join(tokens_of(shared)) or "(none)", "git_commit": git_commit(),
               "out_dir": str(out_dir), "study_hash": key,

@@ -29,7 +29,10 @@ from music_continuation.utils import PACKAGE_PARENT, Interrupted, UserError, wri
 
 STATES = ("pending", "running", "requeued", "done", "failed")
 STOP_GRACE_SECONDS = 60.0        # after forwarding SIGINT/SIGTERM: time for a launcher to stop its ranks
-SIGNAL_DELAY_SECONDS = 120       # submitit's USR2 this long before the time limit: checkpoint and requeue
+SIGNAL_DELAY_SECONDS = 120       # submitit's USR2 this long before the time limit (a quarter of a shorter one)
+SLURM_SIGNAL_SLACK_SECONDS = 60  # Slurm may send that signal up to this much earlier (its event resolution)
+MIN_SLURM_MINUTES = 3            # a shorter limit would requeue a cell before it saves an epoch
+PR_SET_PDEATHSIG = 1             # prctl(2) option
 POLL_SECONDS = float(os.environ.get("ABLATE_SLURM_POLL_SECONDS", "5"))   # between two sacct queries
 JOBS_FILE = "jobs.json"          # in OUT_DIR/slurm: {cell label: {"job_id", "hash"}}
 # Slurm's job states (sacct) -> ours. Anything else final (TIMEOUT, CANCELLED, NODE_FAIL, OUT_OF_MEMORY ...) = failed.
@@ -79,7 +82,10 @@ class Runner:
         if self.signal is not None:
             raise Interrupted(self.signal)
         started = time.perf_counter()
-        code, last = run_logged(command, log_path, on_start=on_start, watch=self)
+        # The cell dies with this process, whatever kills it (kill -9 included): no launcher holds its folder
+        # after the study is gone; the MLflow run it leaves RUNNING is settled by the cell's next start.
+        code, last = run_logged(command, log_path, on_start=on_start, watch=self,
+                                preexec_fn=die_with_parent(signal.SIGKILL))
         if self.signal is not None:
             raise Interrupted(self.signal)
         return code, last, time.perf_counter() - started
@@ -126,6 +132,24 @@ def run_logged(command: list[str], log_path: Path, on_start=None, watch=None, en
             thread.join(timeout=5)
     last = next((line for line in reversed(b"".join(tail).decode(errors="replace").splitlines()) if line.strip()), "")
     return code, last.strip()
+
+
+def die_with_parent(sig: int, also=None):
+    """A Popen preexec_fn: the child gets `sig` when this process dies (Linux PR_SET_PDEATHSIG), then runs
+    `also()`. If this process died before the signal was set, the child leaves at once."""
+    import ctypes
+    parent = os.getpid()
+
+    def preexec():
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig))
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() != parent:
+            os._exit(1)
+        if also is not None:
+            also()
+    return preexec
 
 
 def pump(source, terminal, log, tail) -> None:
@@ -217,6 +241,21 @@ class SlurmSettings:
     def time_minutes(self) -> int:
         return slurm_minutes(self.time)
 
+    @property
+    def signal_delay_seconds(self) -> int:
+        """When submitit's checkpoint signal comes before the limit: SIGNAL_DELAY_SECONDS, or a quarter of a
+        shorter limit, so that most of an allocation trains."""
+        return min(SIGNAL_DELAY_SECONDS, self.time_minutes * 60 // 4)
+
+    def check_time(self) -> None:
+        """A limit too short for the checkpoint signal is refused before anything is submitted."""
+        if self.time_minutes < MIN_SLURM_MINUTES:
+            delay = min(SIGNAL_DELAY_SECONDS, self.time_minutes * 60 // 4)
+            raise ExecutorError(
+                f"--slurm_time {self.time} is too short: submitit's checkpoint-and-requeue signal comes {delay} s "
+                f"before the limit and Slurm may send it up to {SLURM_SIGNAL_SLACK_SECONDS} s earlier, so a cell "
+                f"would be requeued before it saves an epoch; give at least {MIN_SLURM_MINUTES} minutes")
+
 
 TIME_PATTERN = re.compile(r"^(?:(?P<days>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")
 
@@ -273,7 +312,7 @@ def check_slurm(settings: SlurmSettings) -> None:
                                ("cpus_per_task", settings.cpus_per_task, 1), ("parallel", settings.parallel, 0)):
         if value < least:
             raise ExecutorError(f"--slurm_{name} must be at least {least}, got {value}")
-    settings.time_minutes    # noqa: B018 - raises ExecutorError for a bad --slurm_time
+    settings.check_time()    # also raises ExecutorError for a bad --slurm_time
     try:
         result = subprocess.run(["sbatch", "--test-only", *sbatch_flags(settings), "--wrap", "true"],
                                 capture_output=True, text=True, timeout=60)
@@ -361,8 +400,8 @@ class CellJob:
         started = time.perf_counter()
         try:
             code, last = run_logged(self.torchrun_command(), log, on_start=self._started,
-                                    # submitit's USR2 is for this process only: the ranks must not die of it
-                                    preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
+                                    # torchrun stops its ranks if this task dies (SIGTERM: it forwards it)
+                                    preexec_fn=die_with_parent(signal.SIGTERM, also=ignore_usr2))
         finally:
             signal.signal(signal.SIGTERM, previous)
         if self._stopping:
@@ -390,6 +429,11 @@ class CellJob:
         return submitit.helpers.DelayedSubmission(fresh)
 
 
+def ignore_usr2() -> None:
+    """submitit's USR2 (the time limit is near) is for CellJob only: the ranks must not die of it."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 def evaluation_job(function, cells: list, *args) -> list:
     """The study's evaluation as one Slurm job: `function(cell, *args)` for every cell (it caches its result
     in the cell's folder, where the submitting ablate.py then finds it)."""
@@ -409,7 +453,7 @@ class SlurmExecutor:
         self.executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
         parameters = dict(slurm_partition=settings.partition, nodes=settings.nodes, tasks_per_node=1,
                           cpus_per_task=settings.cpus_per_task, timeout_min=settings.time_minutes, name=name,
-                          slurm_signal_delay_s=SIGNAL_DELAY_SECONDS,
+                          slurm_signal_delay_s=settings.signal_delay_seconds,
                           slurm_setup=[f"export PYTHONPATH={PACKAGE_PARENT}${{PYTHONPATH:+:$PYTHONPATH}}"],
                           slurm_additional_parameters=dict(settings.extra))
         if settings.gpus_per_node:

@@ -57,6 +57,8 @@ bad checkpoint, codec mismatch, bad cache or flags, or a model whose output is n
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import math
 import re
 import sys
@@ -404,6 +406,34 @@ def example_segments(example: Example, continuation_samples: int, target_audio: 
     return segments
 
 
+def clear_previous_run(out_dir: Path) -> None:
+    """Remove the examples an earlier run wrote into OUT_DIR, so that the page and the folder hold this run's only.
+
+    Only files that the earlier run's metrics.json lists (and its blind_key.json) are removed, each checked to lie
+    inside OUT_DIR; an example folder goes only once it is empty, so anything else a user put there stays."""
+    try:
+        previous = json.loads((out_dir / "metrics.json").read_text())
+        examples = previous["examples"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    root = out_dir.resolve()
+    removed = 0
+    for example in examples if isinstance(examples, list) else []:
+        files = example.get("files") if isinstance(example, dict) else None
+        for relative in (files or {}).values():
+            path = (out_dir / str(relative)).resolve()
+            if root in path.parents and path.is_file() and not path.is_symlink():
+                path.unlink()
+        folder = (out_dir / str(example.get("name", ""))).resolve()
+        if root in folder.parents and folder.is_dir():
+            with contextlib.suppress(OSError):      # not empty: files that are not ours stay
+                folder.rmdir()
+                removed += 1
+    (out_dir / "blind_key.json").unlink(missing_ok=True)
+    if removed:
+        print(f"note: removed the {removed} example(s) of the previous run in {out_dir}", file=sys.stderr)
+
+
 def write_example(out_dir: Path, example: Example, continuation_samples: int, segment_samples: int,
                   target_audio: str) -> dict:
     """The WAVs and spectrogram(s) of one example (module docstring); returns {role: relative path}."""
@@ -635,6 +665,7 @@ def run(args) -> int:
         score(example, segment_samples, scorer)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    clear_previous_run(out_dir)
     key = assign_blind_labels(examples, args.seed) if args.blind else None
     entries = [(example, write_example(out_dir, example, continuation_samples, segment_samples, target_audio))
                for example in examples]

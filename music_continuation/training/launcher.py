@@ -39,7 +39,9 @@ from music_continuation.losses.audio import (
     weights_from_flags,
 )
 from music_continuation.settings import flags_where
+from music_continuation.training import watchdog
 from music_continuation.training.checkpoint import describe_latest
+from music_continuation.training.watchdog import DEFAULT_STUCK_TIMEOUT, FIRST_STEP_FACTOR, START_UP_SECONDS
 from music_continuation.utils import OneLineParser, check_mlflow_server, exit_now, free_port
 
 # The discriminator's own flags and their defaults (AudioCraft's Adam lr for the compression solver); a value
@@ -159,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "(melody_f1, beat_f1, frechet_codec, ...; costly, logged to MLflow only; 0: never)")
     run.add_argument("--beat_tracker", choices=BEAT_TRACKERS, default="librosa",
                      help="beat tracker of the listeners' beat_f1 (madmom: CC BY-NC-SA 4.0 models)")
+    run.add_argument("--stuck_timeout", type=float, default=DEFAULT_STUCK_TIMEOUT,
+                     help=f"seconds without progress on any rank (a step, a validation batch, a checkpoint) after "
+                          f"which the job is stuck: every rank's Python stack goes to CHECKPOINT_DIR/logs, one line "
+                          f"names the stuck rank, the job ends; the start-up and first step may take "
+                          f"{FIRST_STEP_FACTOR}x this, at least {START_UP_SECONDS:.0f} s")
     return parser
 
 
@@ -182,6 +189,8 @@ def check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.d_model % args.num_heads or args.d_model % 2:
         parser.error(f"--d_model ({args.d_model}) must be even and divisible by --num_heads ({args.num_heads})")
+    if not (math.isfinite(args.stuck_timeout) and args.stuck_timeout >= 1):
+        parser.error(f"--stuck_timeout must be at least 1 (seconds), got {args.stuck_timeout}")
     for name in ("num_workers", "log_audio_every", "warmup_steps", "musical_every"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
@@ -318,6 +327,17 @@ def resume_changes(saved_args: dict, args: argparse.Namespace, world_size: int) 
     return refused, accepted
 
 
+def epochs_note(change: list | None) -> str:
+    """What a changed --epochs does to the LR schedule, whose length the checkpoint keeps."""
+    if change is None:
+        return ""
+    before, now = change
+    if now > before:
+        return " (the LR schedule keeps its length; added epochs run at lr/10)"
+    return (f" (the LR schedule keeps its length of {before} epochs: training stops at epoch {now}, before the "
+            f"LR has decayed to lr/10)")
+
+
 def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, fingerprint: str) -> str | None:
     """The checkpoint file to continue from (None: start fresh), checked against the flags and the cache."""
     from music_continuation.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
@@ -356,9 +376,7 @@ def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, fi
                      f"pass a larger --epochs to train on")
     if accepted:
         said = ", ".join(f"--{name} {before} -> {now}" for name, (before, now) in accepted.items())
-        print(f"--resume {path}: continuing with {said}"
-              + (" (the LR schedule keeps its length; added epochs run at lr/10)" if "epochs" in accepted else ""),
-              file=sys.stderr)
+        print(f"--resume {path}: continuing with {said}{epochs_note(accepted.get('epochs'))}", file=sys.stderr)
     args.resume_changes = accepted
     return str(path)
 
@@ -371,8 +389,7 @@ def check_mlflow_reachable(args: argparse.Namespace, parser: argparse.ArgumentPa
     try:
         check_mlflow_server(uri)
     except OSError as error:
-        parser.error(f"--mlflow_tracking_uri {uri}: the MLflow tracking server does not answer ({error}); "
-                     f"start it (mlflow server ...) or point the flag at a running one")
+        parser.error(f"--mlflow_tracking_uri {uri}: {error}")
 
 
 # ------------------------------------------------------------------------------------------ launch
@@ -427,6 +444,7 @@ def parse_and_validate(argv=None, lock: bool = False) -> tuple[argparse.Namespac
 
 STOP_GRACE_SECONDS = 10.0     # after SIGTERM, ranks get this long to exit cleanly before SIGKILL
 EXIT_FOR_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+RANK_CLOSED_ITS_RUN = (0, 1, 130, 143)    # rank 0 exits so only after closing its MLflow run (worker.guarded_run)
 
 
 def main(argv=None) -> int:
@@ -449,10 +467,12 @@ def main(argv=None) -> int:
     reports = context.SimpleQueue()
     ranks = [context.Process(target=train_simple_worker.spawned_worker, args=(rank, args, resume_path, reports),
                              name=f"rank{rank}") for rank in range(nproc)]
+    board = watchdog.Board(watchdog.board_path(nproc), nproc)     # the ranks' heartbeats (they find it by the env)
     try:
-        return supervise(ranks, reports, args.checkpoint_dir)
+        return supervise(ranks, reports, args.checkpoint_dir, board, args.stuck_timeout)
     finally:
         end_orphans()
+        board.remove()
 
 
 PR_SET_CHILD_SUBREAPER = 36    # prctl(2) option
@@ -496,13 +516,16 @@ def end_orphans() -> None:
                 os.waitpid(pid, 0)
 
 
-def supervise(ranks: list, reports, checkpoint_dir: str) -> int:
+def supervise(ranks: list, reports, checkpoint_dir: str, board=None, stuck_timeout: float = DEFAULT_STUCK_TIMEOUT
+              ) -> int:
     """Start the rank processes and wait for them; return the job's exit code, having printed at most one line.
 
-    The first rank to fail (an error report, or an exit without having reported success) ends the job:
-    the others get SIGTERM, then SIGKILL after STOP_GRACE_SECONDS. SIGINT / SIGTERM to the launcher stop
-    every rank the same way and exit 130 / 143. A rank that reported success but then died while tearing
-    down (e.g. SIGABRT from a library's exit handler) does not fail a finished run.
+    The first rank to fail (an error report, a stuck job reported by a rank's watchdog, or an exit without
+    having reported success) ends the job: the others get SIGTERM, then SIGKILL after STOP_GRACE_SECONDS.
+    SIGINT / SIGTERM to the launcher stop every rank the same way and exit 130 / 143. A rank that reported
+    success but then died while tearing down (e.g. SIGABRT from a library's exit handler) does not fail a
+    finished run. `board`: the ranks' heartbeats; if no rank's own watchdog has acted LAUNCHER_GRACE_SECONDS
+    after the limit (every rank stopped), the launcher does what it would have (watchdog.end_stuck).
     """
     received = []
     previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in EXIT_FOR_SIGNAL}
@@ -516,32 +539,55 @@ def supervise(ranks: list, reports, checkpoint_dir: str) -> int:
             multiprocessing.connection.wait([p.sentinel for p in ranks], timeout=0.5)
             drain(reports, done, errors)
             dead = failed(ranks, done)     # before stopping the others, whose exits are not the cause
+            if board is not None and not (errors or dead):
+                stuck = watchdog.stuck_slots(board, stuck_timeout, watchdog.LAUNCHER_GRACE_SECONDS)
+                if stuck and board.try_lock():
+                    what, _ = watchdog.end_stuck(board, stuck, Path(checkpoint_dir) / "logs", stuck_timeout)
+                    errors.append((None, f"error: {what}. {describe_latest(checkpoint_dir)}"))
     finally:
         stop(ranks)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     drain(reports, done, errors)       # after the stop too: a rank's own error line beats "it exited"
+    # A rank killed without a report is the cause; the others' errors (a collective that lost it) are effects.
+    # A stuck job's line (rank None: the watchdog killed the other ranks itself) says why they were killed.
+    stuck = bool(errors) and errors[0][0] is None
+    lost = [(index, code) for index, code in dead if code < 0 and index not in {rank for rank, _ in errors}]
     if received:
         print(f"interrupted: {describe_latest(checkpoint_dir)}", file=sys.stderr, flush=True)
-        return EXIT_FOR_SIGNAL[received[0]]
-    if errors:
-        print(f"error: training failed on {errors[0]}", file=sys.stderr, flush=True)
+    elif errors and (stuck or not lost):
+        print(errors[0][1], file=sys.stderr, flush=True)
     else:
-        index, code = dead[0]
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-        print(f"error: training failed: rank {index} {how} without an error report "
-              f"(out of memory? see the system log)", file=sys.stderr, flush=True)
-    return 1
+        index, code = (lost or dead)[0]
+        print(lost_rank_line(index, ranks[index].pid, code, [r for r in range(len(ranks)) if r != index],
+                             checkpoint_dir), file=sys.stderr, flush=True)
+    if ranks and ranks[0].exitcode not in RANK_CLOSED_ITS_RUN:
+        from music_continuation.training.mlflow_logger import close_recorded_run
+        close_recorded_run(checkpoint_dir, "KILLED" if received else "FAILED")
+    return EXIT_FOR_SIGNAL[received[0]] if received else 1
+
+
+def lost_rank_line(rank: int, pid: int, code: int, others: list, checkpoint_dir: str) -> str:
+    """The line for a rank that ended without a report (killed, out of memory): the same words as a survivor's
+    under torchrun (worker.peer_loss_line), with the checkpoint to resume from."""
+    how = (f"was lost ({signal.Signals(-code).name}): killed, or out of memory (see the system log)" if code < 0
+           else f"exited with code {code} without an error report")
+    stopped = (f"rank {others[0]} stopped too" if len(others) == 1 else
+               f"ranks {', '.join(map(str, others))} stopped too" if others else "the job stopped")
+    return f"error: rank {rank} (pid {pid}) {how}; {stopped}. {describe_latest(checkpoint_dir)}"
 
 
 def drain(reports, done: set, errors: list) -> None:
-    """Read the ranks' reports: ("done", rank, None) or ("error", rank, one-line message)."""
+    """Read the ranks' reports: ("done", rank, None), ("error", rank, one-line message) or ("stuck", rank, the
+    watchdog's whole line); errors get (rank, the line to print), a stuck job's first with rank None."""
     while not reports.empty():
         kind, rank, message = reports.get()
         if kind == "done":
             done.add(rank)
+        elif kind == "stuck":          # the watchdog killed the other ranks: its line, not theirs, says why
+            errors.insert(0, (None, message))
         else:
-            errors.append(message)
+            errors.append((rank, f"error: training failed on {message}"))
 
 
 def failed(ranks: list, done: set) -> list:

@@ -2,12 +2,19 @@
 
 Failing at start raises (before training starts); failing later only warns: metrics that could not be
 sent stay queued and are re-sent with the next epoch's, and artifacts stay on disk.
+
+CHECKPOINT_DIR/mlflow_run.json records the run a checkpoint folder's training logs to, from its start (before
+any checkpoint holds the run id). A run whose process was killed (SIGKILL, a stuck job, a killed ablation) is
+left RUNNING by MLflow; the next start in that folder finds it there: with --resume auto and no checkpoint yet
+(a requeued Slurm cell) it continues that run, otherwise it marks it KILLED.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -15,11 +22,12 @@ from pathlib import Path
 from music_continuation.utils import one_line, warn
 
 PARENT_TAG = "mlflow.parentRunId"     # MLflow's own tag: the UI nests a run under its parent
+RUN_RECORD = "mlflow_run.json"        # in the checkpoint folder: {"run_id", "tracking_uri"} of its training
 
 
 class MlflowLogger:
     def __init__(self, tracking_uri, experiment_name: str, run_name=None, run_id=None, parent_run_id=None,
-                 tags: dict | None = None):
+                 tags: dict | None = None, checkpoint_dir=None, continue_recorded: bool = False):
         # A dead server must cost seconds, not minutes of retries, while the other ranks wait.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
@@ -29,7 +37,33 @@ class MlflowLogger:
         self.pending = []
         self.resumed = False
         with sqlite_store_lock(self.tracking_uri):
+            if checkpoint_dir is not None and run_id is None:
+                run_id = self._settle_recorded_run(checkpoint_dir, continue_recorded)
             self._open_run(experiment_name, run_name, run_id, parent_run_id, tags)
+        if checkpoint_dir is not None:
+            write_run_record(checkpoint_dir, self.run_id, self.tracking_uri)
+
+    def _settle_recorded_run(self, checkpoint_dir, continue_it: bool):
+        """The recorded run of an earlier start in this folder that never finished: its id to continue it, or
+        None after marking it KILLED if it was left RUNNING."""
+        from mlflow.tracking import MlflowClient
+        record = read_run_record(checkpoint_dir)
+        if record is None:
+            return None
+        client = MlflowClient(self.tracking_uri)
+        if record.get("tracking_uri") != client.tracking_uri:
+            return None
+        try:
+            status = client.get_run(record["run_id"]).info.status
+        except Exception:  # noqa: BLE001 - a deleted run or another store: nothing to settle
+            return None
+        if continue_it and status != "FINISHED":
+            return record["run_id"]
+        if status == "RUNNING":
+            client.set_terminated(record["run_id"], status="KILLED")
+            warn(f"MLflow run {record['run_id']} of an earlier training in {checkpoint_dir} was left RUNNING (its "
+                 f"process was killed); marked KILLED")
+        return None
 
     def _open_run(self, experiment_name: str, run_name, run_id, parent_run_id, tags: dict | None) -> None:
         from mlflow.exceptions import MlflowException
@@ -172,7 +206,52 @@ def sqlite_store_lock(tracking_uri: str):
             handle.close()      # closing releases the lock
 
 
+def read_run_record(checkpoint_dir) -> dict | None:
+    try:
+        record = json.loads((Path(checkpoint_dir) / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("run_id") else None
+
+
+def write_run_record(checkpoint_dir, run_id: str, tracking_uri: str) -> None:
+    from music_continuation.utils import atomic_path
+    try:
+        with atomic_path(Path(checkpoint_dir) / RUN_RECORD) as tmp:
+            tmp.write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri}) + "\n")
+    except OSError as error:
+        warn(f"cannot record the MLflow run in {checkpoint_dir} ({one_line(error)})")
+
+
+def close_recorded_run(checkpoint_dir, status: str = "FAILED") -> None:
+    """Mark the folder's recorded run `status` if it is still RUNNING: the launcher's cleanup when rank 0 was
+    killed and could not close it itself."""
+    record = read_run_record(checkpoint_dir)
+    if record is None:
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(record["tracking_uri"])
+        if client.get_run(record["run_id"]).info.status == "RUNNING":
+            client.set_terminated(record["run_id"], status=status)
+    except Exception as error:  # noqa: BLE001 - the job's own line matters more; the next start retries
+        warn(f"could not mark MLflow run {record['run_id']} {status} ({short(error)})")
+
+
+# MLflow's client wraps urllib3's retry error: "API request to URL failed with exception HTTPConnectionPool(host=...,
+# port=...): Max retries exceeded with url: ... (Caused by ResponseError('too many 500 error responses'))".
+API_FAILURE = re.compile(r"API request to (?P<url>\S+) failed with exception .*?\(Caused by \w+\((?P<cause>.*)\)\)",
+                         re.S)
+
+
 def short(error: BaseException) -> str:
+    """The error in one short line: for a failed API request, the URL and urllib3's cause only."""
+    text = str(error)
+    match = API_FAILURE.search(text)
+    if match:
+        cause = match.group("cause").strip().strip("'\"")
+        cause = cause.rsplit(">: ", 1)[-1]          # '<urllib3.connection.HTTPConnection object at 0x..>: reason'
+        return f"API request to {match.group('url')} failed: {cause}"[:300]
     return one_line(error)[:300]     # an HTTP error can carry a whole HTML page on its first line
 
 

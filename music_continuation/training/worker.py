@@ -66,6 +66,7 @@ from music_continuation.losses.balancer import LossBalancer
 from music_continuation.model import ContinuationTransformer
 from music_continuation.optim.ema import ModelEMA
 from music_continuation.settings import FLAG_ROLES
+from music_continuation.training import watchdog
 from music_continuation.training.checkpoint import (
     BEST_NAME,
     LATEST_NAME,
@@ -74,7 +75,14 @@ from music_continuation.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from music_continuation.training.mlflow_logger import JsonlLogger, MlflowLogger, git_commit
+from music_continuation.training.mlflow_logger import (
+    API_FAILURE,
+    JsonlLogger,
+    MlflowLogger,
+    close_recorded_run,
+    git_commit,
+    short,
+)
 from music_continuation.utils import (
     Interrupted,
     UserError,
@@ -89,9 +97,7 @@ MAX_CONSECUTIVE_SKIPS = 10     # this many non-finite steps in a row end the run
 AUDIO_EXAMPLES = 3             # validation examples written as WAV + spectrogram every --log_audio_every epochs
 METRIC_NAMES = ("loss",) + LOSS_COMPONENTS     # order of the accumulated training sums
 MUSICAL_FIGURES = ("rhythm", "chroma") + LISTENER_FIGURES   # validation with --musical_every only
-# Long enough for rank 0's end-of-epoch work (checkpoints, MLflow with capped retries) while the others
-# wait in the next collective; a rank that is really gone is noticed by the launcher long before.
-PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
+BASELINE_PROGRESS_SECONDS = 10.0   # rank 0 says how far the step-0 baselines are, at most this often
 ARTIFACT_WAIT_SECONDS = 120    # at the end, how long rank 0 waits for background artifact uploads
 NAMED_BAD_EXAMPLES = 5         # non-finite validation examples named per warning
 SETTINGS_NAME = "settings.yaml"  # in CHECKPOINT_DIR and the MLflow run: the launch's resolved flags
@@ -123,8 +129,11 @@ def stop_if_signalled() -> None:
 
 # ------------------------------------------------------------------------------------- distributed
 
-def setup_distributed() -> tuple[int, int, int, torch.device]:
-    """(rank, local_rank, world_size, device) from the env set by torchrun or by the launcher."""
+def setup_distributed(stuck_timeout: float = watchdog.DEFAULT_STUCK_TIMEOUT) -> tuple[int, int, int, torch.device]:
+    """(rank, local_rank, world_size, device) from the env set by torchrun or by the launcher.
+
+    The process group's own timeout (a collective that waits longer raises) is longer than the stuck-rank
+    watchdog's longest limit (watchdog.process_group_timeout), so the watchdog's line always comes first."""
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available():
@@ -134,7 +143,8 @@ def setup_distributed() -> tuple[int, int, int, torch.device]:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))   # no oversubscribed cores
         device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT)
+    dist.init_process_group(backend, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=watchdog.process_group_timeout(stuck_timeout)))
     record_peers(world_size)
     return rank, local_rank, world_size, device
 
@@ -413,6 +423,7 @@ def train_one_epoch(ctx: Context, epoch: int) -> dict:
     windows = list(ctx.train_sampler)      # this rank's windows in loader order: names a bad batch's examples
     for index, group in enumerate(micro_batch_groups(ctx.train_loader, ctx.args.grad_accum_steps)):
         stop_if_signalled()
+        watchdog.beat("step", ctx.global_step + 1)     # its batches are here: a stalled loader shows as no beat
         group = [to_device(batch, ctx.device) for batch in group]
         lr = ctx.optimizer.param_groups[0]["lr"]      # the LR this step uses (printed for the epoch's last step)
         if skip_non_finite_data(ctx, group, windows, index):
@@ -506,7 +517,7 @@ def reduce_means(sums: torch.Tensor, names: tuple[str, ...] = METRIC_NAMES) -> d
     return dict(zip(names, means.tolist(), strict=True))
 
 
-def real_val_batches(ctx: Context):
+def real_val_batches(ctx: Context, phase: str = "validation"):
     """(batch on the device, dataset indices) of this rank's real validation examples.
 
     DistributedSampler pads the shards to equal length by repeating the first examples. Rank r's i-th
@@ -517,6 +528,7 @@ def real_val_batches(ctx: Context):
     seen = 0
     for batch in ctx.val_loader:
         stop_if_signalled()
+        watchdog.beat(phase)
         size = batch["input_latent"].shape[0]
         real = max(0, min(size, real_on_this_rank - seen))
         indices = ctx.val_indices[seen: seen + real]
@@ -599,10 +611,17 @@ def baseline_figures(ctx: Context) -> dict | None:
     """{silence, repeat, oracle: figures} over the whole validation split (once per run; None if they cannot
     be computed, e.g. non-finite data, which validation then names)."""
     sums = {name: ScoreSums(ctx.device, name) for name in BASELINES}
-    for batch, _ in real_val_batches(ctx):
+    started = said = time.perf_counter()
+    windows, done = len(ctx.val_set), 0
+    for batch, _ in real_val_batches(ctx, "baselines"):
         with ctx.autocast():
             score_baselines_batch(batch, ctx.decoder, ctx.normalizer, ctx.loss_fn, ctx.args.target_audio, sums,
                                   musical=ctx.listeners is not None, listeners=ctx.listeners)
+        done += batch["input_latent"].shape[0] * ctx.world_size     # every rank scores a shard of the same size
+        if ctx.rank == 0 and time.perf_counter() - said > BASELINE_PROGRESS_SECONDS:
+            said = time.perf_counter()
+            print(f"  step-0 baselines (silence, repeat, oracle; once per run): {min(done, windows)}/{windows} "
+                  f"validation windows, {said - started:.0f} s", file=sys.stderr, flush=True)
     vectors = all_reduce_sum(torch.stack([sums[name].vector() for name in BASELINES]))
     try:
         return {name: ScoreSums.from_vector(vector, name).means() for name, vector in zip(BASELINES, vectors)}
@@ -651,6 +670,7 @@ def write_audio_examples(ctx: Context, epoch: int) -> Path:
     model = ctx.raw_model
     model.eval()
     for row, index in enumerate(indices):
+        watchdog.beat("checkpoint")
         example = {name: tensor.unsqueeze(0).to(ctx.device) for name, tensor in ctx.val_set[int(index)].items()}
         with ctx.autocast():
             references = reference_audio(example, ctx.decoder, ctx.normalizer, target_audio)
@@ -693,13 +713,21 @@ def attach_references(train_set, val_set, decoder, device, references_dir=None) 
     from music_continuation.data.references import build_references
     references = build_references(train_set.cache_dir, train_set.manifest, decoder, train_set.codec_fingerprint,
                                   train_set.segment_frames, train_set.stride_frames, device,
-                                  check_stop=stop_if_signalled, references_dir=references_dir)
+                                  check_stop=references_progress, references_dir=references_dir)
     train_set.use_references(references)
     val_set.use_references(references)
 
 
+def references_progress() -> None:
+    """Called by build_references between batches: progress for the watchdog, and a safe point to stop."""
+    watchdog.beat("references")
+    stop_if_signalled()
+
+
 def build_context(args, resume_state: dict | None) -> Context:
-    rank, local_rank, world_size, device = setup_distributed()
+    stuck_timeout = getattr(args, "stuck_timeout", watchdog.DEFAULT_STUCK_TIMEOUT)
+    rank, local_rank, world_size, device = setup_distributed(stuck_timeout)
+    watchdog.Watchdog(rank, world_size, stuck_timeout, Path(args.checkpoint_dir) / "logs", end_stuck_job)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")   # TF32 matmuls for whatever runs outside autocast
     train_set, val_set, train_sampler, train_loader, val_loader, val_indices = build_loaders(
@@ -767,7 +795,8 @@ def start_logger(ctx: Context, resume_state: dict | None, start_epoch: int) -> M
         logger = JsonlLogger(Path(args.checkpoint_dir) / "metrics.jsonl", run_id, tags)
     else:
         logger = MlflowLogger(args.mlflow_tracking_uri, args.experiment_name, args.run_name, run_id,
-                              args.mlflow_parent_run_id, tags)
+                              args.mlflow_parent_run_id, tags, checkpoint_dir=args.checkpoint_dir,
+                              continue_recorded=args.resume == "auto")
     if not logger.resumed:
         logger.log_params({**vars(args), "world_size": ctx.world_size, "device": ctx.device.type,
                            "codec_fingerprint": ctx.train_set.codec_fingerprint, "git_commit": git_commit()})
@@ -889,11 +918,15 @@ class Reporter:
             world_size=ctx.world_size, balancer=ctx.balancer.state_dict(),
             discriminator=None if ctx.adversary is None else ctx.adversary.state_dict(),
             ema=None if ctx.ema is None else ctx.ema.state_dict())
+        watchdog.beat("checkpoint")
         save_checkpoint(Path(args.checkpoint_dir) / LATEST_NAME, state)
         if is_best:
+            watchdog.beat("checkpoint")
             save_checkpoint(Path(args.checkpoint_dir) / BEST_NAME, state)
+        watchdog.beat("checkpoint")      # MLflow: a few capped retries at most
         sent = self.logger.log_metrics(epoch_metrics(train, val, nonfinite, baselines, seconds, ctx.metric_names),
                                        step=epoch)
+        watchdog.beat("checkpoint")
         if args.log_audio_every and epoch % args.log_audio_every == 0:
             with (ctx.ema.swapped(ctx.raw_model) if ctx.ema is not None else contextlib.nullcontext()):
                 folder = write_audio_examples(ctx, epoch)    # what validation heard: the averaged weights
@@ -940,8 +973,10 @@ def run(args, resume_path: str | None = None) -> None:
     ctx = build_context(args, resume_state)
     progress = Progress.of(resume_state, args.resume_changes)
     reporter = None
+    watchdog.beat("start-up")
     if ctx.rank == 0:
         reporter = Reporter(ctx, start_logger(ctx, resume_state, progress.start_epoch))
+        _stuck_report.append(reporter)        # end_stuck_job closes its MLflow run
     baselines = baseline_figures(ctx)
     if reporter is not None:
         announce(ctx, reporter.logger, baselines, progress.start_epoch if resume_state else None)
@@ -964,10 +999,12 @@ def run(args, resume_path: str | None = None) -> None:
     finally:
         if status != "FINISHED":
             expect_worker_deaths()
+        watchdog.beat("finishing")
         if reporter is not None:
             reporter.close(status)
     # Every rank ends here together: no rank tears the process group down while rank 0 still uses it.
     dist.barrier()
+    watchdog.stop()
     dist.destroy_process_group()
     if progress.best_val_loss == math.inf:
         raise TrainingError("validation was non-finite in every epoch (the warnings above name the examples); "
@@ -978,6 +1015,26 @@ def run(args, resume_path: str | None = None) -> None:
 
 # ------------------------------------------------------------------------------------- failures
 
+_stuck_report = []     # [the launcher's queue or None (torchrun), checkpoint dir, rank 0's Reporter once it exists]
+
+
+def end_stuck_job(what: str, stuck_rank: int) -> NoReturn:
+    """The watchdog's end of a stuck job (in its thread; the other ranks of this host are killed already):
+    one line, to the launcher (which prints it and stops every rank) or, under torchrun, on stderr."""
+    rank = int(os.environ.get("RANK", "0"))
+    reports, checkpoint_dir, *reporter = _stuck_report or [None, "."]
+    line = f"error: {what}. {describe_latest(checkpoint_dir)}"
+    if reports is not None:
+        reports.put(("stuck", rank, line))
+    else:
+        print(line, file=sys.stderr, flush=True)
+    if reporter:           # rank 0 acts: its MLflow run is closed here, not left RUNNING
+        with contextlib.suppress(Exception):
+            reporter[0].logger.finish("FAILED")
+        exit_now(1)
+    exit_now(watchdog.EXIT_STUCK)
+
+
 def guarded_run(args, resume_path: str | None, reports=None) -> int:
     """run(), with every failure turned into one line: returns 0 after success, and a failure exits (leave).
 
@@ -986,6 +1043,7 @@ def guarded_run(args, resume_path: str | None, reports=None) -> int:
     SIGINT/SIGTERM unwind the run (MLflow marks it KILLED) and exit 130/143 without a traceback.
     """
     rank = int(os.environ.get("RANK", "0"))
+    _stuck_report[:] = [reports, args.checkpoint_dir]
     # A rank that leaves with os._exit (leave) leaves its DataLoader queues' semaphores to the resource
     # tracker, which would warn about each; the tracker this rank may start inherits this -W.
     sys.warnoptions.append("ignore:resource_tracker:UserWarning")
@@ -1006,6 +1064,8 @@ def guarded_run(args, resume_path: str | None, reports=None) -> int:
             if lost:
                 if line:
                     print(line, file=sys.stderr, flush=True)
+                    if 0 in lost_peers():       # rank 0 could not close its MLflow run
+                        close_recorded_run(args.checkpoint_dir, "FAILED")
                 leave(1)
         if interrupted:           # also errors caused by peers that were stopped at the same moment
             if reports is None and rank == 0:
@@ -1045,6 +1105,7 @@ def leave(code: int) -> NoReturn:
     each on a busy machine) and print their tracebacks ('DataLoader worker ... is killed by signal: Terminated'
     when torchrun has signalled them). The workers die with the rank (die_with_parent), and a resource tracker
     frees their semaphores (its warnings are off: guarded_run)."""
+    watchdog.stop()
     exit_now(code)
 
 
@@ -1054,6 +1115,8 @@ def error_line(error: BaseException) -> str:
     text = str(error).strip()
     if "Original Traceback" in text:
         return strip_exception_prefix(text.splitlines()[-1])
+    if API_FAILURE.search(text):        # MLflow's client quoting urllib3: the URL and the cause are enough
+        return short(error)
     return one_line(error)
 
 

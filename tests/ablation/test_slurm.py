@@ -77,12 +77,34 @@ def release_requeued(job_id: str) -> None:
     """Slurm holds a requeued batch job for 120 s (its BeginTime); once it is pending again, start it now."""
     deadline = time.monotonic() + JOB_TIMEOUT
     while time.monotonic() < deadline:
-        shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=60).stdout
-        if "JobState=PENDING" in shown:
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=60)
+        if release_if_pending(job_id):
             return
         time.sleep(0.5)
     pytest.fail(f"job {job_id} was not pending again within {JOB_TIMEOUT} s of its requeue")
+
+
+def release_if_pending(job_id: str, time_limit: str | None = None) -> bool:
+    """If the requeued job is pending, start it now (with `time_limit` back, for a job whose limit
+    run_into_the_time_limit shortened); whether it was."""
+    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=60).stdout
+    if "JobState=PENDING" not in shown:
+        return False
+    limit = [f"TimeLimit={time_limit}"] if time_limit else []
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", *limit, "StartTime=now"], check=True, timeout=60)
+    return True
+
+
+def run_into_the_time_limit(job_id: str) -> None:
+    """A real time limit, reached now: the running job's limit becomes 61-120 s from now, so submitit's signal
+    (SIGNAL_DELAY_SECONDS = 120 s before the limit, for the 60-minute limit it was submitted with) is due at once,
+    and Slurm's own time-limit check sends it (about 20 s later on the dev cluster), not a hand-sent USR2."""
+    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=60).stdout
+    run_time = shown.split("RunTime=", 1)[1].split()[0]            # [D-]HH:MM:SS
+    days, _, clock = run_time.rpartition("-")
+    hours, minutes, seconds = map(int, clock.split(":"))
+    elapsed = int(days or 0) * 86400 + hours * 3600 + minutes * 60 + seconds
+    limit = -(-(elapsed + 61) // 60)                                # whole minutes, 61-120 s after now
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={limit}"], check=True, timeout=60)
 
 
 def train_flags(cache: Path, checkpoint_dir: Path, epochs: int) -> list:
@@ -136,35 +158,47 @@ def ablate_command(study: dict, *extra) -> list[str]:
 
 
 def run_ablate(study: dict, *extra) -> subprocess.CompletedProcess:
-    return subprocess.run(ablate_command(study, *extra), cwd=study["out"].parent, env=environment(),
-                          capture_output=True, text=True, timeout=2 * JOB_TIMEOUT)
+    return subprocess.run(ablate_command(study, *extra), cwd=study["out"].parent,
+                          env=environment(**study.get("env", {})), capture_output=True, text=True,
+                          timeout=2 * JOB_TIMEOUT)
 
 
 # Both cells train 3 epochs, so that each can be stopped in the middle and continue from latest.pt: the target
-# cell as a preemption stops it (`scontrol requeue`: SIGTERM), the spectral cell as its time limit does (submitit's
-# USR2, sent early by hand: CellJob.checkpoint stops the ranks and submitit requeues the element).
+# cell as a preemption stops it (`scontrol requeue`: SIGTERM), the spectral cell by a real time limit (shortened
+# mid-run: Slurm sends submitit's USR2, CellJob.checkpoint stops the ranks and submitit requeues the element).
+# The spectral cell trains long enough after epoch 1 (TIME_LIMIT_EPOCHS, steps slowed by TRAIN_SIMPLE_TEST_SLOW) for
+# Slurm's time-limit check, every 30 s at most, to send the signal before it ends.
+TIME_LIMIT_EPOCHS = 10
+EPOCHS = {"target/seed0": 3, "spectral/seed0": TIME_LIMIT_EPOCHS}
 SLURM_GRID = [{"name": "target", "flags": {"loss_weight_target": 1.0, "epochs": 3}},
-              {"name": GRID[1]["name"], "flags": {**GRID[1]["flags"], "epochs": 3}}]
-INTERRUPTIONS = {"target/seed0": ["scontrol", "requeue"], "spectral/seed0": ["scancel", "--signal=USR2"]}
+              {"name": GRID[1]["name"], "flags": {**GRID[1]["flags"], "epochs": TIME_LIMIT_EPOCHS}}]
+INTERRUPTIONS = {"target/seed0": "requeue", "spectral/seed0": "time limit"}
 
 
 def gather_with_interruptions(study: dict) -> subprocess.CompletedProcess:
     """The invocation that waits for the submitted jobs; each cell interrupted by INTERRUPTIONS once its epoch 1
     is saved (the ablate.py waiting must say 'requeued' and the cells continue from latest.pt)."""
-    process = subprocess.Popen(ablate_command(study), cwd=study["out"].parent, env=environment(),
+    process = subprocess.Popen(ablate_command(study), cwd=study["out"].parent, env=environment(**study.get("env", {})),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    waiting, interrupted = dict(INTERRUPTIONS), []
+    # Each requeued job is released as soon as it is pending again: waiting for the other cell first could let
+    # Slurm's 120 s hold expire on a loaded machine (the job would start again on its own, past the release).
+    waiting, to_release = dict(INTERRUPTIONS), {}
     deadline = time.monotonic() + JOB_TIMEOUT
-    while waiting and time.monotonic() < deadline and process.poll() is None:
+    while (waiting or to_release) and time.monotonic() < deadline and process.poll() is None:
         for label, command in list(waiting.items()):
             if (study["out"] / label / "latest.pt").is_file():
                 job = study["records"][label]["job_id"]
-                subprocess.run([*command, job], check=True, timeout=60)
-                interrupted.append(job)
+                if command == "requeue":
+                    subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+                else:
+                    run_into_the_time_limit(job)
+                to_release[job] = "60" if command == "time limit" else None
                 del waiting[label]
+        for job, time_limit in list(to_release.items()):
+            if release_if_pending(job, time_limit):
+                del to_release[job]
         time.sleep(0.2)
-    for job in interrupted:
-        release_requeued(job)
+    assert not waiting and not to_release, f"not interrupted {waiting}, not released {to_release}"
     stdout, stderr = process.communicate(timeout=2 * JOB_TIMEOUT)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
@@ -176,7 +210,8 @@ def slurm_study(tiny_cache, mlflow_server, tmp_path_factory):
     grid = folder / "grid.json"
     grid.write_text(json.dumps(SLURM_GRID))
     state = {"cache": tiny_cache, "uri": mlflow_server, "out": folder / "study", "grid": grid,
-             "experiment": "ablation-slurm-test", "client": MlflowClient(mlflow_server)}
+             "experiment": "ablation-slurm-test", "client": MlflowClient(mlflow_server),
+             "env": {"TRAIN_SIMPLE_TEST_SLOW": "0.5"}}
     state["submitted"] = run_ablate(state, "--no_wait")
     state["records"] = json.loads((state["out"] / "slurm" / "jobs.json").read_text())
     state["gathered"] = gather_with_interruptions(state)
@@ -206,8 +241,9 @@ def test_the_next_invocation_waits_for_the_same_jobs_and_reports(slurm_study):
         job = slurm_study["records"][label]["job_id"]
         assert f"cell {label} (job {job}): requeued" in gathered.stderr
         log = (slurm_study["out"] / label / "train.log").read_text()
-        assert "resuming at epoch" in log and sorted(epoch_blocks(log)) == [1, 2, 3], log[-3000:]
-        assert load_checkpoint(slurm_study["out"] / label / "latest.pt")["epoch"] == 3
+        epochs = EPOCHS[label]
+        assert "resuming at epoch" in log and sorted(epoch_blocks(log)) == list(range(1, epochs + 1)), log[-3000:]
+        assert load_checkpoint(slurm_study["out"] / label / "latest.pt")["epoch"] == epochs
         shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=60).stdout
         assert "Restarts=1" in shown, shown
     # the time-limit path: submitit caught the USR2, called CellJob.checkpoint and requeued the element itself

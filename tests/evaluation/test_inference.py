@@ -749,3 +749,36 @@ def test_mlflow_failure_is_only_a_warning(setup, tmp_path, capsys):
     code, _, err = run_main(argv, capsys)
     assert code == 0 and "warning: --mlflow" in err, err
     assert (tmp_path / "out" / "index.html").is_file()
+
+
+def test_clearing_a_previous_run_removes_only_the_files_it_listed(tmp_path, capsys):
+    out = tmp_path / "samples"
+    (out / "a").mkdir(parents=True)
+    (out / "b").mkdir()
+    for name in ("a/input.wav", "a/spectrogram.png", "b/input.wav"):
+        (out / name).write_bytes(b"old")
+    (out / "b" / "notes.txt").write_text("mine")          # a user's file inside an example folder
+    (out / "README.txt").write_text("mine too")
+    outside = tmp_path / "outside.wav"
+    outside.write_bytes(b"not ours")
+    (out / "blind_key.json").write_text("{}")
+    (out / "metrics.json").write_text(json.dumps({"examples": [
+        {"name": "a", "files": {"input": "a/input.wav", "spectrogram": "a/spectrogram.png"}},
+        {"name": "b", "files": {"input": "b/input.wav", "escape": "../outside.wav"}}]}))
+    inference_sample.clear_previous_run(out)
+    assert not (out / "a").exists() and not (out / "b" / "input.wav").exists() and not (out / "blind_key.json").exists()
+    assert (out / "b" / "notes.txt").read_text() == "mine" and (out / "README.txt").exists() and outside.exists()
+    assert capsys.readouterr().err.strip() == f"note: removed the 1 example(s) of the previous run in {out}"
+
+
+@pytest.mark.slow
+def test_a_rerun_into_the_same_out_dir_leaves_only_its_own_examples(setup, tmp_path, capsys):
+    out = tmp_path / "samples"
+    common = ["--checkpoint", setup["checkpoint"], "--from_cache", setup["cache"], "--split", "val", "--out_dir", out,
+              "--device", "cpu", "--batch_size", 2]
+    assert run_main(common + ["--num_samples", 2], capsys)[0] == 0
+    first = [path.name for path in example_dirs(out)]
+    code, _, _ = run_main(common + ["--num_samples", 1, "--seed", 5], capsys)
+    assert code == 0 and len(first) == 2
+    listed = [entry["name"] for entry in json.loads((out / "metrics.json").read_text())["examples"]]
+    assert [path.name for path in example_dirs(out)] == listed and len(listed) == 1
