@@ -28,7 +28,7 @@ def test_the_launcher_and_ablate_read_their_rules_from_the_table():
     assert set(launcher.RESUME_MUST_MATCH) == must and "world_size" in must and "logger" in must
     assert set(launcher.RESUME_MAY_CHANGE) == {"epochs", "data_dir", "encodec_weights", "num_workers", "compile",
                                                "decoder_checkpointing", "log_audio_every", "references_dir",
-                                               "musical_every", "beat_tracker"}
+                                               "musical_every", "beat_tracker", "stuck_timeout"}
     assert not set(launcher.RESUME_MUST_MATCH) & set(launcher.RESUME_MAY_CHANGE)
     assert set(ablate.RESERVED) == {f for f, r in settings.FLAG_ROLES.items() if settings.ROLES[r].ablate == "ablate"}
     assert set(ablate.STUDY_ONLY) == {"data_dir", "encodec_weights", "references_dir", "mlflow_tracking_uri",
