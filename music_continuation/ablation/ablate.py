@@ -49,9 +49,9 @@ from music_continuation.training.mlflow_logger import PARENT_TAG, git_commit  # 
 from music_continuation.training.mlflow_logger import short as one_line  # noqa: E402
 from music_continuation.utils import exit_now, export_package_path  # noqa: E402  (light: standard library only)
 
-LAUNCHER = ("-m", "music_continuation.training.launcher")
+LAUNCHER = ("-m", "music_continuation.training.launcher")     # run as a module: torchrun takes the same argv
 # listeners.BEAT_TRACKERS (not imported: the listeners load torch, which the start-up avoids; a test pins the two)
-BEAT_TRACKERS = ("librosa", "madmom")     # run as a module: torchrun takes the same argv
+BEAT_TRACKERS = ("librosa", "madmom")
 
 # The launcher's loss-weight flags in losses.LOSSES order (input, target, spectral, mel); not imported from
 # there because losses loads torch, which the start-up avoids (a test pins the two together).

@@ -661,8 +661,13 @@ def test_musical_every_logs_the_listeners_figures_reduced_over_ranks(tiny_cache,
 
     def logged(name):
         return {m.step: m.value for m in client.get_metric_history(run_id, name)}
+    # 8-frame windows (0.1 s) hold no two beats after the seam: tempo_ratio is undefined, and then not logged
+    assert [name for name in MUSICAL_FIGURES if expected["model"][name] is None] == ["tempo_ratio"]
     for figure in MUSICAL_FIGURES:
         model, skill = logged(f"val_{figure}"), logged(f"val_skill_{figure}")
+        if expected["model"][figure] is None:
+            assert not model and not skill, figure
+            continue
         assert list(model) == [2], figure                          # not at epoch 1
         assert model[2] == pytest.approx(expected["model"][figure], rel=1e-3, abs=1e-3), figure
         if expected["skill"][figure] is None:
