@@ -31,7 +31,8 @@ def render(notes, seconds: float = 4.0) -> torch.Tensor:
         tone = sum(np.sin(2 * np.pi * f * k * n) / k for k in (1, 2, 3, 4)) * np.exp(-3 * n)
         tone *= np.minimum(1, n / 0.005) * np.minimum(1, (end - start - n) / 0.02)   # no clicks
         first = int(start * SAMPLE_RATE)
-        x[first: first + len(tone)] += 0.2 * tone
+        sounding = x[first: first + len(tone)]             # a note past the end is cut there
+        sounding += 0.2 * tone[: len(sounding)]
     return torch.from_numpy(x.astype(np.float32))
 
 
