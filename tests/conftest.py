@@ -254,7 +254,8 @@ def tiny_study(tiny_cache, tmp_path_factory) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, str(ROOT / "ablate.py"), "--data_dir", str(tiny_cache), "--out_dir",
                            str(folder / "study"), "--grid", str(grid), "--seeds", "1", "--max_windows", "2",
-                           "--mlflow_tracking_uri", uri, "--experiment_name", "tiny-study", *TINY_STUDY_FLAGS],
+                           "--mlflow_tracking_uri", uri, "--experiment_name", "tiny-study", "--no_listeners",
+                           *TINY_STUDY_FLAGS],
                           cwd=folder, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return {"out": folder / "study", "uri": uri}

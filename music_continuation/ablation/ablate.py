@@ -55,6 +55,8 @@ from music_continuation.training.mlflow_logger import short as one_line  # noqa:
 from music_continuation.utils import Interrupted, UserError, exit_now, export_package_path, warn, write_json  # noqa: E402, I001  (light: standard library only)
 
 LAUNCHER = ("-m", "music_continuation.training.launcher")     # run as a module: torchrun takes the same argv
+# listeners.BEAT_TRACKERS (not imported: the listeners load torch, which the start-up avoids; a test pins the two)
+BEAT_TRACKERS = ("librosa", "madmom")
 
 # Flags added after studies existed: part of a cell's identity only where they differ from these defaults, so
 # the cells of earlier studies keep their hashes (and are not trained again).
@@ -121,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="validation windows to evaluate (evenly spaced; default: all)")
     parser.add_argument("--eval_device", default="cpu", help="device of the evaluation (default cpu; e.g. cuda)")
     parser.add_argument("--eval_batch_size", type=int, default=8, help="windows per evaluation batch (default 8)")
+    parser.add_argument("--no_listeners", action="store_true",
+                        help="evaluate without the pretrained listeners (melody_f1, beat_f1, frechet_codec, ...: "
+                             "docs/musical-figures.md); their columns are then n/a")
+    parser.add_argument("--beat_tracker", default="librosa", choices=BEAT_TRACKERS,
+                        help="beat tracker of the evaluation's beat_f1 and tempo_ratio (madmom: CC BY-NC-SA 4.0 "
+                             "models)")
     slurm = parser.add_argument_group("cluster (--executor slurm: every cell x seed is one element of a job array)")
     slurm.add_argument("--executor", choices=("local", "slurm"), default="local",
                        help="local: the cells run here, one after the other; slurm: one job array through submitit")
@@ -447,9 +455,15 @@ def evaluation_key(cell, data_dir, args) -> dict:
     """What an evaluation of the cell's best.pt depends on: the checkpoint file, the settings and the code."""
     from music_continuation.evaluation import scoring as evaluation
     stat = (cell.folder / "best.pt").stat()
+    code = hashlib.sha256(Path(evaluation.__file__).read_bytes())
+    listeners = not args.no_listeners
+    if listeners:     # the listeners' code makes their figures: a change to it re-scores the cells
+        for path in sorted((Path(evaluation.__file__).parent / "listeners").glob("*.py")):
+            code.update(path.read_bytes())
     return {"checkpoint": [stat.st_size, stat.st_mtime_ns], "data_dir": data_dir, "split": "val",
             "max_windows": args.max_windows, "batch_size": args.eval_batch_size, "musical": True,
-            "code": hashlib.sha256(Path(evaluation.__file__).read_bytes()).hexdigest()[:16]}
+            "listeners": listeners, "beat_tracker": args.beat_tracker if listeners else None,
+            "code": code.hexdigest()[:16]}
 
 
 def cached_evaluation(cell, key: dict) -> dict | None:
@@ -472,7 +486,8 @@ def evaluate_cell(cell, data_dir, args) -> tuple[dict, bool]:
         return saved, False
     result = evaluation.evaluate_checkpoint(str(cell.folder / "best.pt"), data_dir=data_dir, split="val",
                                             max_windows=args.max_windows, device=args.eval_device,
-                                            batch_size=args.eval_batch_size, musical=True, progress=False)
+                                            batch_size=args.eval_batch_size, musical=True, progress=False,
+                                            listeners=not args.no_listeners, beat_tracker=args.beat_tracker)
     result = jsonable(result)
     write_json(cell.folder / EVAL_CACHE, {"key": key, "result": result}, sort_keys=True)
     return result, True
@@ -504,6 +519,9 @@ def prepare(argv) -> dict:
         raise AblateError("--report_only and --print_commands exclude each other")
     slurm = slurm_settings(args)
     shared = {**from_config, **parse_given(rest, "launcher flags")}
+    tokens = sys.argv[1:] if argv is None else argv
+    if any(token == "--beat_tracker" or token.startswith("--beat_tracker=") for token in tokens):
+        shared["beat_tracker"] = args.beat_tracker      # one tracker for the study: the cells' --musical_every too
     for name in shared:
         if name in RESERVED:
             raise AblateError(f"--{name} cannot be given to ablate.py: {RESERVED[name]}")
@@ -520,11 +538,22 @@ def prepare(argv) -> dict:
     cells = build_cells(grid, shared, args.seeds, out_dir)
     selected = [cell for cell in cells if not args.only or cell.name in args.only]
     check_folders(selected)
+    if not args.no_listeners and not args.print_commands:     # after the cheap checks: this imports the packages
+        check_listeners(args.beat_tracker)
     # The study: its folder, its grid and its shared settings (so the report compares like with like).
     shared_settings = {k: v for k, v in shared.items() if k in IDENTITY}
     key = settings_hash({"out_dir": str(out_dir), "grid": grid, "shared": shared_settings})
     return dict(args=args, shared=shared, grid=grid, names=names, out_dir=out_dir, cells=cells,
                 selected=selected, key=key, shared_settings=shared_settings, slurm=slurm)
+
+
+def check_listeners(beat_tracker: str) -> None:
+    """The evaluation's listener packages import now: a missing one is one line before any cell trains."""
+    from music_continuation.evaluation.listeners import ListenerUnavailable, check_available
+    try:
+        check_available(beat_tracker)
+    except ListenerUnavailable as error:
+        raise AblateError(f"{error} (or evaluate without them: --no_listeners)") from None
 
 
 SLURM_ONLY = ("slurm_partition", "slurm_nodes", "slurm_gpus_per_node", "slurm_cpus_per_task", "slurm_time",

@@ -58,8 +58,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
+import operator
 import re
 import sys
 import time
@@ -130,6 +132,7 @@ class Example:
     predicted_latent: torch.Tensor | None = None   # [128, T] normalised first predicted window, by generate()
     metrics: dict = field(default_factory=dict)
     baselines: dict | None = None              # {baseline: figures} where the target is known
+    sums: dict | None = None                   # {"model" and each baseline: its ScoreSums}, where scored
     blind: dict | None = None                  # {"A": ending, "B": ending} with --blind (listening_page.ENDINGS)
     player_gain: float = 1.0                   # the players' gain (<= 1), by write_example
 
@@ -357,13 +360,28 @@ def score(example: Example, segment_samples: int, scorer: Scorer) -> None:
     baseline_sums = evaluation.score_baselines_batch(batch, scorer.decoder, normalizer, scorer.loss_fn,
                                                      scorer.target_audio, musical=True, decoded=decoded,
                                                      listeners=scorer.listeners)
-    example.metrics = model_sums.means()
-    example.baselines = {name: baseline_sums[name].means() for name in BASELINES}
+    example.sums = {MODEL_ROW: model_sums, **baseline_sums}
+    example.metrics = example_figures(model_sums)
+    example.baselines = {name: example_figures(baseline_sums[name]) for name in BASELINES}
     if scorer.target_audio == "original":
         example.target = example.original
     else:
         decoded_target = evaluation.decode_latents(scorer.decoder, normalizer, target_latent)
         example.target = decoded_target[0, :, : example.original.shape[-1]].float().cpu()
+
+
+def example_figures(sums: ScoreSums) -> dict:
+    """One example's figures: frechet_codec is a figure of a set of examples (one example's frames are too few
+    for a full-rank covariance), so it is left to the mean (mean_metrics)."""
+    alone = ScoreSums.from_vector(sums.vector(), sums.label)
+    alone.frechet.zero_()
+    return alone.means()
+
+
+def set_frechet(examples: list[Example], row: str) -> float | None:
+    """frechet_codec of every scored example's frames together: their Fréchet sums added, not a mean of means."""
+    sums = [example.sums[row] for example in examples if example.sums]
+    return functools.reduce(operator.add, sums).means()["frechet_codec"] if sums else None
 
 
 def mean_figures(figure_dicts: list[dict]) -> dict:
@@ -379,7 +397,11 @@ def mean_metrics(examples: list[Example]) -> tuple[dict, dict | None]:
     """(the model's mean figures, {baseline: mean figures} over the examples with baselines, or None)."""
     scored = [example.baselines for example in examples if example.baselines]
     baselines = {name: mean_figures([b[name] for b in scored]) for name in BASELINES} if scored else None
-    return mean_figures([example.metrics for example in examples]), baselines
+    means = mean_figures([example.metrics for example in examples])
+    means["frechet_codec"] = set_frechet(examples, MODEL_ROW)
+    for name in baselines or ():
+        baselines[name]["frechet_codec"] = set_frechet(examples, name)
+    return means, baselines
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -491,9 +513,11 @@ def metrics_table(examples: list[Example], means: dict, mean_baselines: dict | N
     rows = [(e.name, e.metrics) for e in examples] + [("mean" if label == MODEL_ROW else f"mean {label}", figures)
                                                       for label, figures in figure_rows(means, mean_baselines)]
     width = max([len(name) for name, _ in rows] + [8])
-    lines = [f"{'example':<{width}}  " + "  ".join(f"{name:>10}" for name in METRIC_NAMES)]
+    widths = {name: max(10, len(name)) for name in METRIC_NAMES}
+    lines = [f"{'example':<{width}}  " + "  ".join(f"{name:>{widths[name]}}" for name in METRIC_NAMES)]
     for name, metrics in rows:
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{format_value(metrics.get(m)):>10}" for m in METRIC_NAMES))
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{format_value(metrics.get(m)):>{widths[m]}}"
+                                                      for m in METRIC_NAMES))
     return "\n".join(lines)
 
 

@@ -32,6 +32,8 @@ GRID = [{"name": "target", "flags": {"loss_weight_target": 1.0}},
         {"name": "too_long", "flags": {"segment_frames": 2000}}]
 MAX_WINDOWS = 4
 TIMEOUT = 420
+# The study runs with --no_listeners: what it tests is the study, and each evaluating invocation would pay the
+# listeners' warm-up (numba compile, onnxruntime session). Their report columns: test_report_columns_of_the_listeners.
 
 
 def environment() -> dict:
@@ -42,8 +44,8 @@ def environment() -> dict:
 def ablate_argv(study: dict, *extra) -> list[str]:
     return [sys.executable, str(ROOT / "ablate.py"), "--data_dir", str(study["cache"]), "--out_dir",
             str(study["out"]), "--grid", str(study["grid"]), "--seeds", "1", "--max_windows", str(MAX_WINDOWS),
-            "--mlflow_tracking_uri", study["uri"], "--experiment_name", "ablation-test", *map(str, TINY),
-            *map(str, extra)]
+            "--mlflow_tracking_uri", study["uri"], "--experiment_name", "ablation-test", "--no_listeners",
+            *map(str, TINY), *map(str, extra)]
 
 
 def run_ablate(study: dict, *extra) -> subprocess.CompletedProcess:
@@ -114,7 +116,7 @@ def test_bad_grids_flags_and_names_are_one_line_errors_before_anything_runs(grid
     path = tmp_path / "grid.json"
     path.write_text(json.dumps(grid))
     with pytest.raises(ablate.AblateError) as error:
-        ablate.prepare(["--out_dir", str(tmp_path / "out"), "--grid", str(path), *extra])
+        ablate.prepare(["--out_dir", str(tmp_path / "out"), "--grid", str(path), "--no_listeners", *extra])
     assert expected in str(error.value) and "\n" not in str(error.value)
     assert not (tmp_path / "out").exists()
 
@@ -122,6 +124,47 @@ def test_bad_grids_flags_and_names_are_one_line_errors_before_anything_runs(grid
 def test_the_study_names_the_figures_and_baselines_as_evaluation_does():
     from music_continuation.evaluation import scoring as evaluation
     assert ablate.BASELINES is evaluation.BASELINES and set(ablate.figure_names()) <= set(evaluation.SCORE_NAMES)
+
+
+def test_listener_flags_reach_the_evaluation_and_its_cache_key(tmp_path):
+    from music_continuation.evaluation.listeners import BEAT_TRACKERS
+    assert ablate.BEAT_TRACKERS == BEAT_TRACKERS
+    import types
+    cell = types.SimpleNamespace(folder=tmp_path)
+    (tmp_path / "best.pt").write_bytes(b"x")
+    keys = {}
+    for extra in ([], ["--no_listeners"], ["--beat_tracker", "madmom"], ["--no_listeners", "--beat_tracker", "madmom"]):
+        args = ablate.build_parser().parse_args(["--out_dir", "x", *extra])
+        keys[" ".join(extra)] = ablate.evaluation_key(cell, "cache", args)
+    assert keys[""]["listeners"] is True and keys[""]["beat_tracker"] == "librosa"     # on by default
+    assert keys["--no_listeners"]["listeners"] is False
+    assert len({json.dumps(key, sort_keys=True) for key in keys.values()}) == 3       # without listeners: one key
+    assert keys["--no_listeners"] == keys["--no_listeners --beat_tracker madmom"]
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([{"name": "a", "flags": {}}]))
+    argv = ["--out_dir", str(tmp_path / "out"), "--grid", str(grid), "--no_listeners", "--musical_every", "2"]
+    plain, madmom = ablate.prepare(argv), ablate.prepare(argv + ["--beat_tracker", "madmom"])
+    assert "beat_tracker" not in plain["shared"] and madmom["shared"]["beat_tracker"] == "madmom"   # to the cells too
+    assert plain["cells"][0].hash == madmom["cells"][0].hash       # validation-only flags: the same training
+
+
+def test_a_missing_listener_package_is_one_line_before_anything_runs(tmp_path, monkeypatch):
+    from music_continuation.evaluation import listeners
+    from music_continuation.evaluation.listeners import packages
+
+    def missing(beat_tracker="librosa"):
+        packages.require("no_such_module_basic_pitch", "basic-pitch", "melody listener")
+    monkeypatch.setattr(listeners, "check_available", missing)
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([{"name": "a", "flags": {}}]))
+    argv = ["--out_dir", str(tmp_path / "out"), "--grid", str(grid)]
+    with pytest.raises(ablate.AblateError) as error:
+        ablate.prepare(argv)
+    message = str(error.value)
+    assert "basic-pitch" in message and packages.INSTALL_COMMAND in message and "--no_listeners" in message
+    assert "\n" not in message and not (tmp_path / "out").exists()
+    assert ablate.prepare(argv + ["--no_listeners"])["args"].no_listeners          # skipping them needs none
+    assert ablate.prepare(argv + ["--print_commands"])["args"].print_commands     # printing commands evaluates nothing
 
 
 def test_default_grid_has_the_five_cells():
@@ -192,7 +235,8 @@ def test_report_equals_evaluating_each_checkpoint(study):
     _, children = parent_and_children(study)
     for row in rows:
         best = study["out"] / row["cell"] / f"seed{row['seed']}" / "best.pt"
-        expected = evaluation.evaluate_checkpoint(best, data_dir=study["cache"], max_windows=MAX_WINDOWS)
+        expected = evaluation.evaluate_checkpoint(best, data_dir=study["cache"], max_windows=MAX_WINDOWS,
+                                                  listeners=False)
         assert int(row["windows"]) == expected["windows"] == MAX_WINDOWS
         for name in evaluation.SCORE_NAMES:
             for column, value in ((name, expected["model"][name]), (f"skill_{name}", expected["skill"][name]),
@@ -209,6 +253,9 @@ def test_report_equals_evaluating_each_checkpoint(study):
     assert float(cells[3 + evaluation.SCORE_NAMES.index("rms_target")].strip("*")) == \
         pytest.approx(float(rows[0]["rms_target"]), abs=1e-4)
     assert "**" in markdown and "not comparable" in markdown
+    for name in evaluation.LISTENER_FIGURES:         # --no_listeners: empty in the CSV, n/a in the table
+        assert all(row[name] == "" and row[f"skill_{name}"] == "" for row in rows), name
+    assert "n/a" in table and "nan" not in markdown.lower()
 
 
 @pytest.mark.slow
@@ -251,3 +298,42 @@ def test_printed_command_makes_the_same_child_run_and_report_only_rebuilds(study
     assert rows[1]["run_id"] == made[0].info.run_id
     line = [line for line in report.stdout.splitlines() if line.startswith("| target |")][0]
     assert "| 2 |" in line and " ± " in line                        # two seeds: mean ± std
+
+
+def test_report_columns_of_the_listeners(tmp_path):
+    """The listeners' columns: best-cell marks by their own rule (higher melody_f1 / beat_f1, tempo_ratio closest to
+    1, lower frechet_codec), n/a where a figure is undefined (a silent reference), never 'nan'."""
+    from music_continuation.ablation.report import write_report
+    from music_continuation.evaluation.scoring import LISTENER_FIGURES, SCORE_NAMES
+
+    def result(**listened):
+        figures = {name: 0.5 for name in SCORE_NAMES} | {"level": 1.0} | listened
+        baseline = {name: 0.25 for name in SCORE_NAMES} | {name: None for name in LISTENER_FIGURES}
+        return {"model": figures, "skill": {name: None for name in SCORE_NAMES},
+                "baselines": {name: baseline for name in ablate.BASELINES}, "epoch": 1, "windows": 4,
+                "target_audio": "codec", "weights": {"rms_input": 0, "rms_target": 1, "spectral": 0, "mel": 0}}
+    rows = [{"cell": "a", "seed": 0, "hash": "h", "run_id": "r1",
+             "result": result(melody_f1=0.2, pitch_class_agreement=0.3, beat_f1=0.9, tempo_ratio=1.3,
+                              frechet_codec=50.0)},
+            {"cell": "b", "seed": 0, "hash": "h", "run_id": "r2",
+             "result": result(melody_f1=0.6, pitch_class_agreement=None, beat_f1=0.4, tempo_ratio=0.8,
+                              frechet_codec=None)},
+            {"cell": "c", "seed": 0, "hash": "h", "run_id": "r3",
+             "result": result(melody_f1=0.1, pitch_class_agreement=0.1, beat_f1=0.1, tempo_ratio=1.5,
+                              frechet_codec=80.0)}]
+    markdown = write_report(rows, ["a", "b", "c"], tmp_path, ["# test"])
+    header = next(line for line in markdown.splitlines() if line.startswith("| cell | weights"))
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+
+    def column(cell, name):
+        line = next(line for line in markdown.splitlines() if line.startswith(f"| {cell} |"))
+        return [part.strip() for part in line.strip("|").split("|")][columns.index(name)]
+    assert column("b", "melody_f1") == "**0.6000**" and column("a", "beat_f1") == "**0.9000**"
+    assert column("b", "tempo_ratio") == "**0.8000**"           # |0.8 - 1| < |1.3 - 1|, though 1.5 is the largest
+    assert column("a", "frechet_codec") == "**50.0000**" and column("b", "frechet_codec") == "n/a"
+    assert column("a", "pitch_class_agreement") == "**0.3000**" and column("b", "pitch_class_agreement") == "n/a"
+    assert column("*silence*", "melody_f1") == "n/a"
+    assert "nan" not in markdown.lower()
+    table = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [row["frechet_codec"] for row in table] == ["50.0", "", "80.0"]
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

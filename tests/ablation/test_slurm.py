@@ -154,7 +154,7 @@ def ablate_command(study: dict, *extra) -> list[str]:
     return [sys.executable, str(ROOT / "ablate.py"), "--executor", "slurm", "--data_dir", str(study["cache"]),
             "--out_dir", str(study["out"]), "--grid", str(study["grid"]), "--seeds", "1",
             "--max_windows", str(MAX_WINDOWS), "--mlflow_tracking_uri", study["uri"],
-            "--experiment_name", study["experiment"], *map(str, TINY), *map(str, extra)]
+            "--experiment_name", study["experiment"], "--no_listeners", *map(str, TINY), *map(str, extra)]
 
 
 def run_ablate(study: dict, *extra) -> subprocess.CompletedProcess:
@@ -323,7 +323,7 @@ def test_ctrl_c_while_waiting_leaves_the_jobs_and_cancel_stops_them(slurm_study,
 
 def test_slurm_flags_and_a_local_sqlite_store_are_refused_before_submitting(tmp_path, tiny_cache):
     base = [sys.executable, str(ROOT / "ablate.py"), "--executor", "slurm", "--data_dir", str(tiny_cache),
-            "--out_dir", str(tmp_path / "study"), "--seeds", "1"]
+            "--out_dir", str(tmp_path / "study"), "--seeds", "1", "--no_listeners"]
     cases = [(["--mlflow_tracking_uri", f"sqlite:///{tmp_path / 'm.db'}"], "not one they share; use an MLflow server"),
              (["--mlflow_tracking_uri", "http://127.0.0.1:9", "--slurm_partition", "nope"],
               "Slurm refuses the request"),

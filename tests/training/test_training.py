@@ -646,3 +646,52 @@ def test_the_slurm_template_runs_torchrun_on_every_node(tiny_cache, tmp_path):
     assert sorted(epoch_blocks(result.stdout)) == [1]
     state = load_checkpoint(tmp_path / "ck" / "latest.pt")
     assert state["world_size"] == 2 and state["args"]["resume"] == "auto"
+
+
+@pytest.mark.slow
+def test_musical_every_logs_the_listeners_figures_reduced_over_ranks(tiny_cache, tmp_path):
+    """--musical_every 2 on 2 ranks: epoch 1 validates without the musical figures, epoch 2 (and the baselines, once)
+    with them; the printed epoch block keeps its form. The figures in MLflow are those of evaluate_checkpoint on the
+    whole val split in one process (the independent reference): each rank holds ~8 of the 17 val examples, 72 codec
+    frames, too few for the Fréchet distance alone (129), so frechet_codec exists only if the ranks' sums were
+    reduced before it was computed."""
+    pytest.importorskip("onnxruntime", reason="the listeners' packages: pip install -r requirements-listeners.txt")
+    from mlflow.tracking import MlflowClient
+
+    from music_continuation.evaluation.scoring import BASELINES, evaluate_checkpoint
+    from music_continuation.training.worker import MUSICAL_FIGURES
+    uri = sqlite_uri(tmp_path)
+    result = run_launcher(["--data_dir", tiny_cache, "--nproc", 2, "--batch_size", 4, "--epochs", 2,
+                           "--musical_every", 2, "--checkpoint_dir", tmp_path / "ck", "--mlflow_tracking_uri", uri]
+                          + TINY, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(epoch_blocks(result.stdout)) == [1, 2]          # the epoch block is unchanged
+    assert "melody_f1" not in result.stdout and "frechet" not in result.stdout     # figures go to MLflow only
+    client = MlflowClient(uri)
+    run_id = load_checkpoint(tmp_path / "ck" / "latest.pt")["mlflow_run_id"]
+    expected = evaluate_checkpoint(tmp_path / "ck" / "latest.pt", data_dir=tiny_cache, progress=False)
+    assert expected["windows"] == 17 and expected["epoch"] == 2 and expected["model"]["frechet_codec"] is not None
+
+    def logged(name):
+        return {m.step: m.value for m in client.get_metric_history(run_id, name)}
+    # 8-frame windows (0.1 s) hold no two beats after the seam: tempo_ratio is undefined, and then not logged
+    assert [name for name in MUSICAL_FIGURES if expected["model"][name] is None] == ["tempo_ratio"]
+    for figure in MUSICAL_FIGURES:
+        model, skill = logged(f"val_{figure}"), logged(f"val_skill_{figure}")
+        if expected["model"][figure] is None:
+            assert not model and not skill, figure
+            continue
+        assert list(model) == [2], figure                          # not at epoch 1
+        assert model[2] == pytest.approx(expected["model"][figure], rel=1e-3, abs=1e-3), figure
+        if expected["skill"][figure] is None:
+            assert not skill, figure
+        else:
+            assert skill[2] == pytest.approx(expected["skill"][figure], rel=1e-2, abs=1e-2), figure
+        for name in BASELINES:
+            value = expected["baselines"][name][figure]
+            baseline = logged(f"val_baseline_{name}_{figure}")
+            if value is None:
+                assert not baseline, (name, figure)
+            else:
+                assert list(baseline) == [0] and baseline[0] == pytest.approx(value, rel=1e-3, abs=1e-3), (name, figure)
+    assert logged("val_loss").keys() == {1, 2}

@@ -37,7 +37,8 @@ def frame_stats(frames: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def embed(codec, audio: torch.Tensor) -> torch.Tensor:
     """Codec frames of audio [B, 1, N] -> [B * T, 128] (every frame of every example)."""
-    latents = encode(codec, audio.float())                     # [B, 128, T]
+    with torch.autocast(audio.device.type, enabled=False):    # float32 frames, also inside a bf16 validation
+        latents = encode(codec, audio.float())                 # [B, 128, T]
     return latents.transpose(1, 2).reshape(-1, latents.shape[1])
 
 
