@@ -25,8 +25,9 @@ from pathlib import Path
 
 from music_continuation.data import cache as data
 from music_continuation.data import demo_corpus
-from music_continuation.data import prepare as prepare_data
+from music_continuation.data.encode import _track_files
 from music_continuation.data.integrity import crc32_of
+from music_continuation.data.resume import _verify
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,7 +73,7 @@ def without_timings(manifest: dict) -> dict:
 
 def bench_verify(cache: Path) -> None:
     manifest = data.read_manifest(cache)
-    paths = [path for track in manifest["tracks"] for path in prepare_data._track_files(cache, track["id"]).values()]
+    paths = [path for track in manifest["tracks"] for path in _track_files(cache, track["id"]).values()]
     hours = sum(track["duration"] for track in manifest["tracks"]) / 3600
     started = time.perf_counter()
     megabytes = sum(path.stat().st_size for path in paths) / 1e6
@@ -81,7 +82,7 @@ def bench_verify(cache: Path) -> None:
     crc = time.perf_counter() - started
     started = time.perf_counter()
     for track in manifest["tracks"]:
-        assert prepare_data._verify(track, cache, manifest["cache_dtype"]) is None
+        assert _verify(track, cache, manifest["cache_dtype"]) is None
     unchanged = time.perf_counter() - started
     print(f"verify: CRC-32 of {len(paths)} files ({megabytes:.1f} MB, page cache) in {crc:.3f} s = "
           f"{megabytes / crc:.0f} MB/s = {crc / hours:.2f} s per hour of audio; the resume's check of "

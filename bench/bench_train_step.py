@@ -52,7 +52,7 @@ from music_continuation.losses.audio import (
 from music_continuation.losses.balancer import LossBalancer
 from music_continuation.model import ContinuationTransformer
 from music_continuation.training.launcher import parse_bool
-from music_continuation.training.worker import autocast_for, build_optimizer, optimizer_update, to_device, train_step
+from music_continuation.training.step import autocast_for, build_optimizer, optimizer_update, to_device, train_step
 
 
 def parse_args(argv=None):

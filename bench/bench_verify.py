@@ -33,6 +33,8 @@ from music_continuation.codec import FRAME_RATE, HOP_LENGTH, LATENT_DIM
 from music_continuation.data import cache as data
 from music_continuation.data import integrity
 from music_continuation.data import prepare as prepare_data
+from music_continuation.data.shards import _new_manifest
+from music_continuation.data.writes import write_manifest_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +51,7 @@ def parse_args(argv=None):
 def synthetic_cache(cache: Path, hours: float, track_minutes: float) -> int:
     """A complete compact cache of random values with true sizes and records; its size in bytes."""
     (cache / data.TRACKS_DIR).mkdir(parents=True)
-    manifest = prepare_data._new_manifest(Path("/nonexistent"), "synthetic", "random", "compact")
+    manifest = _new_manifest(Path("/nonexistent"), "synthetic", "random", "compact")
     rng = np.random.default_rng(0)
     tracks = max(1, round(hours * 60 / track_minutes))
     frames = int(hours * 3600 * FRAME_RATE / tracks)
@@ -65,7 +67,7 @@ def synthetic_cache(cache: Path, hours: float, track_minutes: float) -> int:
                                    "files": {kind: integrity.file_record(path) for kind, path in files.items()}})
     manifest.update(complete=True, latent_mean=[0.0] * LATENT_DIM, latent_std=[1.0] * LATENT_DIM,
                     settings={"val_fraction": 0.1, "seed": 0, "min_seconds": 4.0, "encodec_weights": "random"})
-    prepare_data.write_manifest_atomic(cache, manifest)
+    write_manifest_atomic(cache, manifest)
     return sum(record["bytes"] for track in manifest["tracks"] for record in track["files"].values())
 
 

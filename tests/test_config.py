@@ -17,7 +17,7 @@ import yaml
 from music_continuation.ablation import ablate
 from music_continuation.config import PRESETS_DIR, ConfigError, config_values, parse_with_config, preset_names
 from music_continuation.training import launcher
-from music_continuation.training.worker import write_settings
+from music_continuation.training.report import write_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 

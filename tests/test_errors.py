@@ -10,7 +10,8 @@ from music_continuation.codec import CodecLoadError
 from music_continuation.config import ConfigError
 from music_continuation.data.audio_io import AudioLoadError
 from music_continuation.data.cache import CacheError
-from music_continuation.data.prepare import CacheWriteError, NoUsableAudioError
+from music_continuation.data.scan import NoUsableAudioError
+from music_continuation.data.writes import CacheWriteError
 from music_continuation.evaluation.inference import InferenceError
 from music_continuation.evaluation.scoring import EvaluationError
 from music_continuation.training import worker

@@ -1,6 +1,6 @@
 """The discriminator's side of a training step: its terms for the generator, its own loss, its update.
 
-Per micro-batch (training.worker.train_step), with y the output audio as a leaf that requires grad, x the
+Per micro-batch (training.step.train_step), with y the output audio as a leaf that requires grad, x the
 reference (target) audio and c the context's audio before the seam:
 
     D sees          fake = y, real = x            or, with --discriminator_context, fake = [c, y], real = [c, x]

@@ -1,14 +1,10 @@
 """One training process of the DDP job (started by train_simple_ddp.py, or by torchrun through it).
 
-Read top to bottom: process-group setup, the training step, one epoch, validation, the epoch's
-report, then `run`, which wires it all together, and `guarded_run`, which turns any failure into one
-line. Every setting comes from the launcher's parsed flags (`args`).
+Read top to bottom: process-group setup, one epoch, validation, then `run`, which wires it all together, and
+`guarded_run`, which turns any failure into one line. The training step and its LR schedule are in step.py, the
+state the epoch functions share in context.py, and the epoch's report (printed block, checkpoints, MLflow, audio
+samples) in report.py. Every setting comes from the launcher's parsed flags (`args`).
 
-Learning-rate schedule (per optimiser step s of S = epochs x optimiser steps per epoch, fixed when the
-run starts and kept on resume): linear warm-up over W = --warmup_steps, then cosine decay to lr/10:
-    lr(s) = lr * (s + 1) / W                                          for s < W
-    lr(s) = lr * (0.1 + 0.9 * 0.5 * (1 + cos(pi * (s - W) / (S - W))))  for W <= s < S, lr/10 after S
-An optimiser step averages the gradients of --grad_accum_steps micro-batches of --batch_size per rank.
 Metrics: every figure is summed as (batch mean x batch size) in device tensors and reduced across
 ranks once per epoch (SUM), then divided by the number of examples, so the epoch figures are means
 over all examples whatever the number of processes or micro-batches.
@@ -25,8 +21,6 @@ import socket
 import sys
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn
@@ -38,75 +32,41 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from music_continuation.adversarial.adversary import DISCRIMINATOR_FIGURES, Adversary
-from music_continuation.codec import SAMPLE_RATE, FrozenDecoder, check_fingerprint, codec_fingerprint, load_codec
-from music_continuation.config import settings_text
+from music_continuation.adversarial.adversary import Adversary
+from music_continuation.codec import FrozenDecoder, check_fingerprint, codec_fingerprint, load_codec
 from music_continuation.data.cache import ContinuationDataset, LatentNormalizer
 from music_continuation.evaluation.scoring import (
     BASELINES,
-    LISTENER_FIGURES,
     EvaluationError,
     ScoreSums,
     decode_latents,
-    predict_audio,
     reference_audio,
     score_baselines_batch,
-    skill,
 )
-from music_continuation.losses.audio import (
-    ADVERSARIAL_COMPONENTS,
-    LOSS_COMPONENTS,
-    LOSSES,
-    CombinedLoss,
-    adversarial_weighted,
-    shown_losses,
-    weights_from_flags,
-)
+from music_continuation.losses.audio import CombinedLoss, adversarial_weighted, weights_from_flags
 from music_continuation.losses.balancer import LossBalancer
 from music_continuation.model import ContinuationTransformer
 from music_continuation.optim.ema import ModelEMA
-from music_continuation.settings import FLAG_ROLES
 from music_continuation.training import watchdog
-from music_continuation.training.checkpoint import (
-    BEST_NAME,
-    LATEST_NAME,
-    build_checkpoint,
-    describe_latest,
-    load_checkpoint,
-    save_checkpoint,
+from music_continuation.training.checkpoint import describe_latest, load_checkpoint
+from music_continuation.training.context import Context
+from music_continuation.training.mlflow_logger import API_FAILURE, close_recorded_run, short
+from music_continuation.training.report import Progress, Reporter, announce, start_logger, summary_line
+
+# train_one_epoch calls train_step through this module's name for it, which tests/fault_launcher.py replaces
+from music_continuation.training.step import (
+    METRIC_NAMES,
+    autocast_for,
+    build_optimizer,
+    stack_metrics,
+    to_device,
+    train_step,
 )
-from music_continuation.training.mlflow_logger import (
-    API_FAILURE,
-    JsonlLogger,
-    MlflowLogger,
-    close_recorded_run,
-    git_commit,
-    short,
-)
-from music_continuation.utils import (
-    Interrupted,
-    UserError,
-    atomic_path,
-    exit_now,
-    one_line,
-    strip_exception_prefix,
-    warn,
-)
+from music_continuation.utils import Interrupted, UserError, exit_now, one_line, strip_exception_prefix, warn
 
 MAX_CONSECUTIVE_SKIPS = 10     # this many non-finite steps in a row end the run: training has diverged
-AUDIO_EXAMPLES = 3             # validation examples written as WAV + spectrogram every --log_audio_every epochs
-METRIC_NAMES = ("loss",) + LOSS_COMPONENTS     # order of the accumulated training sums
-MUSICAL_FIGURES = ("rhythm", "chroma") + LISTENER_FIGURES   # validation with --musical_every only
 BASELINE_PROGRESS_SECONDS = 10.0   # rank 0 says how far the step-0 baselines are, at most this often
-ARTIFACT_WAIT_SECONDS = 120    # at the end, how long rank 0 waits for background artifact uploads
 NAMED_BAD_EXAMPLES = 5         # non-finite validation examples named per warning
-SETTINGS_NAME = "settings.yaml"  # in CHECKPOINT_DIR and the MLflow run: the launch's resolved flags
-
-
-def metric_names(adversarial: bool) -> tuple[str, ...]:
-    """The figures of a run, in the order they are summed: METRIC_NAMES, and with a discriminator its two loss
-    components and its own figures (loss, mean logits on real and generated audio)."""
-    return METRIC_NAMES + (ADVERSARIAL_COMPONENTS + DISCRIMINATOR_FIGURES if adversarial else ())
 
 
 class TrainingError(UserError, RuntimeError):
@@ -126,8 +86,6 @@ def stop_if_signalled() -> None:
     if _signals_received:
         raise Interrupted(_signals_received[0])
 
-
-# ------------------------------------------------------------------------------------- distributed
 
 def setup_distributed(stuck_timeout: float = watchdog.DEFAULT_STUCK_TIMEOUT) -> tuple[int, int, int, torch.device]:
     """(rank, local_rank, world_size, device) from the env set by torchrun or by the launcher.
@@ -239,163 +197,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-# --------------------------------------------------------------------------------------- schedule
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int, final_factor: float = 0.1) -> float:
-    """Multiplier of the peak LR at optimiser step `step` (0-based): linear warm-up, then cosine to final_factor."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return final_factor + (1.0 - final_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_optimizer(model, lr: float, weight_decay: float, warmup_steps: int, total_steps: int):
-    """AdamW and its per-step LR schedule (lr_factor)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(lr_factor, warmup_steps=warmup_steps, total_steps=total_steps))
-    return optimizer, scheduler
-
-
-def autocast_for(device: torch.device):
-    """A zero-argument callable returning the step's autocast context: bf16 on CUDA (no loss scaling
-    needed; the losses cast to fp32 themselves), nothing on CPU (plain fp32, also what makes tests exact)."""
-    if device.type == "cuda":
-        return functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
-# ------------------------------------------------------------------------------------------ step
-
-def train_step(model, decoder, normalizer, loss_fn, optimizer, scheduler, batches, grad_clip: float,
-               autocast_ctx=contextlib.nullcontext, target_audio: str = "original", balancer: LossBalancer = None,
-               adversary: Adversary | None = None, step: int = 0):
-    """One optimiser step on one batch, or a list of micro-batches, already on the device.
-
-    Returns (applied, total, components): the loss figures as example-weighted means over the micro-batches.
-    Per micro-batch: model -> de-normalise -> frozen decoder -> output audio y -> CombinedLoss terms on a
-    detached copy of y -> the balancer's gradient at y (balancer.py: sum_i s_i dl_i/dy, s_i = w_i unless
-    --loss_balancer) -> ONE y.backward of it x (its size / all sizes), so the gradient is that of the mean over
-    every example and DDP sees one parameter backward per micro-batch. DDP all-reduces the gradients on the
-    last micro-batch only (no_sync before). Then clip and AdamW. The step's gradient figures are left in
-    balancer.figures. A non-finite loss or gradient on ANY rank skips the update on every rank (one
-    all_reduce of a flag), so the replicas never diverge. The scheduler advances either way: the LR is a
-    function of the step.
-
-    With an adversary (adversarial/adversary.py), each micro-batch's y also goes through the discriminator:
-    its adversarial and feature-matching terms join the balancer's (held back before --adversarial_start_step,
-    `step` being this optimiser step's index), the discriminator's loss is backpropagated into its own
-    parameters only, its gradients are averaged over the ranks once per step, and it is updated exactly when
-    the model is (a non-finite discriminator value skips the step on every rank like a non-finite loss).
-    """
-    batches = [batches] if isinstance(batches, dict) else list(batches)
-    sizes = [batch["input_latent"].shape[0] for batch in batches]
-    balancer = balancer if balancer is not None else LossBalancer(loss_fn.weights)
-    balancer.start_step()
-    optimizer.zero_grad(set_to_none=True)
-    names = metric_names(adversary is not None)[1:]
-    held = () if adversary is None or adversary.trains_generator(step) else ADVERSARIAL_COMPONENTS
-    total, components = 0.0, dict.fromkeys(names, 0.0)
-    for index, (batch, size) in enumerate(zip(batches, sizes)):
-        last = index == len(batches) - 1
-        # DDP decides in the forward whether the backward all-reduces: both go inside no_sync
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        share = size / sum(sizes)
-        with sync:
-            with autocast_ctx():
-                references = reference_audio(batch, decoder, normalizer, target_audio)   # no autograd inside
-                output_audio = predict_audio(model, normalizer, decoder, batch["input_latent"])
-            audio = output_audio.detach().float().requires_grad_(True)    # the loss graph starts here
-            terms = loss_fn.terms(audio, *references)                     # fp32 inside
-            if adversary is not None:
-                terms.update(adversary.terms(audio, *references, autocast_ctx))
-                adversary.backward(terms["discriminator_loss"], share)   # before the balancer frees the graph
-            gradient = balancer.gradient({name: terms[name] for name in balancer.names}, audio, held)
-            # every rank always runs backward, so DDP's gradient all-reduce stays in lock-step
-            output_audio.backward((gradient * share).to(output_audio.dtype))
-        micro_total = loss_fn.weighted_sum(terms).detach()
-        total = total + micro_total * share
-        components = {name: components[name] + terms[name].detach() * share for name in names}
-    also_finite = balancer.finite
-    if adversary is not None:
-        adversary_finite = adversary.reduce_gradients() & torch.isfinite(components["discriminator_loss"])
-        also_finite = adversary_finite if also_finite is None else also_finite & adversary_finite
-    applied = optimizer_update(model, optimizer, scheduler, total, grad_clip, also_finite)
-    if adversary is not None:
-        adversary.step(applied)
-    balancer.end_step(applied)
-    return applied, total, components
-
-
-def optimizer_update(model, optimizer, scheduler, total: torch.Tensor, grad_clip: float,
-                     also_finite: torch.Tensor | None = None) -> bool:
-    """The step's tail, after backward: clip, agree across ranks whether everything is finite, AdamW, LR.
-
-    also_finite: a further condition (the balancer's reduced norms, the discriminator's values). Returns whether
-    the update was applied (False: a non-finite loss or gradient on some rank)."""
-    max_norm = grad_clip if grad_clip > 0 else float("inf")   # inf: measure the norm without clipping
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    finite = torch.isfinite(total) & torch.isfinite(grad_norm)
-    if also_finite is not None:
-        finite = finite & also_finite.to(finite.device)
-    finite = finite.to(torch.float32)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    applied = bool(finite.item())   # the one host sync per step: skipping the update needs the decision here
-    if applied:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
-    return applied
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    # non_blocking: with pinned host memory the copy overlaps with the previous step's GPU work.
-    return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
-
-
-def stack_metrics(total: torch.Tensor, components: dict) -> torch.Tensor:
-    """The step's figures in metric_names order (the components dict holds exactly those after the total)."""
-    return torch.stack([total.float()] + [value.float() for value in components.values()])
-
-
-# -------------------------------------------------------------------------------------- context
-
-@dataclass
-class Context:
-    """Everything the epoch functions share."""
-    args: object
-    rank: int
-    world_size: int
-    device: torch.device
-    autocast: object                      # zero-argument callable -> autocast context (autocast_for)
-    train_set: ContinuationDataset
-    val_set: ContinuationDataset
-    train_sampler: DistributedSampler
-    train_loader: DataLoader
-    val_loader: DataLoader
-    val_indices: list                     # this rank's validation windows, in loader order (padding included)
-    decoder: FrozenDecoder
-    normalizer: LatentNormalizer
-    loss_fn: CombinedLoss
-    balancer: LossBalancer                # the gradient at the output audio, measured or balanced
-    raw_model: ContinuationTransformer
-    model: torch.nn.Module                # DDP(raw_model, possibly compiled)
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    schedule_steps: int
-    steps_per_epoch: int                  # optimiser steps
-    global_step: int = 0
-    consecutive_skips: int = 0
-    listeners: object = None              # listeners.Listeners with --musical_every, else None
-    adversary: Adversary | None = None    # the discriminator and its optimiser, when an adversarial weight is > 0
-    ema: ModelEMA | None = None           # the moving average of raw_model's weights, with --ema_decay > 0
-
-    @property
-    def metric_names(self) -> tuple[str, ...]:
-        return metric_names(self.adversary is not None)
-
-
 def micro_batch_groups(loader, accum: int):
     """Lists of `accum` consecutive batches (one optimiser step each); a last incomplete group is dropped
     (every rank has the same number of batches, so every rank drops the same)."""
@@ -406,8 +207,6 @@ def micro_batch_groups(loader, accum: int):
             yield group
             group = []
 
-
-# ----------------------------------------------------------------------------------------- epoch
 
 def train_one_epoch(ctx: Context, epoch: int) -> dict:
     """One pass over this rank's shard; returns the epoch means over all ranks' examples, the LR, skips."""
@@ -630,66 +429,6 @@ def baseline_figures(ctx: Context) -> dict | None:
         return None
 
 
-def format_epoch_block(epoch: int, epochs: int, train: dict, val: dict, lr: float, components=None) -> str:
-    """The epoch block; components: the LossComponents shown (default: the four reference ones). A figure that
-    does not exist (no validation result) is 'n/a', never 'nan'."""
-    components = components or tuple(c for c in LOSSES if not c.adversarial)
-
-    def figure(value):
-        return f"{value:.4f}" if value is not None and math.isfinite(value) else "n/a"
-
-    def line(label, means):
-        parts = ", ".join(f"{component.short}: {figure(means[component.name])}" for component in components)
-        return f"  {label:<11} {figure(means['loss'])} ({parts})"
-
-    return "\n".join([f"Epoch {epoch}/{epochs}:", line("Train Loss:", train), line("Val Loss:", val),
-                      f"  LR: {lr:.2e}"])
-
-
-@torch.no_grad()
-def write_audio_examples(ctx: Context, epoch: int) -> Path:
-    """A few validation examples as WAV and, per example, the listening page's figure.
-
-    exampleK_input.wav is the real audio of the input window, exampleK_output.wav the model's
-    continuation, exampleK_target.wav what validation scores it against (--target_audio) and, with
-    codec targets, exampleK_original.wav the real audio that follows the input. exampleK_spectrogram.png
-    is plots.plot_continuations, as on the listening page: the input followed by each of them, the
-    seam marked.
-    """
-    import soundfile
-
-    from music_continuation.evaluation.listening_page import ending_title
-    from music_continuation.evaluation.plots import plot_continuations
-
-    folder = Path(ctx.args.checkpoint_dir) / "samples" / f"epoch_{epoch:04d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    count = min(AUDIO_EXAMPLES, len(ctx.val_set))
-    indices = np.linspace(0, len(ctx.val_set) - 1, count).round().astype(int)
-    target_audio = ctx.args.target_audio
-    endings = {"output": "continuation", "target": "target", "original": "original"}   # clip -> the page's ending
-    model = ctx.raw_model
-    model.eval()
-    for row, index in enumerate(indices):
-        watchdog.beat("checkpoint")
-        example = {name: tensor.unsqueeze(0).to(ctx.device) for name, tensor in ctx.val_set[int(index)].items()}
-        with ctx.autocast():
-            references = reference_audio(example, ctx.decoder, ctx.normalizer, target_audio)
-            output = predict_audio(model, ctx.normalizer, ctx.decoder, example["input_latent"])
-        clips = {"input": example["input_audio"], "output": output, "target": references[1]}
-        if target_audio == "codec":
-            clips["original"] = example["target_audio"]
-        clips = {name: audio[0, 0].float().cpu() for name, audio in clips.items()}
-        for name, audio in clips.items():
-            soundfile.write(folder / f"example{row}_{name}.wav", audio.clamp(-1, 1).numpy(), SAMPLE_RATE)
-        plot_continuations(folder / f"example{row}_spectrogram.png", clips["input"],
-                           [(ending_title(ending, target_audio), clips[name]) for name, ending in endings.items()
-                            if name in clips], title=f"epoch {epoch}: validation example {index}")
-    model.train()
-    return folder
-
-
-# ------------------------------------------------------------------------------------------- run
-
 def build_loaders(args, rank: int, world_size: int, device: torch.device):
     train_set = ContinuationDataset(args.data_dir, "train", args.segment_frames, args.unity_test)
     val_set = ContinuationDataset(args.data_dir, "val", args.segment_frames, args.unity_test)
@@ -786,183 +525,6 @@ def build_adversary(args, weights: dict, device, resume_state: dict | None) -> A
     return adversary
 
 
-def start_logger(ctx: Context, resume_state: dict | None, start_epoch: int) -> MlflowLogger:
-    """Rank 0's MLflow run: a new one with every flag as a parameter, or the checkpoint's, reopened."""
-    args = ctx.args
-    run_id = resume_state.get("mlflow_run_id") if resume_state else None
-    tags = dict(tag.split("=", 1) for tag in args.mlflow_tag)
-    if getattr(args, "logger", "mlflow") == "jsonl":
-        logger = JsonlLogger(Path(args.checkpoint_dir) / "metrics.jsonl", run_id, tags)
-    else:
-        logger = MlflowLogger(args.mlflow_tracking_uri, args.experiment_name, args.run_name, run_id,
-                              args.mlflow_parent_run_id, tags, checkpoint_dir=args.checkpoint_dir,
-                              continue_recorded=args.resume == "auto")
-    if not logger.resumed:
-        logger.log_params({**vars(args), "world_size": ctx.world_size, "device": ctx.device.type,
-                           "codec_fingerprint": ctx.train_set.codec_fingerprint, "git_commit": git_commit()})
-    logger.log_artifact(write_settings(args))
-    if resume_state and args.resume_changes:   # params are write-once: accepted changes become a tag
-        logger.set_tag(f"resume_epoch_{start_epoch}_changes",
-                       ", ".join(f"{name} {before} -> {now}" for name, (before, now) in args.resume_changes.items()))
-    return logger
-
-
-def write_settings(args) -> Path:
-    """CHECKPOINT_DIR/settings.yaml: every flag's value as this launch resolved it (config file, then the
-    command line); itself a valid --config. Rewritten at every (re)start, like the checkpoint's args."""
-    settings = {flag: value for flag, value in vars(args).items() if flag in FLAG_ROLES and flag != "config"}
-    path = Path(args.checkpoint_dir) / SETTINGS_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp_path:
-        tmp_path.write_text(settings_text(settings))
-    return path
-
-
-def epoch_metrics(train: dict, val: dict | None, nonfinite: int, baselines: dict | None, seconds: float,
-                  names: tuple[str, ...] = METRIC_NAMES) -> dict:
-    """What MLflow gets for one epoch (never a NaN: an epoch without a validation result logs none)."""
-    metrics = {f"train_{name}": train[name] for name in names}
-    metrics.update({f"train_{name}": value for name, value in train.get("gradients", {}).items()})
-    metrics.update(learning_rate=train["learning_rate"], skipped_steps=train["skipped_steps"],
-                   epoch_seconds=seconds, val_nonfinite_examples=nonfinite)
-    if val is not None:
-        metrics.update({f"val_{name}": val[name] for name in names + ("latent_mse", "level") + MUSICAL_FIGURES
-                        if val[name] is not None})
-        for name, value in musical_skill(val, baselines).items():
-            metrics[f"val_skill_{name}"] = value
-        val_skill = run_skill(val, baselines)
-        if val_skill is not None:
-            metrics["val_skill"] = val_skill
-    return {name: value for name, value in metrics.items() if math.isfinite(value)}
-
-
-def musical_skill(val: dict, baselines: dict | None) -> dict:
-    """{figure: skill} of the musical figures this validation has (an epoch with --musical_every)."""
-    if baselines is None:
-        return {}
-    result = skill(val, baselines["repeat"], baselines["oracle"])
-    return {name: result[name] for name in MUSICAL_FIGURES if result.get(name) is not None}
-
-
-def run_skill(val: dict | None, baselines: dict | None):
-    if val is None or baselines is None:
-        return None
-    return skill(val, baselines["repeat"], baselines["oracle"])["loss"]
-
-
-def summary_line(progress: "Progress", baselines: dict | None, checkpoint_dir) -> str:
-    """The launcher's last line: the best epoch against the trivial baselines."""
-    def figure(value):
-        return "n/a" if value is None else f"{value:.4f}"
-    best = progress.best
-    val = best["val"] or {"level": None}      # a checkpoint from an older version records no figures
-    head = (f"done: best val loss {progress.best_val_loss:.4f} (epoch {best['epoch']}), "
-            f"skill {figure(run_skill(best['val'], baselines))}, level {figure(val['level'])}")
-    if baselines is not None:
-        head += "; baselines " + ", ".join(f"{name} {baselines[name]['loss']:.4f}" for name in BASELINES)
-    return f"{head}; checkpoints in {checkpoint_dir}"
-
-
-@dataclass
-class Progress:
-    """What a run carries from epoch to epoch, and across a resume through the checkpoint."""
-    start_epoch: int = 1
-    best_val_loss: float = math.inf
-    best: dict = field(default_factory=lambda: {"epoch": None, "val": None})   # the best epoch's figures
-    skipped_steps: int = 0
-    resume_history: list = field(default_factory=list)
-
-    @classmethod
-    def of(cls, state: dict | None, changes: dict) -> "Progress":
-        if state is None:
-            return cls()
-        history = list(state.get("resume_history", []))
-        if changes:
-            history.append({"epoch": state["epoch"] + 1, "changed": changes})
-        return cls(state["epoch"] + 1, state["best_val_loss"], state.get("best", {"epoch": None, "val": None}),
-                   state.get("skipped_steps", 0), history)
-
-    def record(self, epoch: int, train: dict, val: dict | None) -> bool:
-        """Count the epoch; True if it is the best so far (val is reduced: the same answer on every rank)."""
-        self.skipped_steps += train["skipped_steps"]
-        if val is None or not val["loss"] < self.best_val_loss:
-            return False
-        self.best_val_loss, self.best = val["loss"], {"epoch": epoch, "val": val}
-        return True
-
-
-class Reporter:
-    """Rank 0's end-of-epoch work: the printed block, checkpoints, MLflow metrics and audio samples.
-
-    Artifact uploads run in a background thread, so a slow server never stalls the other ranks (they
-    wait for rank 0 at the next collective)."""
-
-    def __init__(self, ctx: Context, logger: MlflowLogger):
-        self.ctx, self.logger = ctx, logger
-        self.uploader, self.uploads = ThreadPoolExecutor(max_workers=1), []
-        self.not_uploaded = []     # epochs whose samples were never sent: that epoch's metric logging failed
-
-    def epoch(self, epoch: int, train: dict, val: dict | None, nonfinite: int, baselines: dict | None,
-              progress: Progress, is_best: bool, seconds: float) -> None:
-        ctx, args = self.ctx, self.ctx.args
-        shown = val if val is not None else dict.fromkeys(ctx.metric_names, float("nan"))
-        print(format_epoch_block(epoch, args.epochs, train, shown, train["learning_rate"],
-                                 shown_losses(ctx.loss_fn.weights)), flush=True)
-        state = build_checkpoint(
-            model=ctx.raw_model, optimizer=ctx.optimizer, scheduler=ctx.scheduler, schedule_steps=ctx.schedule_steps,
-            epoch=epoch, args=vars(args), resume_history=progress.resume_history,
-            normalizer_stats=(ctx.train_set.latent_mean, ctx.train_set.latent_std),
-            codec_fingerprint=ctx.train_set.codec_fingerprint, encodec_weights=args.encodec_weights,
-            mlflow_run_id=self.logger.run_id, best_val_loss=progress.best_val_loss, best=progress.best,
-            val_loss=shown["loss"], segment_frames=args.segment_frames, skipped_steps=progress.skipped_steps,
-            world_size=ctx.world_size, balancer=ctx.balancer.state_dict(),
-            discriminator=None if ctx.adversary is None else ctx.adversary.state_dict(),
-            ema=None if ctx.ema is None else ctx.ema.state_dict())
-        watchdog.beat("checkpoint")
-        save_checkpoint(Path(args.checkpoint_dir) / LATEST_NAME, state)
-        if is_best:
-            watchdog.beat("checkpoint")
-            save_checkpoint(Path(args.checkpoint_dir) / BEST_NAME, state)
-        watchdog.beat("checkpoint")      # MLflow: a few capped retries at most
-        sent = self.logger.log_metrics(epoch_metrics(train, val, nonfinite, baselines, seconds, ctx.metric_names),
-                                       step=epoch)
-        watchdog.beat("checkpoint")
-        if args.log_audio_every and epoch % args.log_audio_every == 0:
-            with (ctx.ema.swapped(ctx.raw_model) if ctx.ema is not None else contextlib.nullcontext()):
-                folder = write_audio_examples(ctx, epoch)    # what validation heard: the averaged weights
-            self.samples(epoch, folder, sent)
-
-    def samples(self, epoch: int, folder: Path, sent: bool) -> None:
-        """Upload an epoch's sample folder in the background, unless its metrics could not be sent: a server
-        that just failed would only make the next uploads wait too. Those epochs are named by close()."""
-        if sent:
-            self.uploads.append(self.uploader.submit(self.logger.log_artifacts, folder, f"samples/epoch_{epoch:04d}"))
-        else:
-            self.not_uploaded.append(epoch)
-
-    def close(self, status: str) -> None:
-        if wait(self.uploads, timeout=ARTIFACT_WAIT_SECONDS).not_done:
-            warn(f"MLflow artifact uploads still running after {ARTIFACT_WAIT_SECONDS} s; the files stay on disk")
-        self.uploader.shutdown(wait=False, cancel_futures=True)
-        if self.not_uploaded:
-            warn(f"the samples of epoch(s) {', '.join(map(str, self.not_uploaded))} were not uploaded to MLflow "
-                 f"(their metric logging failed); they stay in {Path(self.ctx.args.checkpoint_dir) / 'samples'}")
-        self.logger.finish(status)
-
-
-def announce(ctx: Context, logger: MlflowLogger, baselines: dict | None, resumed_at: int | None) -> None:
-    """Rank 0's first line (and the baselines, once per run, at MLflow step 0)."""
-    if baselines is not None and resumed_at is None:
-        logger.log_metrics({f"val_baseline_{name}_loss": baselines[name]["loss"] for name in BASELINES}, step=0)
-        logger.log_metrics({f"val_baseline_{name}_{figure}": baselines[name][figure] for name in BASELINES
-                            for figure in MUSICAL_FIGURES if baselines[name][figure] is not None}, step=0)
-    verb = f"resuming at epoch {resumed_at}" if resumed_at else "starting"
-    print(f"{verb}: {ctx.raw_model.num_parameters():,} parameters, {len(ctx.train_set)} train / "
-          f"{len(ctx.val_set)} val examples of 2 x {ctx.args.segment_frames} frames, {ctx.world_size} x "
-          f"{ctx.device.type}, {ctx.steps_per_epoch} steps per epoch, targets: {ctx.args.target_audio} audio; "
-          f"MLflow run {logger.run_id} at {logger.tracking_uri}", flush=True)
-
-
 def musical_epoch(args, epoch: int) -> bool:
     """Every --musical_every epochs, and the last epoch, validation also scores the musical figures."""
     return bool(args.musical_every) and (epoch % args.musical_every == 0 or epoch == args.epochs)
@@ -1012,8 +574,6 @@ def run(args, resume_path: str | None = None) -> None:
     if ctx.rank == 0:
         print(summary_line(progress, baselines, args.checkpoint_dir), flush=True)
 
-
-# ------------------------------------------------------------------------------------- failures
 
 _stuck_report = []     # [the launcher's queue or None (torchrun), checkpoint dir, rank 0's Reporter once it exists]
 

@@ -13,6 +13,8 @@ from music_continuation.adversarial.adversary import Adversary
 from music_continuation.losses.audio import LOSSES, CombinedLoss, shown_losses
 from music_continuation.losses.balancer import LossBalancer
 from music_continuation.training import launcher, worker
+from music_continuation.training import report as training_report
+from music_continuation.training import step as training_step
 from tests.training.test_training import TINY, step_parts, validation_error  # noqa: F401 - fixture
 
 ADVERSARIAL = dict(rms_input=0.0, rms_target=0.5, spectral=0.0, mel=0.0, adversarial=0.3, feature_matching=0.2)
@@ -29,8 +31,8 @@ def make_sgd(seed: int = 0):
 
 def run_step(parts, loss_fn, model, optimizer, scheduler, batches, adversary=None, step=0, balance=False):
     balancer = LossBalancer(loss_fn.weights, balance=balance)
-    result = worker.train_step(model, parts["decoder"], parts["normalizer"], loss_fn, optimizer, scheduler,
-                               batches, 1e9, balancer=balancer, adversary=adversary, step=step)
+    result = training_step.train_step(model, parts["decoder"], parts["normalizer"], loss_fn, optimizer, scheduler,
+                                      batches, 1e9, balancer=balancer, adversary=adversary, step=step)
     return result, balancer
 
 
@@ -104,17 +106,18 @@ def test_defaults_print_and_log_exactly_what_they_did_before():
     args = launcher.build_parser().parse_args(["--data_dir", "x"])
     weights = CombinedLoss(**{c.name: getattr(args, c.flag[2:]) for c in LOSSES}).weights
     assert [c.name for c in shown_losses(weights)] == ["rms_input", "rms_target", "spectral", "mel"]
-    assert worker.metric_names(False) == worker.METRIC_NAMES == ("loss", "rms_input", "rms_target", "spectral", "mel")
+    assert training_step.metric_names(False) == training_step.METRIC_NAMES == (
+        "loss", "rms_input", "rms_target", "spectral", "mel")
     assert worker.build_adversary(args, weights, "cpu", None) is None and args.ema_decay == 0.0
-    figures = dict(zip(worker.METRIC_NAMES, (0.5, 0.0, 0.5, 1.25, 2.0)))
-    block = worker.format_epoch_block(3, 10, figures, figures, 1e-4, shown_losses(weights))
+    figures = dict(zip(training_step.METRIC_NAMES, (0.5, 0.0, 0.5, 1.25, 2.0)))
+    block = training_report.format_epoch_block(3, 10, figures, figures, 1e-4, shown_losses(weights))
     line = "0.5000 (rms_in: 0.0000, rms_tgt: 0.5000, spec: 1.2500, mel: 2.0000)"
     assert block == f"Epoch 3/10:\n  Train Loss: {line}\n  Val Loss:   {line}\n  LR: 1.00e-04"
-    assert block == worker.format_epoch_block(3, 10, figures, figures, 1e-4)
+    assert block == training_report.format_epoch_block(3, 10, figures, figures, 1e-4)
     train = {**figures, "gradients": {"grad_norm_rms_target": 1.0, "grad_share_rms_target": 1.0},
              "learning_rate": 1e-4, "skipped_steps": 0}
     val = {**figures, "latent_mse": 1.0, "level": 0.5}
-    assert set(worker.epoch_metrics(train, val, 0, None, 1.0)) == {
+    assert set(training_report.epoch_metrics(train, val, 0, None, 1.0)) == {
         "train_loss", "train_rms_input", "train_rms_target", "train_spectral", "train_mel",
         "train_grad_norm_rms_target", "train_grad_share_rms_target", "learning_rate", "skipped_steps",
         "epoch_seconds", "val_nonfinite_examples", "val_loss", "val_rms_input", "val_rms_target",
@@ -122,12 +125,12 @@ def test_defaults_print_and_log_exactly_what_they_did_before():
 
 
 def test_with_a_discriminator_the_block_adds_its_components_after_the_four():
-    names = worker.metric_names(True)
+    names = training_step.metric_names(True)
     figures = dict(zip(names, [0.5, 0.0, 0.5, 1.25, 2.0, -0.1, 0.3, 1.9, 0.2, -0.1]))
-    block = worker.format_epoch_block(1, 2, figures, figures, 1e-4, shown_losses(ADVERSARIAL))
+    block = training_report.format_epoch_block(1, 2, figures, figures, 1e-4, shown_losses(ADVERSARIAL))
     assert "(rms_in: 0.0000, rms_tgt: 0.5000, spec: 1.2500, mel: 2.0000, adv: -0.1000, feat: 0.3000)" in block
     train = {**figures, "gradients": {}, "learning_rate": 1e-4, "skipped_steps": 0}
-    metrics = worker.epoch_metrics(train, {**figures, "latent_mse": 1.0, "level": 1.0}, 0, None, 1.0, names)
+    metrics = training_report.epoch_metrics(train, {**figures, "latent_mse": 1.0, "level": 1.0}, 0, None, 1.0, names)
     assert {"train_adversarial", "val_feature_matching", "train_discriminator_loss", "val_discriminator_real",
             "train_discriminator_fake"} <= set(metrics)
 

@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from music_continuation import codec
 from music_continuation.codec import HOP_LENGTH, LATENT_DIM, SAMPLE_RATE
-from music_continuation.data import audio_io, demo_corpus
+from music_continuation.data import audio_io, demo_corpus, scan, stats
 from music_continuation.data import cache as data
+from music_continuation.data import encode as encoding
 from music_continuation.data import prepare as prepare_data
 from music_continuation.data.journal import read_journal, read_skipped
 
@@ -236,9 +237,9 @@ def test_split_is_by_track_without_leakage(prepared):
         assert used == {tid for tid, s in splits.items() if s == split}
     # reproducible from the seed and independent of the order the files were found in
     ids = sorted(splits)
-    assert prepare_data.split_tracks(ids[::-1], 0.34, 0) == splits
-    assert prepare_data.split_tracks(ids, 0.0, 0) == {tid: "train" for tid in ids}
-    assert list(prepare_data.split_tracks(ids[:2], 0.01, 3).values()).count("val") == 1   # at least one
+    assert stats.split_tracks(ids[::-1], 0.34, 0) == splits
+    assert stats.split_tracks(ids, 0.0, 0) == {tid: "train" for tid in ids}
+    assert list(stats.split_tracks(ids[:2], 0.01, 3).values()).count("val") == 1   # at least one
 
 
 def test_normalisation_statistics_match_numpy(prepared):
@@ -265,8 +266,8 @@ def test_std_is_clamped_away_from_zero(tmp_path):
     latents = np.random.default_rng(0).standard_normal((LATENT_DIM, 40)).astype(np.float32)
     latents[3] = 0.25                                   # a constant channel
     np.save(tmp_path / "tracks" / "t.latents.npy", latents)
-    mean, std = prepare_data.latent_statistics(tmp_path, [{"id": "t"}])
-    assert mean[3] == pytest.approx(0.25) and std[3] == prepare_data.STD_FLOOR
+    mean, std = stats.latent_statistics(tmp_path, [{"id": "t"}])
+    assert mean[3] == pytest.approx(0.25) and std[3] == stats.STD_FLOOR
     assert std[0] == pytest.approx(latents[0].astype(np.float64).std())
 
 
@@ -405,7 +406,7 @@ def test_interrupted_run_resumes_and_new_files_are_picked_up(tmp_path, monkeypat
         soundfile.write(audio_dir / f"t{number}.wav", sine(freq, 0.6, SAMPLE_RATE), SAMPLE_RATE)
 
     crash = CountingEncode(fail_at=2)                      # Ctrl-C while encoding the second track
-    monkeypatch.setattr(prepare_data, "encode", crash)
+    monkeypatch.setattr(encoding, "encode", crash)
     with pytest.raises(KeyboardInterrupt):
         small_prepare(audio_dir, cache)
     partial = read_journal(data.shard_progress_path(cache, 0, 1))     # no manifest before the merge
@@ -414,7 +415,7 @@ def test_interrupted_run_resumes_and_new_files_are_picked_up(tmp_path, monkeypat
         data.ContinuationDataset(cache, "train", SEGMENT)
 
     resumed = CountingEncode()
-    monkeypatch.setattr(prepare_data, "encode", resumed)
+    monkeypatch.setattr(encoding, "encode", resumed)
     manifest = small_prepare(audio_dir, cache)
     assert resumed.calls == 2 and manifest["complete"] and len(manifest["tracks"]) == 3
     arrays = sorted((cache / "tracks").iterdir())
@@ -424,13 +425,13 @@ def test_interrupted_run_resumes_and_new_files_are_picked_up(tmp_path, monkeypat
     mtimes = {path: path.stat().st_mtime_ns for path in arrays}
 
     again = CountingEncode()
-    monkeypatch.setattr(prepare_data, "encode", again)
+    monkeypatch.setattr(encoding, "encode", again)
     assert small_prepare(audio_dir, cache)["tracks"] == manifest["tracks"]
     assert again.calls == 0 and {p: p.stat().st_mtime_ns for p in arrays} == mtimes
 
     soundfile.write(audio_dir / "t3.wav", sine(500, 0.6, SAMPLE_RATE), SAMPLE_RATE)
     new = CountingEncode()
-    monkeypatch.setattr(prepare_data, "encode", new)
+    monkeypatch.setattr(encoding, "encode", new)
     grown = small_prepare(audio_dir, cache)
     assert new.calls == 1 and len(grown["tracks"]) == 4
     assert {p: p.stat().st_mtime_ns for p in arrays} == mtimes
@@ -545,7 +546,7 @@ def test_symlink_loops_and_links_reach_each_real_file_once(tmp_path, capsys):
     (audio_dir / "ext2").symlink_to(outside)                      # ...not twice
     (outside / "back").symlink_to(audio_dir)                      # and a loop through it
 
-    files, duplicates = prepare_data.find_files(audio_dir)
+    files, duplicates = scan.find_files(audio_dir)
     assert [p.relative_to(audio_dir).as_posix() for p in files] == ["a/x.wav", "b/y.wav", "ext/o.wav"]
     skipped = ["aaa", "ext2", "z_link.wav", "a/loop", "b/up", "b/y_hard.wav", "ext/back"]
     assert duplicates == len(skipped)
@@ -587,7 +588,7 @@ def test_statistics_never_hold_nan(tmp_path, prepared):
     latents[5, 7] = np.nan
     np.save(tmp_path / "tracks" / "t.latents.npy", latents)
     with pytest.raises(data.CacheError, match="t.latents.npy.*not finite"):
-        prepare_data.latent_statistics(tmp_path, [{"id": "t", "frames": 40}])
+        stats.latent_statistics(tmp_path, [{"id": "t", "frames": 40}])
     # a manifest with NaN statistics (written by an older version) is refused with one line
     _, cache, manifest = prepared
     manifest = dict(manifest, latent_std=[float("nan")] * LATENT_DIM)
@@ -627,8 +628,8 @@ def test_long_tracks_stream_in_blocks_like_whole_files(tmp_path, monkeypatch, ra
     """Tracks longer than a block are read, resampled and encoded block by block; the result matches the
     whole-file path: resampling within float32 rounding, encoding exactly codec.encode's chunked result."""
     block, context = 30, 10                                     # frames: 0.4 s blocks, 0.13 s warm-up
-    monkeypatch.setattr(prepare_data, "BLOCK_FRAMES", block)
-    monkeypatch.setattr(prepare_data, "ENCODER_CONTEXT_FRAMES", context)
+    monkeypatch.setattr(encoding, "BLOCK_FRAMES", block)
+    monkeypatch.setattr(encoding, "ENCODER_CONTEXT_FRAMES", context)
     audio_dir = tmp_path / "audio"
     audio_dir.mkdir()
     rng = np.random.default_rng(3)
@@ -777,14 +778,14 @@ def test_header_that_under_promises_loses_no_audio(reuse_random_codec, tmp_path,
     soundfile.write(audio_dir / "b24.wav", sine(500, 1.2, SAMPLE_RATE), SAMPLE_RATE)
     settings = dict(encodec_weights="random", device="cpu", min_seconds=1.0, workers=1, progress=False)
     truth = prepare_data.prepare(audio_dir, tmp_path / "truth", **settings)
-    real_open = prepare_data.open_audio
+    real_open = encoding.open_audio
 
     @contextlib.contextmanager
     def under_promising(path):
         with real_open(path) as reader:
             yield UnderPromisingReader(reader, 0.3 if Path(path).name == "a44.wav" else 0.0)
 
-    monkeypatch.setattr(prepare_data, "open_audio", under_promising)
+    monkeypatch.setattr(encoding, "open_audio", under_promising)
     lied = prepare_data.prepare(audio_dir, tmp_path / "lied", **settings)
     assert not lied["skipped_files"] and len(lied["tracks"]) == 2
     for track in truth["tracks"]:
@@ -878,7 +879,7 @@ def test_a_done_track_whose_files_changed_is_re_encoded(reuse_random_codec, tmp_
     touched = cache / "tracks" / f"{tracks['t2.wav']}.stats.npy"
     os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
     calls = CountingEncode()
-    monkeypatch.setattr(prepare_data, "encode", calls)
+    monkeypatch.setattr(encoding, "encode", calls)
     capsys.readouterr()
     resumed = small_prepare(audio_dir, cache)
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
@@ -888,7 +889,7 @@ def test_a_done_track_whose_files_changed_is_re_encoded(reuse_random_codec, tmp_
     assert files_of(cache) == clean
     assert track_by_source(resumed, "t2.wav")["files"]["stats"]["mtime_ns"] == touched.stat().st_mtime_ns
     again = CountingEncode()
-    monkeypatch.setattr(prepare_data, "encode", again)
+    monkeypatch.setattr(encoding, "encode", again)
     small_prepare(audio_dir, cache)
     assert again.calls == 0
 
@@ -978,7 +979,7 @@ def test_format_version_1_cache_is_read_as_float32_and_resumes(prepared, tmp_pat
     torch.testing.assert_close(current[3], reference[3], rtol=0, atol=0)
 
     calls = CountingEncode()
-    monkeypatch.setattr(prepare_data, "encode", calls)
+    monkeypatch.setattr(encoding, "encode", calls)
     resumed = prepare_data.prepare(audio_dir, old, encodec_weights="random", val_fraction=0.34, device="cpu",
                                    min_seconds=MIN_SECONDS, workers=1, progress=False, cache_dtype="float32")
     assert calls.calls == 0 and (resumed["format_version"], resumed["cache_dtype"]) == (2, "float32")
@@ -1007,8 +1008,8 @@ def test_latents_beyond_float16_are_refused_in_compact_caches(tmp_path, monkeypa
     soundfile.write(audio_dir / "a.wav", sine(200, 0.6, SAMPLE_RATE), SAMPLE_RATE)
     loud = codec.encode(codec.load_codec("random"), torch.from_numpy(sine(200, 0.6, SAMPLE_RATE)).view(1, 1, -1))
     scale = 1e5 / float(loud.abs().max())                         # the largest latent becomes 1e5 > 65504
-    monkeypatch.setattr(prepare_data, "encode", lambda model, audio: codec.encode(model, audio) * scale)
-    with pytest.raises(prepare_data.NoUsableAudioError):
+    monkeypatch.setattr(encoding, "encode", lambda model, audio: codec.encode(model, audio) * scale)
+    with pytest.raises(scan.NoUsableAudioError):
         prepare_data.prepare(audio_dir, tmp_path / "c16", encodec_weights="random", device="cpu",
                              min_seconds=MIN_SECONDS, workers=1, progress=False)
     reason = read_skipped(tmp_path / "c16")[0]["reason"]

@@ -20,6 +20,7 @@ import soundfile
 from music_continuation.codec import SAMPLE_RATE
 from music_continuation.data import cache as data
 from music_continuation.data import prepare as prepare_data
+from music_continuation.data import shards
 from music_continuation.data.journal import read_journal
 
 REPO = Path(__file__).resolve().parents[2]
@@ -141,19 +142,19 @@ def test_a_disk_full_while_the_manifest_is_written(tmp_path, tmpfs, monkeypatch,
     assert run_main(base_argv(audio_dir, cache), capsys) == (2, [f"error: cannot write {cache}: {NO_SPACE}"])
     filler.unlink()
 
-    finish = prepare_data._finish
+    finish = shards._finish
 
     def finish_and_fill(manifest, out_dir):
         finish(manifest, out_dir)
         fill(disk)
 
-    monkeypatch.setattr(prepare_data, "_finish", finish_and_fill)
+    monkeypatch.setattr(shards, "_finish", finish_and_fill)
     manifest = data.manifest_path(cache)
     assert run_main(base_argv(audio_dir, cache), capsys) == (2, [f"error: cannot write {manifest}: {NO_SPACE}"])
     assert read_journal(data.shard_progress_path(cache, 0, 1))["complete"]
     assert [path.name for path in cache.iterdir() if path.name.startswith(".")] == []
     (disk / "filler").unlink()
-    monkeypatch.setattr(prepare_data, "_finish", finish)
+    monkeypatch.setattr(shards, "_finish", finish)
     code, lines = run_main(["--merge", "--out_dir", cache], capsys)
     assert (code, lines) == (0, []) and data.read_manifest(cache)["complete"]
 

@@ -15,6 +15,7 @@ import soundfile
 
 from music_continuation.codec import SAMPLE_RATE
 from music_continuation.data import cache as data
+from music_continuation.data import encode as encoding
 from music_continuation.data import prepare as prepare_data
 from music_continuation.data.journal import read_journal, read_skipped
 
@@ -87,13 +88,13 @@ def test_a_resume_reads_no_skipped_file_again(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     prepare_data.prepare(audio_dir, cache, **SETTINGS)
     opened = []
-    real_open = prepare_data.open_audio
+    real_open = encoding.open_audio
 
     def counting_open(path):
         opened.append(Path(path).name)
         return real_open(path)
 
-    monkeypatch.setattr(prepare_data, "open_audio", counting_open)
+    monkeypatch.setattr(encoding, "open_audio", counting_open)
     manifest = prepare_data.prepare(audio_dir, cache, **SETTINGS)
     assert opened == [] and sum(manifest["skipped_files"].values()) == 12 and len(manifest["tracks"]) == 1
 
@@ -115,13 +116,13 @@ def test_a_short_file_of_exact_length_is_skipped_from_its_header(tmp_path, monke
     soundfile.write(audio_dir / f"clip.{fmt.lower()}", sine(0.3, 44_100), 44_100, format=fmt)
     soundfile.write(audio_dir / "good.wav", sine(0.6), SAMPLE_RATE)
     decoded = []
-    real_blocks = prepare_data._source_blocks
+    real_blocks = encoding._source_blocks
 
     def counting_blocks(handle, path):
         decoded.append(Path(path).name)
         return real_blocks(handle, path)
 
-    monkeypatch.setattr(prepare_data, "_source_blocks", counting_blocks)
+    monkeypatch.setattr(encoding, "_source_blocks", counting_blocks)
     prepare_data.prepare(audio_dir, tmp_path / "cache", **SETTINGS)
     assert decoded == ["good.wav"]
     [row] = read_skipped(tmp_path / "cache")

@@ -18,6 +18,8 @@ import soundfile
 from music_continuation.codec import SAMPLE_RATE
 from music_continuation.data import cache as data
 from music_continuation.data import prepare as prepare_data
+from music_continuation.data.scan import track_id_for
+from music_continuation.data.shards import shard_of
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("reuse_random_codec")    # conftest: one random codec
@@ -35,7 +37,7 @@ def write_tracks(folder: Path, names: list[str], seconds: float = 0.6) -> Path:
 
 
 def shard_of_source(source: str, count: int) -> int:
-    return prepare_data.shard_of(prepare_data.track_id_for(source), count)
+    return shard_of(track_id_for(source), count)
 
 
 def names_in_both_shards(count: int = 5) -> list[str]:

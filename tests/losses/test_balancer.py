@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from music_continuation.losses.balancer import LossBalancer
-from music_continuation.training import worker as train_simple_worker
+from music_continuation.training import step as training_step
 from music_continuation.training.checkpoint import load_checkpoint, save_checkpoint
 from music_continuation.utils import free_port
 from tests.training.test_training import (
@@ -109,8 +109,8 @@ def make_sgd(seed: int = 0):
 
 
 def step(model, parts, loss_fn, optimizer, scheduler, batches, balancer):
-    return train_simple_worker.train_step(model, parts["decoder"], parts["normalizer"], loss_fn, optimizer,
-                                          scheduler, batches, 1.0, balancer=balancer)
+    return training_step.train_step(model, parts["decoder"], parts["normalizer"], loss_fn, optimizer,
+                                    scheduler, batches, 1.0, balancer=balancer)
 
 
 def reference_gradients_at_y(model, parts, loss_fn, batch) -> dict:
@@ -153,7 +153,7 @@ def test_measured_norms_and_shares_match_autograd_and_the_update_is_the_weighted
     audio = predict_audio(reference, parts["normalizer"], parts["decoder"], batch["input_latent"])
     total, _ = loss_fn(audio, batch["input_audio"], batch["target_audio"])
     total.backward()
-    assert train_simple_worker.optimizer_update(reference, ref_optimizer, ref_scheduler, total.detach(), 1.0)
+    assert training_step.optimizer_update(reference, ref_optimizer, ref_scheduler, total.detach(), 1.0)
     assert_same_training(model.state_dict(), reference.state_dict(), make_sgd()[0].state_dict(), rel=1e-5)
 
 
@@ -172,7 +172,7 @@ def test_balanced_step_is_the_backward_of_the_rescaled_sum(parts):
     audio = predict_audio(reference, parts["normalizer"], parts["decoder"], batch["input_latent"])
     terms = loss_fn.terms(audio, batch["input_audio"], batch["target_audio"])
     sum(scale * terms[name] for name, scale in scales.items()).backward()
-    assert train_simple_worker.optimizer_update(reference, ref_optimizer, ref_scheduler, torch.tensor(0.0), 1.0)
+    assert training_step.optimizer_update(reference, ref_optimizer, ref_scheduler, torch.tensor(0.0), 1.0)
     assert_same_training(model.state_dict(), reference.state_dict(), make_sgd()[0].state_dict(), rel=1e-5)
 
 

@@ -13,6 +13,8 @@ import pytest
 
 from music_continuation.data import cache as data
 from music_continuation.data.integrity import check_cache_files
+from music_continuation.training import report as training_report
+from music_continuation.training import step as training_step
 from music_continuation.training import worker
 from tests.training.test_training import TINY, run_launcher, sqlite_uri
 
@@ -50,14 +52,15 @@ def test_an_epoch_of_skipped_steps_fails_and_names_the_data(tiny_cache, tmp_path
 
 
 def test_the_epoch_block_never_prints_nan():
-    figures = dict.fromkeys(worker.METRIC_NAMES, 0.5)
-    block = worker.format_epoch_block(1, 2, figures, dict.fromkeys(worker.METRIC_NAMES, float("nan")), 1e-4)
+    figures = dict.fromkeys(training_step.METRIC_NAMES, 0.5)
+    block = training_report.format_epoch_block(1, 2, figures, dict.fromkeys(training_step.METRIC_NAMES, float("nan")),
+                                               1e-4)
     assert "nan" not in block and "Val Loss:   n/a (rms_in: n/a" in block
     assert "Train Loss: 0.5000 (rms_in: 0.5000" in block
 
 
 def test_an_epoch_without_a_trained_step_or_with_a_non_finite_figure_is_an_error():
-    figures = {**dict.fromkeys(worker.METRIC_NAMES, 0.5), "skipped_steps": 2}
+    figures = {**dict.fromkeys(training_step.METRIC_NAMES, 0.5), "skipped_steps": 2}
     worker.check_trained(figures, 1, 3)
     with pytest.raises(worker.TrainingError, match="epoch 1: all 3 steps were skipped"):
         worker.check_trained({**figures, "skipped_steps": 3}, 1, 3)

@@ -39,7 +39,7 @@ def decoder(codec):
 
 def autocast(device):
     """The trainer's autocast on CUDA (train_simple_worker.autocast_for); CPU bf16 autocast as the stand-in."""
-    from music_continuation.training.worker import autocast_for
+    from music_continuation.training.step import autocast_for
     if device.type == "cuda":
         return autocast_for(device)()
     return torch.autocast("cpu", dtype=torch.bfloat16)
@@ -163,7 +163,7 @@ def test_adversarial_step_under_bf16_autocast_with_fp32_losses(device, decoder):
     from music_continuation.adversarial.adversary import Adversary
     from music_continuation.data.cache import LatentNormalizer
     from music_continuation.losses.balancer import LossBalancer
-    from music_continuation.training.worker import build_optimizer, train_step
+    from music_continuation.training.step import build_optimizer, train_step
     torch.manual_seed(0)
     model = ContinuationTransformer(d_model=64, num_layers=2, num_heads=4, dropout=0.0).to(device)
     loss_fn = CombinedLoss(**WEIGHTS, adversarial=4.0, feature_matching=4.0).to(device)

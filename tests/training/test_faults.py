@@ -172,7 +172,7 @@ def test_an_early_rank_failure_leaves_no_process_behind(tiny_cache, tmp_path):
 def test_samples_kept_from_mlflow_by_a_logging_failure_are_named_at_the_end(tmp_path, capsys):
     import types
 
-    from music_continuation.training import worker as train_simple_worker
+    from music_continuation.training import report as training_report
 
     class Logger:
         def __init__(self):
@@ -184,8 +184,8 @@ def test_samples_kept_from_mlflow_by_a_logging_failure_are_named_at_the_end(tmp_
         def finish(self, status):
             self.finished = status
     logger = Logger()
-    reporter = train_simple_worker.Reporter(types.SimpleNamespace(args=types.SimpleNamespace(checkpoint_dir=tmp_path)),
-                                            logger)
+    reporter = training_report.Reporter(types.SimpleNamespace(args=types.SimpleNamespace(checkpoint_dir=tmp_path)),
+                                        logger)
     for epoch, sent in ((10, False), (20, True), (30, False)):      # sent: that epoch's metrics reached MLflow
         reporter.samples(epoch, tmp_path / "samples" / f"epoch_{epoch:04d}", sent)
     reporter.close("FINISHED")

@@ -87,11 +87,12 @@ def test_the_step_0_baselines_say_how_far_they_are(tiny_cache, monkeypatch, caps
     from music_continuation.codec import FrozenDecoder, load_codec
     from music_continuation.data.cache import ContinuationDataset, LatentNormalizer
     from music_continuation.losses.audio import CombinedLoss
+    from music_continuation.training import step as training_step
     from music_continuation.training import worker
     dataset = ContinuationDataset(tiny_cache, "val", 8)
     val_set = torch.utils.data.Subset(dataset, range(3))        # 3 windows in 2 batches: 2 progress lines
     ctx = types.SimpleNamespace(
-        rank=0, world_size=1, device=torch.device("cpu"), autocast=worker.autocast_for(torch.device("cpu")),
+        rank=0, world_size=1, device=torch.device("cpu"), autocast=training_step.autocast_for(torch.device("cpu")),
         val_set=val_set, val_loader=DataLoader(val_set, batch_size=2), val_indices=list(range(len(val_set))),
         decoder=FrozenDecoder(load_codec("random")), normalizer=LatentNormalizer(dataset.latent_mean,
                                                                                   dataset.latent_std),

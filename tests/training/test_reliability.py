@@ -22,7 +22,7 @@ import torch
 from music_continuation.data.cache import read_manifest, track_paths
 from music_continuation.data.integrity import check_cache_files
 from music_continuation.training import launcher as train_simple_ddp
-from music_continuation.training import worker as train_simple_worker
+from music_continuation.training import step as training_step
 from music_continuation.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tests.fault_launcher import FAULT_LAUNCHER, fault_environment
 from tests.training.test_training import RUN_TIMEOUT, TINY, epoch_blocks, make_trainable, run_launcher, sqlite_uri
@@ -181,7 +181,7 @@ def test_resume_with_more_epochs_keeps_the_schedule_and_records_the_change(two_e
     assert after["epoch"] == 3 and after["schedule_steps"] == before["schedule_steps"]
     assert after["resume_history"] == [{"epoch": 3, "changed": {"epochs": [2, 3]}}]
     # the schedule ended with epoch 2: epoch 3 runs at lr/10 and the LR never jumps back up
-    lr = 1e-3 * train_simple_worker.lr_factor(after["schedule_steps"], 2, before["schedule_steps"])
+    lr = 1e-3 * training_step.lr_factor(after["schedule_steps"], 2, before["schedule_steps"])
     assert lr == pytest.approx(1e-4)
     assert epoch_blocks(result.stdout)[3]["lr"] == pytest.approx(lr, rel=1e-2)
     run = MlflowClient(sqlite_uri(folder)).get_run(after["mlflow_run_id"])
@@ -272,8 +272,8 @@ def test_bf16_autocast_steps_are_finite_and_the_losses_compute_in_fp32(monkeypat
     monkeypatch.setattr(losses.torch, "stft", lambda x, *a, **k: seen.append(x.dtype) or original_stft(x, *a, **k))
     output_dtypes = []
     loss_fn = CombinedLoss(rms_input=0.25, rms_target=0.25, spectral=0.25, mel=0.25)
-    original_predict = train_simple_worker.predict_audio
-    monkeypatch.setattr(train_simple_worker, "predict_audio",
+    original_predict = training_step.predict_audio
+    monkeypatch.setattr(training_step, "predict_audio",
                         lambda *a: (lambda out: output_dtypes.append(out.dtype) or out)(original_predict(*a)))
     decoder, normalizer = FrozenDecoder(load_codec("random")), LatentNormalizer(torch.zeros(128), torch.ones(128))
     model, optimizer, scheduler = make_trainable()
@@ -284,7 +284,7 @@ def test_bf16_autocast_steps_are_finite_and_the_losses_compute_in_fp32(monkeypat
                  "target_latent": torch.randn(2, 128, 8, generator=generator),
                  "input_audio": torch.randn(2, 1, 2560, generator=generator) * 0.1,
                  "target_audio": torch.randn(2, 1, 2560, generator=generator) * 0.1}
-        applied, total, components = train_simple_worker.train_step(
+        applied, total, components = training_step.train_step(
             model, decoder, normalizer, loss_fn, optimizer, scheduler, batch, 1.0, autocast, "codec")
         assert applied and torch.isfinite(total) and all(torch.isfinite(v) for v in components.values())
         assert total.dtype == torch.float32

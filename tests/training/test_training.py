@@ -24,7 +24,7 @@ import torch
 from music_continuation.losses.audio import LOSSES
 from music_continuation.model import ContinuationTransformer
 from music_continuation.training import launcher as train_simple_ddp
-from music_continuation.training import worker as train_simple_worker
+from music_continuation.training import step as training_step
 from music_continuation.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -32,6 +32,7 @@ from music_continuation.training.checkpoint import (
     save_checkpoint,
     unwrapped_state_dict,
 )
+from music_continuation.training.mlflow_logger import MlflowLogger
 from music_continuation.utils import free_port
 from tests.fault_launcher import FAULT_LAUNCHER, fault_environment
 
@@ -152,7 +153,7 @@ def test_model_predicts_a_window_of_the_same_shape():
 
 
 def test_lr_schedule_is_linear_warmup_then_cosine_to_a_tenth():
-    f = train_simple_worker.lr_factor
+    f = training_step.lr_factor
     assert [f(s, 4, 100) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(4, 4, 100) == pytest.approx(1.0)
     assert f(52, 4, 100) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
@@ -226,7 +227,7 @@ def test_train_step_updates_and_skips_non_finite_steps(step_parts):
     parts = step_parts
     model, optimizer, scheduler = make_trainable()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    applied, total, components = train_simple_worker.train_step(
+    applied, total, components = training_step.train_step(
         model, parts["decoder"], parts["normalizer"], parts["loss_fn"], optimizer, scheduler,
         parts["batches"][0], grad_clip=1.0)
     assert applied and torch.isfinite(total) and set(components) == {"rms_input", "rms_target", "spectral", "mel"}
@@ -240,7 +241,7 @@ def test_train_step_updates_and_skips_non_finite_steps(step_parts):
     optimizer_state = {k: v["exp_avg"].clone() for k, v in enumerate(optimizer.state.values())}
     poisoned = {k: v.clone() for k, v in parts["batches"][1].items()}
     poisoned["input_latent"][0, 0, 0] = float("nan")
-    applied, total, _ = train_simple_worker.train_step(
+    applied, total, _ = training_step.train_step(
         model, parts["decoder"], parts["normalizer"], parts["loss_fn"], optimizer, scheduler, poisoned, grad_clip=1.0)
     assert not applied and not torch.isfinite(total)
     for name, value in model.state_dict().items():       # weights and Adam moments untouched
@@ -260,9 +261,9 @@ def _nan_collective_worker(rank: int, world_size: int, port: int, out_dir: str, 
         shard = {k: v[rank * 2: rank * 2 + 2].clone() for k, v in batch.items()}
         if step == 1 and rank == 1:
             shard["input_latent"][0, 0, 0] = float("nan")    # only rank 1 sees a NaN loss
-        applied, _, _ = train_simple_worker.train_step(ddp, step_parts["decoder"], step_parts["normalizer"],
-                                                       step_parts["shardable_loss_fn"], optimizer, scheduler,
-                                                       shard, 1.0)
+        applied, _, _ = training_step.train_step(ddp, step_parts["decoder"], step_parts["normalizer"],
+                                                 step_parts["shardable_loss_fn"], optimizer, scheduler,
+                                                 shard, 1.0)
         applied_steps.append(applied)
     torch.save({"applied": applied_steps, "model": model.state_dict()}, Path(out_dir) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -282,9 +283,9 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(step_parts, tmp_path):
         if step == 1:
             scheduler.step()                               # skipped update, schedule still advances
             continue
-        applied, _, _ = train_simple_worker.train_step(model, step_parts["decoder"], step_parts["normalizer"],
-                                                       step_parts["shardable_loss_fn"], optimizer, scheduler,
-                                                       batch, 1.0)
+        applied, _, _ = training_step.train_step(model, step_parts["decoder"], step_parts["normalizer"],
+                                                 step_parts["shardable_loss_fn"], optimizer, scheduler,
+                                                 batch, 1.0)
         assert applied
     # Summation order differs (two shards averaged vs one batch): float32 rounding, bounded relative to
     # the update; a step applied or skipped wrongly moves the weights by a whole update.
@@ -294,7 +295,7 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(step_parts, tmp_path):
 @pytest.mark.slow
 def test_mlflow_failure_mid_run_warns_queues_and_retries(mlflow_server, capsys):
     from mlflow.tracking import MlflowClient
-    logger = train_simple_worker.MlflowLogger(mlflow_server, "mid-run-failure", "flaky")
+    logger = MlflowLogger(mlflow_server, "mid-run-failure", "flaky")
     live_client = logger.client
     logger.client = MlflowClient(f"http://127.0.0.1:{free_port()}")    # the server "goes down"
     assert logger.log_metrics({"train_loss": 1.0}, step=1) is False
