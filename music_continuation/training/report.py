@@ -129,7 +129,7 @@ def epoch_metrics(train: dict, val: dict | None, nonfinite: int, baselines: dict
                    epoch_seconds=seconds, val_nonfinite_examples=nonfinite)
     if val is not None:
         metrics.update({f"val_{name}": val[name] for name in names + ("latent_mse", "level") + MUSICAL_FIGURES
-                        if val[name] is not None})
+                        if val.get(name) is not None})
         for name, value in musical_skill(val, baselines).items():
             metrics[f"val_skill_{name}"] = value
         val_skill = run_skill(val, baselines)

@@ -30,11 +30,9 @@ from music_continuation.training.checkpoint import load_checkpoint
 from tests.ablation.test_ablate import GRID, MAX_WINDOWS, TINY, all_runs
 from tests.training.test_training import epoch_blocks, sqlite_uri
 
-pytestmark = pytest.mark.slow     # every test here starts a launch, a server, torchrun or Slurm
-
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.usefixtures("slurm")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm")]     # every test here runs on the dev Slurm
 JOB_TIMEOUT = 420           # seconds for one tiny job, queueing included (a loaded 2-core machine)
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
 

@@ -45,6 +45,7 @@ def flat(module) -> torch.Tensor:
     return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
 
 
+@pytest.mark.slow     # several training steps through the discriminator: too long for the inner loop
 def test_the_discriminator_learns_while_the_frozen_decoder_never_changes(step_parts):  # noqa: F811
     loss_fn = CombinedLoss(**ADVERSARIAL)
     model, optimizer, scheduler = make_sgd()
@@ -67,6 +68,7 @@ def test_the_discriminator_learns_while_the_frozen_decoder_never_changes(step_pa
     assert shares.sum().item() == pytest.approx(1.0) and (shares > 0).all()
 
 
+@pytest.mark.slow     # several training steps through the discriminator: too long for the inner loop
 def test_before_the_start_step_the_generator_gets_only_the_reference_gradient(step_parts):  # noqa: F811
     """During --adversarial_start_step the model's update is exactly that of the run without a discriminator,
     while the discriminator trains."""
@@ -87,6 +89,7 @@ def test_before_the_start_step_the_generator_gets_only_the_reference_gradient(st
     assert balancer.figures[1:3].min().item() > 0               # ... but measured
 
 
+@pytest.mark.slow     # several training steps through the discriminator: too long for the inner loop
 def test_a_non_finite_discriminator_skips_the_whole_step(step_parts):  # noqa: F811
     model, optimizer, scheduler = make_sgd()
     torch.manual_seed(1)
@@ -157,6 +160,7 @@ def test_the_ablation_identity_keeps_earlier_hashes_and_knows_the_new_flags():
     assert {"loss_weight_adversarial", "loss_weight_feature_matching"} <= set(launcher.RESUME_MUST_MATCH)
 
 
+@pytest.mark.slow     # several training steps through the discriminator: too long for the inner loop
 def test_accumulated_micro_batches_match_one_batch(step_parts):  # noqa: F811
     """Batch 2 in one micro-batch == 2 micro-batches of 1: the same gradients for the model and the discriminator
     (both on SGD at lr 1, so the update is the gradient). Trained on the per-example hinge term; feature matching

@@ -25,6 +25,8 @@ from tests.fault_launcher import FAULT_LAUNCHER, fault_environment
 from tests.training.test_reliability import TINY_SIZES, copy_cache, sqlite_uri
 from tests.training.test_training import ROOT, RUN_TIMEOUT, TINY, run_launcher
 
+pytestmark = pytest.mark.slow     # every test here starts a launch, a server, torchrun or Slurm
+
 
 def launcher_command(tiny_cache, folder: Path, *extra, script: Path = ROOT / "train_simple_ddp.py") -> list[str]:
     return [sys.executable, str(script), "--data_dir", str(tiny_cache), "--nproc", "2",
@@ -147,8 +149,6 @@ def test_a_sigchld_caught_with_the_sigterm_prints_nothing():
     script = """
 import os, signal
 from music_continuation.training.worker import expect_worker_deaths
-
-pytestmark = pytest.mark.slow     # every test here starts a launch, a server, torchrun or Slurm
 signal.signal(signal.SIGCHLD, lambda signum, frame: None)          # the DataLoader's handler
 signal.signal(signal.SIGTERM, lambda signum, frame: expect_worker_deaths())
 both = {signal.SIGCHLD, signal.SIGTERM}
