@@ -326,9 +326,11 @@ def select_windows(count: int, max_windows: int | None) -> list[int]:
 
 
 def loss_weights_of(args: dict) -> dict:
-    """The run's loss weights {component: weight} from its flags (defaults where a flag is missing)."""
-    from music_continuation.losses.audio import LOSSES
-    return check_weights({c.name: args.get(c.flag[2:], c.default) for c in LOSSES})
+    """The run's loss weights {component: weight} from its flags (defaults where a flag is missing), of the
+    components it shows: the adversarial ones only where it trained them."""
+    from music_continuation.losses.audio import LOSSES, shown_losses
+    weights = check_weights({c.name: args.get(c.flag[2:], c.default) for c in LOSSES})
+    return {c.name: weights[c.name] for c in shown_losses(weights)}
 
 
 def _batches(dataset, indices: list[int], batch_size: int, device, renormalize):

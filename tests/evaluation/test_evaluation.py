@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 SEGMENT = 8
 TOP_KEYS = {"model", "baselines", "skill", "windows", "checkpoint", "data_dir", "split", "target_audio", "weights",
-            "epoch"}
+            "epoch", "weights_used"}
 
 
 @pytest.fixture(scope="module")
