@@ -1,4 +1,4 @@
-"""Shared test fixtures: the repository on sys.path, a tiny prepared demo cache, a real MLflow server.
+"""Shared test fixtures: a tiny prepared demo cache, a real MLflow server, a dev Slurm, a headless browser.
 
     user_cache      the session's per-user cache folder ($MUSIC_CONTINUATION_CACHE, set for every test)
     tiny_cache      session-wide demo cache: 4 synthetic tracks of 2 s (3 train, 1 val) encoded with
