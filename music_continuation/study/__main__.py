@@ -13,9 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from music_continuation.utils import OneLineParser, one_line
-
-from .ratings import StudyError, Test, check_rater_name
+from music_continuation.study.ratings import StudyError, Test, check_rater_name
+from music_continuation.utils import OneLineParser, one_line, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,18 +159,9 @@ def report_command(args) -> int:
 
 
 def main(argv=None) -> int:
-    import warnings
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_flags(parser, args)
-    body = {"render": render_command, "serve": serve_command, "report": report_command}[args.command]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        try:
-            return body(args)
-        except StudyError as error:
-            print(f"error: {one_line(error)}", file=sys.stderr)
-            return 2
+    def body(args) -> int:
+        return {"render": render_command, "serve": serve_command, "report": report_command}[args.command](args)
+    return run_command(build_parser(), check_flags, body, argv, (StudyError,))
 
 
 def cli() -> None:

@@ -22,7 +22,7 @@ import shlex
 import shutil
 from pathlib import Path
 
-from .ratings import (
+from music_continuation.study.ratings import (
     ANCHOR,
     AUDIO_DIR,
     KEY_FILE,

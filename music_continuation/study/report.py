@@ -18,7 +18,16 @@ import re
 import time
 from pathlib import Path
 
-from .ratings import MODEL, StudyError, Test, fmt, markdown_table, read_ratings, screening_line, summarise
+from music_continuation.study.ratings import (
+    MODEL,
+    StudyError,
+    Test,
+    fmt,
+    markdown_table,
+    read_ratings,
+    screening_line,
+    summarise,
+)
 
 REPORT_DIR = "report"
 ROWS_FILE = "report_rows.json"   # in OUT_DIR: what ablate.py's report was written from (ablate.REPORT_ROWS)

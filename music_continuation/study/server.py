@@ -28,7 +28,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .ratings import (
+from music_continuation.study.ratings import (
     AUDIO_DIR,
     TOKEN_FILE,
     StudyError,
