@@ -96,7 +96,7 @@ def test_the_step_0_baselines_say_how_far_they_are(tiny_cache, monkeypatch, caps
         val_set=val_set, val_loader=DataLoader(val_set, batch_size=2), val_indices=list(range(len(val_set))),
         decoder=FrozenDecoder(load_codec("random")), normalizer=LatentNormalizer(dataset.latent_mean,
                                                                                   dataset.latent_std),
-        loss_fn=CombinedLoss(rms_target=1.0), args=types.SimpleNamespace(target_audio="original"))
+        loss_fn=CombinedLoss(rms_target=1.0), listeners=None, args=types.SimpleNamespace(target_audio="original"))
     monkeypatch.setattr(worker, "BASELINE_PROGRESS_SECONDS", -1.0)      # every batch, instead of every 10 s
     assert worker.baseline_figures(ctx) is not None
     lines = capsys.readouterr().err.strip().splitlines()

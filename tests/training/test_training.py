@@ -660,7 +660,7 @@ def test_musical_every_logs_the_listeners_figures_reduced_over_ranks(tiny_cache,
     from mlflow.tracking import MlflowClient
 
     from music_continuation.evaluation.scoring import BASELINES, evaluate_checkpoint
-    from music_continuation.training.worker import MUSICAL_FIGURES
+    from music_continuation.training.report import MUSICAL_FIGURES
     uri = sqlite_uri(tmp_path)
     result = run_launcher(["--data_dir", tiny_cache, "--nproc", 2, "--batch_size", 4, "--epochs", 2,
                            "--musical_every", 2, "--checkpoint_dir", tmp_path / "ck", "--mlflow_tracking_uri", uri]
