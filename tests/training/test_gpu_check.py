@@ -28,7 +28,7 @@ def test_gpu_check_cpu_mode_passes_and_ends_with_one_json_line(tiny_cache, tmp_p
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["gpu_check"] == "passed" and summary["device"] == "cpu"
     assert summary["environment"]["missing"] == []
-    assert summary["cuda_tests"]["result"].startswith("4 passed")        # --compile is not run on the CPU
+    assert summary["cuda_tests"]["result"].startswith("5 passed")        # --compile is not run on the CPU
     training = summary["training"]
     assert training["exit_codes"] == [0, 0] and training["epochs"] == 2 and training["references_built"]
     assert (tmp_path / "out" / "training" / "latest.pt").is_file()
