@@ -4,7 +4,8 @@
                               the run: it must finish every epoch from latest.pt
     ablate.py --executor slurm  a 2-cell grid: --no_wait submits one job array; the next invocation waits for
                               those jobs (submits nothing) while one is requeued mid-run (a preemption) and
-                              the other gets submitit's time-limit signal, evaluates and reports; a third
+                              the other runs into its (shortened) time limit: Slurm sends submitit's signal,
+                              and submitit requeues it; it evaluates and reports; a third
                               starts nothing; Ctrl-C while waiting leaves the jobs and prints the scancel
                               line; --cancel; bad Slurm flags and a local sqlite store refused
     --slurm_nodes 2           one cell on the fixture's two nodes: one torchrun each, rank 0 on the first
