@@ -37,6 +37,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm")]
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB_TIMEOUT = 420           # seconds for one tiny job, queueing included (a loaded 2-core machine)
+RELEASE_DELAY_SECONDS = 2   # between a requeued job's pending state and its release (see release_if_pending)
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
 
 
@@ -86,10 +87,14 @@ def release_requeued(job_id: str) -> None:
 
 def release_if_pending(job_id: str, time_limit: str | None = None) -> bool:
     """If the requeued job is pending, start it now (with `time_limit` back, for a job whose limit
-    run_into_the_time_limit shortened); whether it was."""
+    run_into_the_time_limit shortened); whether it was. A job that requeued itself (submitit) is pending at once,
+    while its old run is being killed: started again within the same second, its launch would be refused by
+    slurmd ('already killed, do not launch batch job': the new credential is not newer than the revoked one,
+    in whole seconds) and the job would fail; so it is started RELEASE_DELAY_SECONDS later."""
     shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=60).stdout
     if "JobState=PENDING" not in shown:
         return False
+    time.sleep(RELEASE_DELAY_SECONDS)
     limit = [f"TimeLimit={time_limit}"] if time_limit else []
     subprocess.run(["scontrol", "update", f"JobId={job_id}", *limit, "StartTime=now"], check=True, timeout=60)
     return True
