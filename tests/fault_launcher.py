@@ -36,7 +36,8 @@ HOLD_POLL_SECONDS = 0.1
 def fault_environment(faults: str, base: dict, everywhere: bool = False) -> dict:
     """`base` with TEST_FAULTS set, and the checkout on PYTHONPATH (this file's folder is not the package's);
     `everywhere`: also in launchers started as `-m music_continuation.training.launcher` (EVERYWHERE)."""
-    path = [str(EVERYWHERE)] * everywhere + [str(ROOT)] + [p for p in base.get("PYTHONPATH", "").split(os.pathsep) if p]
+    inherited = [p for p in base.get("PYTHONPATH", "").split(os.pathsep) if p]
+    path = [str(EVERYWHERE)] * everywhere + [str(ROOT)] + inherited
     return {**base, FAULTS_VARIABLE: faults, "PYTHONPATH": os.pathsep.join(path)}
 
 

@@ -109,8 +109,9 @@ def test_the_time_limit_hook_waits_for_the_stopped_launcher_before_submitit_requ
     """A Slurm element's task (CellJob.__call__ as submitit runs it) gets submitit's USR2: submitit's handler calls
     CellJob.checkpoint, then requeues and exits at once. By then the launcher must have stopped and its last line
     be in the cell's log (with nothing waiting, it would go to a closed pipe)."""
-    for name, value in (("SUBMITIT_EXECUTOR", "slurm"), ("SLURM_JOB_ID", "7"), ("SLURM_NODEID", "0"), ("SLURM_JOB_NUM_NODES", "1"),
-                        ("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1"), ("SLURM_LOCALID", "0")):
+    for name, value in (("SUBMITIT_EXECUTOR", "slurm"), ("SLURM_JOB_ID", "7"), ("SLURM_NODEID", "0"),
+                        ("SLURM_JOB_NUM_NODES", "1"), ("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1"),
+                        ("SLURM_LOCALID", "0")):
         monkeypatch.setenv(name, value)
     log = tmp_path / "train.log"
     job = executors.CellJob(["-m", "unused"], 1, str(log))
