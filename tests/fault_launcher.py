@@ -7,10 +7,15 @@ TEST_FAULTS holds one or more faults separated by ';':
     fail=R:S           rank R raises at global step S (a crashing rank must end the job)
     nan=R:S1,S2 | R:all  rank R's batch holds a NaN at those steps (the ranks skip the update together)
     slow=SECONDS       every step sleeps this long (time to interrupt a run)
+    hold=EPOCH:PATH    epoch EPOCH and later wait at their start while the file PATH exists (a safe point:
+                       SIGINT / SIGTERM still stop the rank there); the test removes PATH to let them go on
 
 The launcher spawns its ranks, and a spawned process imports the main file again (as __mp_main__), so the
-patch is made at import, in every process; under torchrun every rank runs this file itself. The fault wraps
-worker.train_step, which train_one_epoch looks up at each step.
+patch is made at import, in every process; under torchrun every rank runs this file itself. Where the tests do
+not start the launcher themselves (ablate.py's cells under Slurm run `-m music_continuation.training.launcher`),
+fault_environment(..., everywhere=True) puts tests/faults_everywhere on PYTHONPATH: its sitecustomize makes the
+same patch in every Python process that imports the worker. The faults wrap worker.train_step, which
+train_one_epoch looks up at each step, and worker.train_one_epoch, which the epoch loop looks up at each epoch.
 """
 from __future__ import annotations
 
@@ -24,16 +29,21 @@ from music_continuation.training import launcher, worker
 FAULTS_VARIABLE = "TEST_FAULTS"
 FAULT_LAUNCHER = Path(__file__).resolve()
 ROOT = FAULT_LAUNCHER.parents[1]
+EVERYWHERE = FAULT_LAUNCHER.parent / "faults_everywhere"     # its sitecustomize.py installs the faults
+HOLD_POLL_SECONDS = 0.1
 
 
-def fault_environment(faults: str, base: dict) -> dict:
-    """`base` with TEST_FAULTS set, and the checkout on PYTHONPATH (this file's folder is not the package's)."""
-    path = [str(ROOT)] + [p for p in base.get("PYTHONPATH", "").split(os.pathsep) if p]
+def fault_environment(faults: str, base: dict, everywhere: bool = False) -> dict:
+    """`base` with TEST_FAULTS set, and the checkout on PYTHONPATH (this file's folder is not the package's);
+    `everywhere`: also in launchers started as `-m music_continuation.training.launcher` (EVERYWHERE)."""
+    inherited = [p for p in base.get("PYTHONPATH", "").split(os.pathsep) if p]
+    path = [str(EVERYWHERE)] * everywhere + [str(ROOT)] + inherited
     return {**base, FAULTS_VARIABLE: faults, "PYTHONPATH": os.pathsep.join(path)}
 
 
 def parse_faults(text: str) -> dict:
-    """{"fail": (rank, step), "nan": (rank, steps or "all"), "slow": seconds} from the TEST_FAULTS text."""
+    """{"fail": (rank, step), "nan": (rank, steps or "all"), "slow": seconds, "hold": (epoch, path)} from the
+    TEST_FAULTS text."""
     faults = {}
     for item in filter(None, (part.strip() for part in text.split(";"))):
         kind, _, value = item.partition("=")
@@ -45,6 +55,9 @@ def parse_faults(text: str) -> dict:
             faults["nan"] = (int(rank), "all" if steps == "all" else {int(s) for s in steps.split(",")})
         elif kind == "slow":
             faults["slow"] = float(value)
+        elif kind == "hold":
+            epoch, path = value.split(":", 1)
+            faults["hold"] = (int(epoch), Path(path))
         else:
             raise ValueError(f"{FAULTS_VARIABLE}: unknown fault {item!r}")
     return faults
@@ -61,8 +74,27 @@ def inject(faults: dict, rank: int, step: int, batch: dict) -> None:
         time.sleep(faults["slow"])
 
 
+def hold(path: Path) -> None:
+    """Wait while `path` exists, stopping at once (Interrupted) if SIGINT / SIGTERM arrives meanwhile."""
+    while path.exists():
+        worker.stop_if_signalled()
+        time.sleep(HOLD_POLL_SECONDS)
+
+
 def install(faults: dict) -> None:
-    """Wrap worker.train_step: the scheduler has stepped once per optimiser step, so its count is the global step."""
+    """Wrap worker.train_step: the scheduler has stepped once per optimiser step, so its count is the global step;
+    and worker.train_one_epoch for a hold."""
+    if "hold" in faults:
+        first_epoch, path = faults["hold"]
+        original_epoch = worker.train_one_epoch
+
+        @functools.wraps(original_epoch)
+        def train_one_epoch(ctx, epoch):
+            if epoch >= first_epoch:
+                hold(path)
+            return original_epoch(ctx, epoch)
+
+        worker.train_one_epoch = train_one_epoch
     original = worker.train_step
 
     @functools.wraps(original)

@@ -29,6 +29,8 @@ from music_continuation.utils import PACKAGE_PARENT, Interrupted, UserError, wri
 
 STATES = ("pending", "running", "requeued", "done", "failed")
 STOP_GRACE_SECONDS = 60.0        # after forwarding SIGINT/SIGTERM: time for a launcher to stop its ranks
+CHECKPOINT_STOP_SECONDS = 15.0   # CellJob.checkpoint waits this long at most for the ranks before the requeue: the
+                                 # signal of the shortest limit comes >= 45 s before it, and submitit must requeue
 SIGNAL_DELAY_SECONDS = 120       # submitit's USR2 this long before the time limit (a quarter of a shorter one)
 SLURM_SIGNAL_SLACK_SECONDS = 60  # Slurm may send that signal up to this much earlier (its event resolution)
 MIN_SLURM_MINUTES = 3            # a shorter limit would requeue a cell before it saves an epoch
@@ -94,8 +96,9 @@ class Runner:
 def run_logged(command: list[str], log_path: Path, on_start=None, watch=None, env=None,
                preexec_fn=None) -> tuple[int, str]:
     """Run `command` in its own session, its output to our stdout/stderr and appended to log_path; (exit code,
-    last non-empty line of its stderr). `watch` (a Runner) escalates to SIGTERM / SIGKILL of the whole group
-    once its signal has waited STOP_GRACE_SECONDS; when the command exits, its group gets 10 s to empty."""
+    last non-empty line of its stderr). `watch` (a Runner or a CellJob) holds the process and the threads that
+    copy its output while it runs; a Runner's signal escalates to SIGTERM / SIGKILL of the whole group once it
+    has waited STOP_GRACE_SECONDS. When the command exits, its group gets 10 s to empty."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tail = []
     with open(log_path, "ab") as log:
@@ -109,6 +112,8 @@ def run_logged(command: list[str], log_path: Path, on_start=None, watch=None, en
                  threading.Thread(target=pump, args=(process.stderr, sys.stderr, log, tail), daemon=True)]
         for thread in pumps:
             thread.start()
+        if watch is not None:
+            watch.pumps = pumps
         escalated = 0
         while True:
             try:
@@ -367,7 +372,7 @@ class CellJob:
     On SIGTERM (preemption, `scontrol requeue`, scancel) the ranks stop at a safe point and this task exits
     without a result, so submitit does not take the stopped run for a finished one; the requeued element
     starts again with --resume auto. On submitit's USR2 before the time limit, checkpoint() stops the ranks
-    the same way and submitit requeues the element."""
+    the same way, waits for them, and submitit requeues the element."""
 
     def __init__(self, launcher_argv: list[str], nproc_per_node: int, log_path: str):
         self.launcher_argv = launcher_argv          # [-m, launcher module, flags ..., --resume auto]
@@ -375,6 +380,7 @@ class CellJob:
         self.log_path = log_path
         self._process = None
         self._stopping = False
+        self.process = self.pumps = None            # set by run_logged while the launcher runs
 
     def torchrun_command(self) -> list[str]:
         import submitit
@@ -399,7 +405,7 @@ class CellJob:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         started = time.perf_counter()
         try:
-            code, last = run_logged(self.torchrun_command(), log, on_start=self._started,
+            code, last = run_logged(self.torchrun_command(), log, on_start=self._started, watch=self,
                                     # torchrun stops its ranks if this task dies (SIGTERM: it forwards it)
                                     preexec_fn=die_with_parent(signal.SIGTERM, also=ignore_usr2))
         finally:
@@ -422,11 +428,29 @@ class CellJob:
             kill_group(self._process, signal.SIGTERM)
 
     def checkpoint(self, *args, **kwargs):
-        """submitit's time-limit hook: stop the ranks (their last epoch is in latest.pt), then requeue."""
+        """submitit's time-limit hook: stop the ranks (their last epoch is in latest.pt) and wait for them, then
+        submitit requeues the element and this task exits."""
         import submitit
         self._on_sigterm(signal.SIGTERM, None)
+        self._wait_stopped(CHECKPOINT_STOP_SECONDS)
         fresh = CellJob(self.launcher_argv, self.nproc_per_node, self.log_path)
         return submitit.helpers.DelayedSubmission(fresh)
+
+    def _wait_stopped(self, seconds: float) -> None:
+        """Until the stopped launcher has exited and its output is in the cell's log, at most `seconds`: submitit
+        calls checkpoint() from its signal handler and exits right after the requeue, so without this wait the
+        ranks' last lines (where they stopped, the resume hint) would go to a closed pipe. The launcher is reaped
+        here because run_logged, which would, is paused under that handler."""
+        deadline = time.monotonic() + seconds
+        while self._process is not None and time.monotonic() < deadline:
+            try:
+                if os.waitpid(self._process, os.WNOHANG)[0]:
+                    break
+            except ChildProcessError:        # already reaped
+                break
+            time.sleep(0.1)
+        for thread in self.pumps or []:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def ignore_usr2() -> None:

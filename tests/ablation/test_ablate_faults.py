@@ -1,4 +1,5 @@
-"""A study that dies takes its cells with it; a Slurm time limit too short for the checkpoint signal is refused.
+"""A study that dies takes its cells with it; a Slurm time limit too short for the checkpoint signal is refused;
+the time-limit hook of a Slurm element waits for its stopped launcher.
 
 kill -9 of ablate.py while a cell trains: the cell's launcher and ranks are gone within seconds (no process
 holds the cell's folder for a re-run), and the MLflow run the cell leaves RUNNING is settled by its next
@@ -11,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -88,3 +90,52 @@ def test_the_stuck_timeout_is_not_part_of_a_cells_identity(tmp_path):
     grid = [{"name": "a", "flags": {}}]
     cells = [ablate.build_cells(grid, shared, 1, tmp_path)[0] for shared in ({}, {"stuck_timeout": 60.0})]
     assert "stuck_timeout" not in cells[0].settings and cells[0].hash == cells[1].hash
+
+
+# A launcher that stops like a rank on SIGTERM: it finishes its step (a moment), says where it stopped, exits 143.
+STOPPING_LAUNCHER = """
+import signal, sys, time
+def stop(*_):
+    time.sleep(1)
+    print("interrupted: latest checkpoint is epoch 1", file=sys.stderr, flush=True)
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+print("training", flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_time_limit_hook_waits_for_the_stopped_launcher_before_submitit_requeues(tmp_path, monkeypatch):
+    """A Slurm element's task (CellJob.__call__ as submitit runs it) gets submitit's USR2: submitit's handler calls
+    CellJob.checkpoint, then requeues and exits at once. By then the launcher must have stopped and its last line
+    be in the cell's log (with nothing waiting, it would go to a closed pipe)."""
+    for name, value in (("SUBMITIT_EXECUTOR", "slurm"), ("SLURM_JOB_ID", "7"), ("SLURM_NODEID", "0"),
+                        ("SLURM_JOB_NUM_NODES", "1"), ("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1"),
+                        ("SLURM_LOCALID", "0")):
+        monkeypatch.setenv(name, value)
+    log = tmp_path / "train.log"
+    job = executors.CellJob(["-m", "unused"], 1, str(log))
+    monkeypatch.setattr(job, "torchrun_command", lambda: [sys.executable, "-c", STOPPING_LAUNCHER])
+    requeued = []
+
+    def submitit_handler(signum, frame):      # submitit's checkpoint_and_try_requeue, less the scontrol call
+        requeued.append(job.checkpoint())
+        raise SystemExit(-1)
+
+    def send_usr2_once_training():
+        deadline = time.monotonic() + TIMEOUT
+        while not (log.is_file() and "training" in log.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    sender = threading.Thread(target=send_usr2_once_training, daemon=True)
+    try:
+        sender.start()
+        with pytest.raises(SystemExit):
+            job()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert "interrupted: latest checkpoint is epoch 1" in log.read_text(), log.read_text()
+    fresh = requeued[0].function
+    assert isinstance(fresh, executors.CellJob) and fresh.process is None and fresh.log_path == str(log)

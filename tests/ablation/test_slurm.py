@@ -4,7 +4,8 @@
                               the run: it must finish every epoch from latest.pt
     ablate.py --executor slurm  a 2-cell grid: --no_wait submits one job array; the next invocation waits for
                               those jobs (submits nothing) while one is requeued mid-run (a preemption) and
-                              the other gets submitit's time-limit signal, evaluates and reports; a third
+                              the other runs into its (shortened) time limit: Slurm sends submitit's signal,
+                              and submitit requeues it; it evaluates and reports; a third
                               starts nothing; Ctrl-C while waiting leaves the jobs and prints the scancel
                               line; --cancel; bad Slurm flags and a local sqlite store refused
     --slurm_nodes 2           one cell on the fixture's two nodes: one torchrun each, rank 0 on the first
@@ -28,12 +29,15 @@ import pytest
 from music_continuation.ablation import ablate
 from music_continuation.training.checkpoint import load_checkpoint
 from tests.ablation.test_ablate import GRID, MAX_WINDOWS, TINY, all_runs
+from tests.fault_launcher import fault_environment
 from tests.training.test_training import epoch_blocks, sqlite_uri
 
-ROOT = Path(__file__).resolve().parents[2]
+# every test here starts Slurm jobs (a launch, torchrun) on the session's dev cluster
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm")]
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm")]     # every test here runs on the dev Slurm
+ROOT = Path(__file__).resolve().parents[2]
 JOB_TIMEOUT = 420           # seconds for one tiny job, queueing included (a loaded 2-core machine)
+RELEASE_DELAY_SECONDS = 2   # between a requeued job's pending state and its release (see release_if_pending)
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
 
 
@@ -83,25 +87,30 @@ def release_requeued(job_id: str) -> None:
 
 def release_if_pending(job_id: str, time_limit: str | None = None) -> bool:
     """If the requeued job is pending, start it now (with `time_limit` back, for a job whose limit
-    run_into_the_time_limit shortened); whether it was."""
+    run_into_the_time_limit shortened); whether it was. A job that requeued itself (submitit) is pending at once,
+    while its old run is being killed: started again within the same second, its launch would be refused by
+    slurmd ('already killed, do not launch batch job': the new credential is not newer than the revoked one,
+    in whole seconds) and the job would fail; so it is started RELEASE_DELAY_SECONDS later."""
     shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=60).stdout
     if "JobState=PENDING" not in shown:
         return False
+    time.sleep(RELEASE_DELAY_SECONDS)
     limit = [f"TimeLimit={time_limit}"] if time_limit else []
     subprocess.run(["scontrol", "update", f"JobId={job_id}", *limit, "StartTime=now"], check=True, timeout=60)
     return True
 
 
 def run_into_the_time_limit(job_id: str) -> None:
-    """A real time limit, reached now: the running job's limit becomes 61-120 s from now, so submitit's signal
-    (SIGNAL_DELAY_SECONDS = 120 s before the limit, for the 60-minute limit it was submitted with) is due at once,
-    and Slurm's own time-limit check sends it (about 20 s later on the dev cluster), not a hand-sent USR2."""
+    """A real time limit, reached now: the running job's limit becomes 91-150 s from now. submitit's signal is
+    due SIGNAL_DELAY_SECONDS = 120 s before the limit (for the 60-minute limit it was submitted with) and
+    Slurm's time-limit check, every 30 s, sends it up to 30 s early: so the next check sends it (not a hand-sent
+    USR2), and submitit has at least 60 s left to requeue the job before the limit would end it."""
     shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=60).stdout
     run_time = shown.split("RunTime=", 1)[1].split()[0]            # [D-]HH:MM:SS
     days, _, clock = run_time.rpartition("-")
     hours, minutes, seconds = map(int, clock.split(":"))
     elapsed = int(days or 0) * 86400 + hours * 3600 + minutes * 60 + seconds
-    limit = -(-(elapsed + 61) // 60)                                # whole minutes, 61-120 s after now
+    limit = (elapsed + 150) // 60                                   # whole minutes, 91-150 s after now
     subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={limit}"], check=True, timeout=60)
 
 
@@ -161,16 +170,18 @@ def run_ablate(study: dict, *extra) -> subprocess.CompletedProcess:
                           timeout=2 * JOB_TIMEOUT)
 
 
-# Both cells train 3 epochs, so that each can be stopped in the middle and continue from latest.pt: the target
+# Both cells train 3 epochs and are stopped once their epoch 1 is saved, to continue from latest.pt: the target
 # cell as a preemption stops it (`scontrol requeue`: SIGTERM), the spectral cell by a real time limit (shortened
 # mid-run: Slurm sends submitit's USR2, CellJob.checkpoint stops the ranks and submitit requeues the element).
-# The spectral cell trains long enough after epoch 1 (TIME_LIMIT_EPOCHS, steps slowed by TRAIN_SIMPLE_TEST_SLOW) for
-# Slurm's time-limit check, every 30 s at most, to send the signal before it ends.
-TIME_LIMIT_EPOCHS = 10
-EPOCHS = {"target/seed0": 3, "spectral/seed0": TIME_LIMIT_EPOCHS}
-SLURM_GRID = [{"name": "target", "flags": {"loss_weight_target": 1.0, "epochs": 3}},
-              {"name": GRID[1]["name"], "flags": {**GRID[1]["flags"], "epochs": TIME_LIMIT_EPOCHS}}]
+# Slurm's time-limit check comes up to 30 s after the limit is shortened, and a tiny epoch takes 1-20 s: so every
+# cell is held at the start of its epoch 2 (tests/fault_launcher.py's hold, in the jobs through TEST_FAULTS) until
+# both cells have been stopped and started again; then it trains epochs 2 and 3 after its resume.
+EPOCHS = 3
+HELD_EPOCH = 2
+SLURM_GRID = [{"name": "target", "flags": {"loss_weight_target": 1.0, "epochs": EPOCHS}},
+              {"name": GRID[1]["name"], "flags": {**GRID[1]["flags"], "epochs": EPOCHS}}]
 INTERRUPTIONS = {"target/seed0": "requeue", "spectral/seed0": "time limit"}
+SUBMITTED_LIMIT = "60"          # minutes: ablate.py's default --slurm_time, given back to a time-limited job
 
 
 def gather_with_interruptions(study: dict) -> subprocess.CompletedProcess:
@@ -182,21 +193,30 @@ def gather_with_interruptions(study: dict) -> subprocess.CompletedProcess:
     # Slurm's 120 s hold expire on a loaded machine (the job would start again on its own, past the release).
     waiting, to_release = dict(INTERRUPTIONS), {}
     deadline = time.monotonic() + JOB_TIMEOUT
-    while (waiting or to_release) and time.monotonic() < deadline and process.poll() is None:
-        for label, command in list(waiting.items()):
-            if (study["out"] / label / "latest.pt").is_file():
-                job = study["records"][label]["job_id"]
-                if command == "requeue":
-                    subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
-                else:
-                    run_into_the_time_limit(job)
-                to_release[job] = "60" if command == "time limit" else None
-                del waiting[label]
-        for job, time_limit in list(to_release.items()):
-            if release_if_pending(job, time_limit):
-                del to_release[job]
-        time.sleep(0.2)
-    assert not waiting and not to_release, f"not interrupted {waiting}, not released {to_release}"
+    try:
+        while (waiting or to_release) and time.monotonic() < deadline and process.poll() is None:
+            for label, command in list(waiting.items()):
+                if (study["out"] / label / "latest.pt").is_file():
+                    job = study["records"][label]["job_id"]
+                    if command == "requeue":
+                        subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+                    else:
+                        run_into_the_time_limit(job)
+                    to_release[job] = SUBMITTED_LIMIT if command == "time limit" else None
+                    del waiting[label]
+            for job, time_limit in list(to_release.items()):
+                if release_if_pending(job, time_limit):
+                    del to_release[job]
+            time.sleep(0.2)
+    finally:
+        study["hold"].unlink(missing_ok=True)          # the held cells go on (or, after a failure, end)
+    if waiting or to_release:
+        process.kill()
+        _, stderr = process.communicate(timeout=60)
+        logs = {label: (study["out"] / label / "train.log").read_text()[-1500:]
+                for label in INTERRUPTIONS if (study["out"] / label / "train.log").is_file()}
+        pytest.fail(f"not interrupted {waiting}, not released {to_release} (ablate.py exit {process.returncode}):\n"
+                    f"{stderr[-3000:]}\n{logs}")
     stdout, stderr = process.communicate(timeout=2 * JOB_TIMEOUT)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
@@ -207,12 +227,19 @@ def slurm_study(tiny_cache, mlflow_server, tmp_path_factory):
     folder = tmp_path_factory.mktemp("slurm_ablate")
     grid = folder / "grid.json"
     grid.write_text(json.dumps(SLURM_GRID))
-    state = {"cache": tiny_cache, "uri": mlflow_server, "out": folder / "study", "grid": grid,
-             "experiment": "ablation-slurm-test", "client": MlflowClient(mlflow_server),
-             "env": {"TRAIN_SIMPLE_TEST_SLOW": "0.5"}}
-    state["submitted"] = run_ablate(state, "--no_wait")
-    state["records"] = json.loads((state["out"] / "slurm" / "jobs.json").read_text())
-    state["gathered"] = gather_with_interruptions(state)
+    hold = folder / "hold"
+    hold.touch()
+    # The jobs inherit the submitting ablate.py's environment: TEST_FAULTS reaches every rank of both cells.
+    faults = fault_environment(f"hold={HELD_EPOCH}:{hold}", {"PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+                               everywhere=True)
+    state = {"cache": tiny_cache, "uri": mlflow_server, "out": folder / "study", "grid": grid, "hold": hold,
+             "experiment": "ablation-slurm-test", "client": MlflowClient(mlflow_server), "env": faults}
+    try:
+        state["submitted"] = run_ablate(state, "--no_wait")
+        state["records"] = json.loads((state["out"] / "slurm" / "jobs.json").read_text())
+        state["gathered"] = gather_with_interruptions(state)
+    finally:
+        hold.unlink(missing_ok=True)
     runs_before = {run.info.run_id for run in all_runs(state["client"], state["experiment"])}
     state["third"] = run_ablate(state)
     state["new_runs"] = {run.info.run_id for run in all_runs(state["client"], state["experiment"])} - runs_before
@@ -239,12 +266,17 @@ def test_the_next_invocation_waits_for_the_same_jobs_and_reports(slurm_study):
         job = slurm_study["records"][label]["job_id"]
         assert f"cell {label} (job {job}): requeued" in gathered.stderr
         log = (slurm_study["out"] / label / "train.log").read_text()
-        epochs = EPOCHS[label]
-        assert "resuming at epoch" in log and sorted(epoch_blocks(log)) == list(range(1, epochs + 1)), log[-3000:]
-        assert load_checkpoint(slurm_study["out"] / label / "latest.pt")["epoch"] == epochs
+        # stopped where it was held, saying so in its log (the time-limited cell too: CellJob.checkpoint waits for
+        # its ranks before submitit requeues it), and resumed there
+        stopped = f"interrupted: latest checkpoint is {slurm_study['out'] / label / 'latest.pt'}, epoch 1;"
+        assert stopped in log and f"resuming at epoch {HELD_EPOCH}:" in log, log[-3000:]
+        resumed = log[log.index(f"resuming at epoch {HELD_EPOCH}:"):]
+        assert [1] + sorted(epoch_blocks(resumed)) == sorted(epoch_blocks(log)) == [1, 2, 3], log[-3000:]
+        assert load_checkpoint(slurm_study["out"] / label / "latest.pt")["epoch"] == EPOCHS
         shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=60).stdout
         assert "Restarts=1" in shown, shown
-    # the time-limit path: submitit caught the USR2, called CellJob.checkpoint and requeued the element itself
+    # the time-limit path: Slurm sent the USR2 (nothing else here does), submitit caught it, called
+    # CellJob.checkpoint and requeued the element itself
     usr2 = slurm_study["records"]["spectral/seed0"]["job_id"]
     submitit_log = "".join(path.read_text() for path in sorted((slurm_study["out"] / "slurm" / usr2).glob("*_log.*")))
     for said in ("Caught signal SIGUSR2", "Calling checkpoint method", f"Requeued job {usr2}"):

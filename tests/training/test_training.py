@@ -491,6 +491,7 @@ def crashed_run(reference_run, tiny_cache, tmp_path_factory):
     return {"argv": argv, "result": result, "checkpoints": folder / "ck", "folder": folder}
 
 
+@pytest.mark.slow
 def test_a_failing_rank_ends_the_job_with_its_error(crashed_run):
     result = crashed_run["result"]
     assert result.returncode != 0
