@@ -36,6 +36,14 @@ NOISE = ("Traceback", "DataLoader worker", "Connection reset", "sqlalchemy", "Ex
 TIMEOUT = 600.0
 
 
+def slowed_environment(seconds: float) -> dict:
+    """environment() whose every training step sleeps `seconds`, in launchers started any way (the faults'
+    sitecustomize on PYTHONPATH installs them when the worker is imported)."""
+    env = environment(f"slow={seconds}")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "faults_everywhere"), env["PYTHONPATH"]])
+    return env
+
+
 def environment(faults: str | None = None) -> dict:
     """This process's environment without a rendezvous or tracking URI of its own; with `faults`, what
     tests/fault_launcher.py reads (TEST_FAULTS), and the checkout on PYTHONPATH for it."""
@@ -178,7 +186,7 @@ def stuck_trial(data_dir: str, work: Path, stop_after_epoch: int = 1) -> tuple[b
     command = [sys.executable, str(ROOT / "train_simple_ddp.py"), "--data_dir", data_dir, "--nproc", "2",
                "--epochs", "50", "--checkpoint_dir", str(folder), "--stuck_timeout", str(STUCK_TIMEOUT),
                "--mlflow_tracking_uri", f"sqlite:///{work / 'mlflow.db'}"] + TINY
-    launcher = subprocess.Popen(command, cwd=work, env=environment(TRAIN_SIMPLE_TEST_SLOW="0.3"),
+    launcher = subprocess.Popen(command, cwd=work, env=slowed_environment(0.3),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + TIMEOUT

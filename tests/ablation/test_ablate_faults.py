@@ -21,6 +21,7 @@ from music_continuation.ablation import ablate, executors
 from music_continuation.training.checkpoint import lock_checkpoint_dir
 from music_continuation.training.mlflow_logger import RUN_RECORD
 from tests.ablation.test_ablate import ROOT, TIMEOUT, TINY, environment
+from tests.fault_launcher import fault_environment
 from tests.training.test_training import sqlite_uri
 
 
@@ -41,7 +42,7 @@ def test_kill_9_of_the_study_ends_its_running_cell(tiny_cache, tmp_path):
     flags[flags.index("--epochs") + 1] = "50"
     command = [sys.executable, str(ROOT / "ablate.py"), "--data_dir", str(tiny_cache), "--out_dir", str(out),
                "--grid", str(grid), "--seeds", "1", "--mlflow_tracking_uri", sqlite_uri(tmp_path), *flags]
-    study = subprocess.Popen(command, cwd=tmp_path, env={**environment(), "TRAIN_SIMPLE_TEST_SLOW": "0.2"},
+    study = subprocess.Popen(command, cwd=tmp_path, env=fault_environment("slow=0.2", environment(), everywhere=True),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     cell = out / "target" / "seed0"
     launcher = None

@@ -19,6 +19,7 @@ import torch
 
 from music_continuation.losses.audio import shown_losses
 from music_continuation.training.checkpoint import load_checkpoint, load_model_for_inference
+from tests.fault_launcher import fault_environment
 from tests.losses.test_balancer import small_cache  # noqa: F401 - fixture
 from tests.training.test_training import (
     NUMBER,
@@ -106,7 +107,8 @@ def test_resume_after_sigkill_is_bit_exact_with_the_discriminator_and_the_ema(sm
 
     command = [sys.executable, str(ROOT / "train_simple_ddp.py"), *map(str, argv),
                "--checkpoint_dir", str(tmp_path / "ck"), "--mlflow_tracking_uri", sqlite_uri(tmp_path)]
-    killed = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "TRAIN_SIMPLE_TEST_SLOW": "0.5"},
+    killed = subprocess.Popen(command, cwd=tmp_path, env=fault_environment("slow=0.5", dict(os.environ),
+                                                                    everywhere=True),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + RUN_TIMEOUT

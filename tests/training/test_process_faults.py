@@ -13,6 +13,7 @@ import pytest
 from bench.fault_trials import group_members, spawned_ranks
 from music_continuation.training.launcher import epochs_note
 from music_continuation.training.mlflow_logger import RUN_RECORD, MlflowLogger, close_recorded_run, read_run_record
+from tests.fault_launcher import fault_environment
 from tests.training.test_faults import clean_env, launcher_command
 from tests.training.test_training import RUN_TIMEOUT, sqlite_uri
 from tests.training.test_watchdog import wait_for_epoch
@@ -23,7 +24,7 @@ def test_rank_0_killed_is_one_line_with_the_resume_hint_and_its_mlflow_run_is_cl
     from mlflow.tracking import MlflowClient
     folder = tmp_path / "ck"
     launcher = subprocess.Popen(launcher_command(tiny_cache, tmp_path, "--epochs", 50), cwd=tmp_path,
-                                env=clean_env(TRAIN_SIMPLE_TEST_SLOW="0.2"), stdout=subprocess.PIPE,
+                                env=fault_environment("slow=0.2", clean_env(), everywhere=True), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         wait_for_epoch(launcher, folder)

@@ -18,6 +18,7 @@ from bench.fault_trials import group_members, rank_pid, spawned_ranks
 from music_continuation.training import watchdog
 from music_continuation.training.checkpoint import load_checkpoint
 from music_continuation.training.mlflow_logger import read_run_record
+from tests.fault_launcher import fault_environment
 from tests.training.test_faults import clean_env, launcher_command
 from tests.training.test_training import RUN_TIMEOUT, run_launcher
 
@@ -48,7 +49,7 @@ def expected_line(folder: Path, rank: int) -> re.Pattern:
 def test_a_stopped_rank_ends_the_job_with_one_line_and_its_stack_then_resume_continues(tiny_cache, tmp_path):
     folder = tmp_path / "ck"
     command = launcher_command(tiny_cache, tmp_path, "--epochs", 50, "--stuck_timeout", STUCK_TIMEOUT)
-    launcher = subprocess.Popen(command, cwd=tmp_path, env=clean_env(TRAIN_SIMPLE_TEST_SLOW="0.3"),
+    launcher = subprocess.Popen(command, cwd=tmp_path, env=fault_environment("slow=0.3", clean_env(), everywhere=True),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         wait_for_epoch(launcher, folder)
@@ -88,7 +89,7 @@ def test_a_stopped_rank_under_torchrun_ends_the_job_with_one_line(tiny_cache, tm
     at = flags.index("--nproc")
     command = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
                *flags[:at], *flags[at + 2:]]
-    agent = subprocess.Popen(command, cwd=tmp_path, env=clean_env(TRAIN_SIMPLE_TEST_SLOW="0.3"),
+    agent = subprocess.Popen(command, cwd=tmp_path, env=fault_environment("slow=0.3", clean_env(), everywhere=True),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         wait_for_epoch(agent, folder)
