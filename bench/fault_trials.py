@@ -66,9 +66,10 @@ def group_members(group: int) -> list[str]:
         if entry.name.isdigit():
             with contextlib.suppress(OSError, IndexError, ValueError):
                 fields = proc_stat(entry.name)
-                if int(fields[2]) == group and fields[0] != "Z":
-                    members.append(entry.name + " " + entry.joinpath("cmdline").read_bytes()
-                                   .replace(b"\0", b" ").decode(errors="replace")[:160])
+                command = entry.joinpath("cmdline").read_bytes()
+                # a process that is exiting has released its memory (an empty cmdline) before it becomes a zombie
+                if int(fields[2]) == group and fields[0] != "Z" and command:
+                    members.append(entry.name + " " + command.replace(b"\0", b" ").decode(errors="replace")[:160])
     return members
 
 
