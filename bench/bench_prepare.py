@@ -63,6 +63,7 @@ def digests(cache: Path) -> dict[str, str]:
 
 
 def without_timings(manifest: dict) -> dict:
+    """The manifest apart from what differs between two runs: the last run's timings and the files' mtimes."""
     manifest = json.loads(json.dumps(manifest))
     del manifest["settings"]["last_run"]
     for track in manifest["tracks"]:

@@ -17,11 +17,13 @@ import numpy as np
 import pytest
 import soundfile
 
+from bench.bench_prepare import without_timings
 from music_continuation.codec import SAMPLE_RATE
 from music_continuation.data import cache as data
 from music_continuation.data import prepare as prepare_data
 from music_continuation.data import shards
 from music_continuation.data.journal import read_journal
+from tests.data.test_data import files_of
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("reuse_random_codec")    # conftest: one random codec
@@ -51,20 +53,6 @@ def run_main(argv: list, capsys) -> tuple[int, list[str]]:
 def base_argv(audio_dir: Path, cache: Path) -> list:
     return ["--audio_dir", audio_dir, "--out_dir", cache, "--encodec_weights", "random", "--device", "cpu",
             "--min_seconds", MIN_SECONDS, "--workers", 1]
-
-
-def without_timings(manifest: dict) -> dict:
-    """The manifest apart from what differs between two runs: the last run's timings and the files' mtimes."""
-    manifest = json.loads(json.dumps(manifest))
-    del manifest["settings"]["last_run"]
-    for track in manifest["tracks"]:
-        for record in track["files"].values():
-            del record["mtime_ns"]
-    return manifest
-
-
-def files_of(cache: Path) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in (cache / "tracks").iterdir()}
 
 
 @pytest.fixture

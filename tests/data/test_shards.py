@@ -5,7 +5,6 @@ and the same manifest apart from timings.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,11 +14,13 @@ import numpy as np
 import pytest
 import soundfile
 
+from bench.bench_prepare import without_timings
 from music_continuation.codec import SAMPLE_RATE
 from music_continuation.data import cache as data
 from music_continuation.data import prepare as prepare_data
 from music_continuation.data.scan import track_id_for
 from music_continuation.data.shards import shard_of
+from tests.data.test_data import files_of
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("reuse_random_codec")    # conftest: one random codec
@@ -46,20 +47,6 @@ def names_in_both_shards(count: int = 5) -> list[str]:
     while min(sum(shard_of_source(name, 2) == shard for name in names) for shard in (0, 1)) < 2:
         names = [f"x{name}" for name in names]
     return names
-
-
-def without_timings(manifest: dict) -> dict:
-    """The manifest apart from what differs between two runs: the last run's timings and the files' mtimes."""
-    manifest = json.loads(json.dumps(manifest))
-    del manifest["settings"]["last_run"]
-    for track in manifest["tracks"]:
-        for record in track["files"].values():
-            del record["mtime_ns"]
-    return manifest
-
-
-def files_of(cache: Path) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in (cache / "tracks").iterdir()}
 
 
 def test_shard_flag_errors_are_one_line(tmp_path, capsys):
