@@ -36,14 +36,6 @@ NOISE = ("Traceback", "DataLoader worker", "Connection reset", "sqlalchemy", "Ex
 TIMEOUT = 600.0
 
 
-def slowed_environment(seconds: float) -> dict:
-    """environment() whose every training step sleeps `seconds`, in launchers started any way (the faults'
-    sitecustomize on PYTHONPATH installs them when the worker is imported)."""
-    env = environment(f"slow={seconds}")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "faults_everywhere"), env["PYTHONPATH"]])
-    return env
-
-
 def environment(faults: str | None = None) -> dict:
     """This process's environment without a rendezvous or tracking URI of its own; with `faults`, what
     tests/fault_launcher.py reads (TEST_FAULTS), and the checkout on PYTHONPATH for it."""
@@ -84,6 +76,16 @@ def rank_pid(agent: int, rank: int) -> int | None:
     return None
 
 
+def reached_epoch(process: subprocess.Popen, folder: Path, epoch: int) -> bool:
+    """Wait until FOLDER/latest.pt holds `epoch` (True), or the process ends or TIMEOUT passes (False)."""
+    deadline = time.monotonic() + TIMEOUT
+    while (latest_epoch(folder) or 0) < epoch:
+        if process.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def latest_epoch(folder: Path) -> int | None:
     from music_continuation.training.checkpoint import CheckpointError, load_checkpoint
     try:
@@ -109,11 +111,8 @@ def torchrun_kill_trial(data_dir: str, work: Path, kill_after_epoch: int = 2) ->
     agent = subprocess.Popen(command, cwd=work, env=environment("slow=0.1"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while (latest_epoch(folder) or 0) < kill_after_epoch:
-            if agent.poll() is not None or time.monotonic() > deadline:
-                return False, "did not reach epoch 2: " + agent.communicate()[1][-2000:]
-            time.sleep(0.2)
+        if not reached_epoch(agent, folder, kill_after_epoch):
+            return False, f"did not reach epoch {kill_after_epoch}: " + agent.communicate()[1][-2000:]
         victim = rank_pid(agent.pid, 1)
         os.kill(victim, signal.SIGKILL)
         _, stderr = agent.communicate(timeout=TIMEOUT)
@@ -184,17 +183,14 @@ def spawned_ranks(launcher: int) -> list[int]:
 
 def stuck_trial(data_dir: str, work: Path, stop_after_epoch: int = 1) -> tuple[bool, str]:
     folder = work / "ck"
-    command = [sys.executable, str(ROOT / "train_simple_ddp.py"), "--data_dir", data_dir, "--nproc", "2",
+    command = [sys.executable, str(FAULT_LAUNCHER), "--data_dir", data_dir, "--nproc", "2",
                "--epochs", "50", "--checkpoint_dir", str(folder), "--stuck_timeout", str(STUCK_TIMEOUT),
                "--mlflow_tracking_uri", f"sqlite:///{work / 'mlflow.db'}"] + TINY
-    launcher = subprocess.Popen(command, cwd=work, env=slowed_environment(0.3),
+    launcher = subprocess.Popen(command, cwd=work, env=environment("slow=0.3"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while (latest_epoch(folder) or 0) < stop_after_epoch:
-            if launcher.poll() is not None or time.monotonic() > deadline:
-                return False, "did not reach epoch 1: " + launcher.communicate()[1][-2000:]
-            time.sleep(0.2)
+        if not reached_epoch(launcher, folder, stop_after_epoch):
+            return False, f"did not reach epoch {stop_after_epoch}: " + launcher.communicate()[1][-2000:]
         time.sleep(1.0)
         os.kill(spawned_ranks(launcher.pid)[1], signal.SIGSTOP)
         stopped = time.monotonic()
