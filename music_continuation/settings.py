@@ -48,6 +48,14 @@ def shown_losses(weights: dict) -> tuple[LossComponent, ...]:
 
 LOSS_WEIGHT_FLAGS = tuple(component.flag[2:] for component in LOSSES)
 
+# The discriminator's own flags and their defaults (AudioCraft's Adam lr for the compression solver); a value
+# other than these is an error in a run without a discriminator.
+DISCRIMINATOR_DEFAULTS = {"discriminator_lr": 3e-4, "adversarial_start_step": 0, "discriminator_context": False}
+# Flags added after runs and studies existed, with the value every older run had: a checkpoint without them
+# resumes as having these, and a study cell that leaves them at these keeps its identity hash.
+LATER_FLAG_DEFAULTS = {**{component.flag[2:]: 0.0 for component in LOSSES if component.adversarial},
+                       **DISCRIMINATOR_DEFAULTS, "ema_decay": 0.0}
+
 # The trivial continuations every model is read against (evaluation.scoring scores them).
 BASELINES = ("silence", "repeat", "oracle")
 

@@ -49,7 +49,7 @@ from music_continuation.ablation import executors  # noqa: E402  (light: submiti
 from music_continuation.ablation.executors import ExecutorError, Runner  # noqa: E402
 from music_continuation.ablation.report import BASELINES, figure_names, write_report  # noqa: E402, F401  (light: no torch at import)
 from music_continuation.config import ConfigError, apply_defaults, config_values, flag_actions, given_config  # noqa: E402
-from music_continuation.settings import flags_where  # noqa: E402  (pure data)
+from music_continuation.settings import LATER_FLAG_DEFAULTS, flags_where  # noqa: E402  (pure data)
 from music_continuation.training.mlflow_logger import PARENT_TAG, git_commit  # noqa: E402  (light: no torch, no mlflow at import)
 from music_continuation.training.mlflow_logger import short as one_line  # noqa: E402
 from music_continuation.utils import Interrupted, UserError, exit_now, export_package_path, warn, write_json  # noqa: E402, I001  (light: standard library only)
@@ -57,12 +57,6 @@ from music_continuation.utils import Interrupted, UserError, exit_now, export_pa
 LAUNCHER = ("-m", "music_continuation.training.launcher")     # run as a module: torchrun takes the same argv
 # listeners.BEAT_TRACKERS (not imported: the listeners load torch, which the start-up avoids; a test pins the two)
 BEAT_TRACKERS = ("librosa", "madmom")
-
-# Flags added after studies existed: part of a cell's identity only where they differ from these defaults, so
-# the cells of earlier studies keep their hashes (and are not trained again).
-LATER_FLAG_DEFAULTS = {"loss_weight_adversarial": 0.0, "loss_weight_feature_matching": 0.0,
-                       "discriminator_lr": 3e-4, "adversarial_start_step": 0, "discriminator_context": False,
-                       "ema_decay": 0.0}
 
 # The default grid: the four documented loss mixes (the presets in configs/) and the unity sanity check.
 DEFAULT_GRID = [

@@ -38,15 +38,11 @@ from music_continuation.losses.audio import (
     check_weights,
     weights_from_flags,
 )
-from music_continuation.settings import flags_where
+from music_continuation.settings import DISCRIMINATOR_DEFAULTS, LATER_FLAG_DEFAULTS, flags_where
 from music_continuation.training import watchdog
 from music_continuation.training.checkpoint import describe_latest
 from music_continuation.training.watchdog import DEFAULT_STUCK_TIMEOUT, FIRST_STEP_FACTOR, START_UP_SECONDS
 from music_continuation.utils import OneLineParser, check_mlflow_server, exit_now, free_port
-
-# The discriminator's own flags and their defaults (AudioCraft's Adam lr for the compression solver); a value
-# other than these is an error in a run without a discriminator.
-DISCRIMINATOR_DEFAULTS = {"discriminator_lr": 3e-4, "adversarial_start_step": 0, "discriminator_context": False}
 
 
 def parse_bool(text: str) -> bool:
@@ -363,8 +359,7 @@ def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, fi
         saved["world_size"] = state["world_size"]
     saved.setdefault("loss_balancer", False)     # checkpoints from before the balancer trained without it
     # ... and those from before the discriminator and the EMA without them
-    saved = {**DISCRIMINATOR_DEFAULTS, "ema_decay": 0.0,
-             **{c.flag[2:]: 0.0 for c in LOSSES if c.adversarial}, **saved}
+    saved = {**LATER_FLAG_DEFAULTS, **saved}
     refused, accepted = resume_changes(saved, args, world_size_of(args))
     if refused:
         name, before, now = refused[0]
