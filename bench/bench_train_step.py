@@ -51,6 +51,7 @@ from music_continuation.losses.audio import (
 )
 from music_continuation.losses.balancer import LossBalancer
 from music_continuation.model import ContinuationTransformer
+from music_continuation.settings import DISCRIMINATOR_DEFAULTS
 from music_continuation.training.launcher import parse_bool
 from music_continuation.training.step import autocast_for, build_optimizer, optimizer_update, to_device, train_step
 
@@ -75,6 +76,8 @@ def parse_args(argv=None):
                         help="also time --steps steps without and with the discriminator (adversarial and feature "
                              "matching at 0.25 each, beside the reference weights), alternating in this process: "
                              "their medians and ratio")
+    parser.add_argument("--discriminator_window_seconds", type=float,
+                        default=DISCRIMINATOR_DEFAULTS["discriminator_window_seconds"], help="as the launcher's flag")
     parser.add_argument("--target_audio", choices=("original", "codec"), default="original",
                         help="codec: the references are the decoder's audio of the true latents")
     parser.add_argument("--codec_references", choices=("stored", "decoded"), default="stored",
@@ -146,16 +149,17 @@ def build_training_parts(args, frames: int, checkpointing: bool, device: torch.d
     if args.compile:
         model = torch.compile(model)
     balancer = LossBalancer(loss_fn.weights, args.loss_balancer)
-    adversary = build_adversary(loss_fn.weights, device, args.compile)
+    adversary = build_adversary(args, loss_fn.weights, device)
     return model, decoder, normalizer, loss_fn, optimizer, scheduler, autocast_for(device), balancer, adversary
 
 
-def build_adversary(weights: dict, device, compile: bool = False) -> Adversary | None:
+def build_adversary(args, weights: dict, device) -> Adversary | None:
     """The trainer's discriminator (AudioCraft's configuration and Adam) when an adversarial weight is > 0."""
     if not adversarial_weighted(weights):
         return None
     torch.manual_seed(1)
-    return Adversary(device, lr=3e-4, compile=compile)
+    return Adversary(device, lr=DISCRIMINATOR_DEFAULTS["discriminator_lr"], compile=args.compile,
+                     window_seconds=args.discriminator_window_seconds)
 
 
 def stage_times(parts, host_batch, device, grad_clip: float, target_audio: str) -> dict:
@@ -174,7 +178,7 @@ def stage_times(parts, host_batch, device, grad_clip: float, target_audio: str) 
     times["losses"], terms = timed(lambda: loss_fn.terms(audio, *references), device)
     if adversary is not None:      # its forward on [generated; reference] and its own backward
         def discriminator():
-            figures = adversary.terms(audio, *references, autocast)
+            figures = adversary.terms(audio, *references, autocast, step=0)
             adversary.backward(figures["discriminator_loss"], 1.0)
             return figures
         times["discriminator"], figures = timed(discriminator, device)
@@ -234,7 +238,7 @@ def compare_adversarial(args, parts, host_batch, device) -> dict:
         weights = {**reference, **({"adversarial": 0.25, "feature_matching": 0.25} if on else {})}
         fn = CombinedLoss(**weights).to(device)
         configs[on] = (fn, LossBalancer(fn.weights, args.loss_balancer),
-                       build_adversary(fn.weights, device, args.compile))
+                       build_adversary(args, fn.weights, device))
     times = {False: [], True: []}
     for index in range(args.warmup + args.steps):
         for on, (fn, balancer, adversary) in configs.items():

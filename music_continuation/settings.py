@@ -48,13 +48,16 @@ def shown_losses(weights: dict) -> tuple[LossComponent, ...]:
 
 LOSS_WEIGHT_FLAGS = tuple(component.flag[2:] for component in LOSSES)
 
-# The discriminator's own flags and their defaults (AudioCraft's Adam lr for the compression solver); a value
-# other than these is an error in a run without a discriminator.
-DISCRIMINATOR_DEFAULTS = {"discriminator_lr": 3e-4, "adversarial_start_step": 0, "discriminator_context": False}
+# The discriminator's own flags and their defaults (AudioCraft's Adam lr for the compression solver; the window
+# is docs/adversarial.md's trade of cost against context); a value other than these is an error in a run
+# without a discriminator.
+DISCRIMINATOR_DEFAULTS = {"discriminator_lr": 3e-4, "adversarial_start_step": 0, "discriminator_context": False,
+                          "discriminator_window_seconds": 0.2}
 # Flags added after runs and studies existed, with the value every older run had: a checkpoint without them
-# resumes as having these, and a study cell that leaves them at these keeps its identity hash.
+# resumes as having these, and a study cell that leaves them at these keeps its identity hash. The first
+# discriminators heard all the audio (window 0).
 LATER_FLAG_DEFAULTS = {**{component.flag[2:]: 0.0 for component in LOSSES if component.adversarial},
-                       **DISCRIMINATOR_DEFAULTS, "ema_decay": 0.0}
+                       **DISCRIMINATOR_DEFAULTS, "discriminator_window_seconds": 0.0, "ema_decay": 0.0}
 
 # The trivial continuations every model is read against (evaluation.scoring scores them).
 BASELINES = ("silence", "repeat", "oracle")
@@ -103,6 +106,7 @@ FLAG_ROLES = {
     **{flag: "experiment" for flag in LOSS_WEIGHT_FLAGS},
     "loss_balancer": "experiment", "balancer_ema_decay": "experiment",
     "discriminator_lr": "experiment", "adversarial_start_step": "experiment", "discriminator_context": "experiment",
+    "discriminator_window_seconds": "experiment",
     "ema_decay": "experiment",
     # On resume the world size (--nproc, or torchrun's) must match: it sets the data order and the batch.
     "nproc": "experiment",

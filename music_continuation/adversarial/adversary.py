@@ -3,12 +3,20 @@
 Per micro-batch (training.step.train_step), with y the output audio as a leaf that requires grad, x the
 reference (target) audio and c the context's audio before the seam:
 
-    D sees          fake = y, real = x            or, with --discriminator_context, fake = [c, y], real = [c, x]
-                    (one forward of the two stacked on the batch axis: every layer runs once)
-    generator       adversarial = HingeGeneratorLoss(D(fake)),  feature_matching = FeatureMatchingLoss(D(fake), D(real))
+    D hears         a window of W = --discriminator_window_seconds of the judged audio, y and x (or, with
+                    --discriminator_context, [c, y] and [c, x]) cut at the same place; 0: all of it
+    generator       adversarial = HingeGeneratorLoss(D(y)),  feature_matching = FeatureMatchingLoss(D(y), D(x))
                     graphs to y only: the balancer differentiates them at y like the other components
-    discriminator   L_D = HingeDiscriminatorLoss(D(real), D(fake)) x (micro-batch share), backward into D's
-                    parameters only (`inputs=`), from the same forward (y enters it as a constant for D)
+    discriminator   L_D = HingeDiscriminatorLoss(D(x), D(y)) x (micro-batch share), backward into D's
+                    parameters only (`inputs=`), from the same forwards (y enters them as a constant for D)
+
+The window's start is drawn once per optimiser step from (--seed, step), the same for every example,
+micro-batch and rank: 1 or N processes, any accumulation and a resumed run cut the same windows. With the
+context, a window holds at least W / 2 of the continuation (a window of context alone is the same audio for y
+and x). Validation uses the first allowed window: the start of the continuation, or with the context the
+window centred on the seam. D is fully convolutional and its logits are means over the frames, so W only sets
+how much audio each step judges; D's cost grows linearly with it (docs/benchmarks.md). y and x go through D as
+two forwards, so the generator's input-gradient passes cross y's graph only.
 
 After the step's micro-batches, `reduce_gradients` averages D's gradients over the ranks by hand, in one
 all_reduce of one flat buffer: the same collective on every rank in the same order, whatever the
@@ -16,7 +24,8 @@ accumulation, and never the DDP reducer that a second parameter backward in one 
 updated only when the whole step is applied (`step`), a decision every rank shares. The generator's terms
 use D as it was before this step's update (AudioCraft updates D first; here one forward serves both).
 
-D's convolutions may run under autocast; its STFT and all its losses are float32.
+D's convolutions may run under autocast (channels-last: faster on CPU and cuDNN alike); its STFT and all
+its losses are float32.
 """
 from __future__ import annotations
 
@@ -27,6 +36,7 @@ import torch.distributed as dist
 
 from music_continuation.adversarial.discriminator import MultiScaleSTFTDiscriminator
 from music_continuation.adversarial.losses import FeatureMatchingLoss, HingeDiscriminatorLoss, HingeGeneratorLoss
+from music_continuation.codec import SAMPLE_RATE
 
 BETAS = (0.5, 0.9)       # AudioCraft's Adam betas for the compression solver (and its adversaries)
 # Figures of the discriminator, logged as train_<name> / val_<name> beside the loss components.
@@ -36,12 +46,14 @@ DISCRIMINATOR_FIGURES = ("discriminator_loss", "discriminator_real", "discrimina
 class Adversary:
     """The MS-STFT discriminator, its Adam, and the adversarial terms of a step (module docstring)."""
 
-    def __init__(self, device, lr: float, context: bool = False, start_step: int = 0, compile: bool = False):
-        self.discriminator = MultiScaleSTFTDiscriminator().to(device)
+    def __init__(self, device, lr: float, context: bool = False, start_step: int = 0, compile: bool = False,
+                 window_seconds: float = 0.0, seed: int = 0):
+        self.discriminator = MultiScaleSTFTDiscriminator().to(device, memory_format=torch.channels_last)
         self.network = torch.compile(self.discriminator) if compile else self.discriminator
         self.parameters = list(self.discriminator.parameters())
         self.optimizer = torch.optim.Adam(self.parameters, lr=lr, betas=BETAS)
         self.context, self.start_step = bool(context), int(start_step)
+        self.window, self.seed = round(window_seconds * SAMPLE_RATE), int(seed)   # window: samples, 0 = all
         self.generator_loss = HingeGeneratorLoss()
         self.discriminator_loss = HingeDiscriminatorLoss()
         self.feature_matching = FeatureMatchingLoss()
@@ -54,24 +66,34 @@ class Adversary:
         """Whether the generator's adversarial terms are applied at this optimiser step (after the warm-up)."""
         return step >= self.start_step
 
-    def _judge(self, fake: torch.Tensor, real: torch.Tensor, context: torch.Tensor, autocast_ctx):
-        """(fake logits, real logits, fake maps, real maps) of one forward of [fake; real]."""
+    def window_start(self, length: int, seam: int, step: int | None) -> int:
+        """Where the window starts in judged audio of `length` samples whose continuation starts at `seam`:
+        drawn from (seed, step), or the first allowed start when step is None (module docstring)."""
+        first, last = max(0, seam - self.window // 2), length - self.window
+        if step is None or last <= first:
+            return first
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return first + int(torch.randint(last - first + 1, (), generator=generator))
+
+    def _judged(self, fake: torch.Tensor, real: torch.Tensor, context: torch.Tensor, step: int | None):
+        """The audio D hears: the same window of [context,] fake and [context,] real."""
+        seam = 0
         if self.context:
-            fake, real = torch.cat([context, fake], -1), torch.cat([context, real], -1)
-        size = fake.shape[0]
-        with autocast_ctx():
-            logits, maps = self.network(torch.cat([fake, real]).reshape(2 * size, 1, -1))
-        split = lambda tensors: ([t[:size] for t in tensors], [t[size:] for t in tensors])   # noqa: E731
-        fake_logits, real_logits = split(logits)
-        fake_maps, real_maps = zip(*(split(scale) for scale in maps)) if maps else ((), ())
-        return fake_logits, real_logits, list(fake_maps), list(real_maps)
+            fake, real, seam = torch.cat([context, fake], -1), torch.cat([context, real], -1), context.shape[-1]
+        if 0 < self.window < fake.shape[-1]:
+            start = self.window_start(fake.shape[-1], seam, step)
+            fake, real = fake[..., start:start + self.window], real[..., start:start + self.window]
+        return fake, real
 
     def terms(self, output: torch.Tensor, input_audio: torch.Tensor, target_audio: torch.Tensor,
-              autocast_ctx=contextlib.nullcontext) -> dict:
+              autocast_ctx=contextlib.nullcontext, step: int | None = None) -> dict:
         """{adversarial, feature_matching: graphs to `output`; discriminator_loss: graph to D's parameters;
-        discriminator_real, discriminator_fake: mean logits, detached} for float32 audio [B, 1, N]."""
-        fake_logits, real_logits, fake_maps, real_maps = self._judge(
-            output, target_audio.detach().float(), input_audio.detach().float(), autocast_ctx)
+        discriminator_real, discriminator_fake: mean logits, detached} for float32 audio [B, 1, N], judged in
+        the window of optimiser step `step` (None: validation's window)."""
+        fake, real = self._judged(output, target_audio.detach().float(), input_audio.detach().float(), step)
+        with autocast_ctx():
+            fake_logits, fake_maps = self.network(fake)
+            real_logits, real_maps = self.network(real)
         mean = lambda logits: torch.stack([t.float().mean() for t in logits]).mean().detach()   # noqa: E731
         return {"adversarial": self.generator_loss(fake_logits),
                 "feature_matching": self.feature_matching(fake_maps, real_maps),

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from music_continuation.codec import SAMPLE_RATE
+
 N_FFTS = (1024, 2048, 512, 256, 128)
 FILTERS = 32
 KERNEL = (3, 9)           # (time, frequency)
@@ -63,7 +65,8 @@ class STFTDiscriminator(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             spec = torch.stft(x.reshape(x.shape[0], -1).float(), self.n_fft, self.hop_length, self.win_length,
                               window=self.window, center=False, return_complex=True) / self.scale
-        return torch.view_as_real(spec).permute(0, 3, 2, 1)
+        # channels-last, the layout D's parameters are kept in (adversary.py): no copy at every convolution
+        return torch.view_as_real(spec).permute(0, 3, 2, 1).contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         z = self.spectrogram(x)
@@ -81,6 +84,11 @@ class MultiScaleSTFTDiscriminator(nn.Module):
         super().__init__()
         self.scales = nn.ModuleList(STFTDiscriminator(n_fft, filters=filters) for n_fft in n_ffts)
         self.min_length = max(n_ffts)     # no centring: the largest FFT needs that many samples
+
+    @staticmethod
+    def min_seconds(n_ffts: tuple[int, ...] = N_FFTS) -> float:
+        """The shortest audio the scales can hear, in seconds."""
+        return max(n_ffts) / SAMPLE_RATE
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
         if x.shape[-1] < self.min_length:

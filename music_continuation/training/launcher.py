@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from music_continuation.adversarial.discriminator import MultiScaleSTFTDiscriminator
 from music_continuation.codec import HOP_LENGTH, WEIGHT_CHOICES_HELP, CodecLoadError, codec_fingerprint, load_codec
 from music_continuation.config import ConfigError, parse_with_config
 from music_continuation.evaluation.listeners import BEAT_TRACKERS
@@ -129,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
                              default=DISCRIMINATOR_DEFAULTS["discriminator_context"],
                              help="the discriminator also hears the context before the seam, so it judges whether "
                                   "the continuation follows it, not only whether it sounds real")
+    adversarial.add_argument("--discriminator_window_seconds", type=float,
+                             default=DISCRIMINATOR_DEFAULTS["discriminator_window_seconds"],
+                             help="seconds of audio the discriminator hears per example and step, cut at a random "
+                                  "place, the same in the output and the reference (0: all of it; its cost grows "
+                                  "with this)")
     adversarial.add_argument("--ema_decay", type=float, default=0.0,
                              help="decay of the per-step moving average of the model's weights, used for validation, "
                                   "best.pt and inference (0: off; AudioCraft uses 0.99)")
@@ -228,6 +234,11 @@ def check_adversarial_flags(args: argparse.Namespace, parser: argparse.ArgumentP
         parser.error(f"--discriminator_lr must be a positive number, got {args.discriminator_lr}")
     if args.adversarial_start_step < 0:
         parser.error(f"--adversarial_start_step must be >= 0, got {args.adversarial_start_step}")
+    shortest = MultiScaleSTFTDiscriminator.min_seconds()
+    window = args.discriminator_window_seconds
+    if not (math.isfinite(window) and (window == 0 or window >= shortest)):
+        parser.error(f"--discriminator_window_seconds must be 0 (all the audio) or at least {shortest:.4f} "
+                     f"(the discriminator's largest FFT), got {window}")
     if not adversarial_weighted(weights):
         for name, default in DISCRIMINATOR_DEFAULTS.items():
             if getattr(args, name) != default:

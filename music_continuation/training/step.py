@@ -95,7 +95,7 @@ def train_step(model, decoder, normalizer, loss_fn, optimizer, scheduler, batche
             audio = output_audio.detach().float().requires_grad_(True)    # the loss graph starts here
             terms = loss_fn.terms(audio, *references)                     # fp32 inside
             if adversary is not None:
-                terms.update(adversary.terms(audio, *references, autocast_ctx))
+                terms.update(adversary.terms(audio, *references, autocast_ctx, step))
                 adversary.backward(terms["discriminator_loss"], share)   # before the balancer frees the graph
             gradient = balancer.gradient({name: terms[name] for name in balancer.names}, audio, held)
             # every rank always runs backward, so DDP's gradient all-reduce stays in lock-step

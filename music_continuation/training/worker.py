@@ -519,7 +519,7 @@ def build_adversary(args, weights: dict, device, resume_state: dict | None) -> A
         return None
     torch.manual_seed(args.seed + 1)      # its own stream: the model's init is the same with or without it
     adversary = Adversary(device, args.discriminator_lr, args.discriminator_context, args.adversarial_start_step,
-                          args.compile)
+                          args.compile, args.discriminator_window_seconds, args.seed)
     if resume_state is not None:
         adversary.load_state_dict(resume_state["discriminator"])
     return adversary

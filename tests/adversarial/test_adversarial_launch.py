@@ -50,8 +50,13 @@ def blocks(stdout: str) -> dict[int, dict]:
     return found
 
 
+# Shorter than the 2560-sample segments: every step hears a window cut from (seed, step), which must be the same
+# in 1 and 2 processes and in a resumed run.
+WINDOW = ["--discriminator_window_seconds", 0.09]
+
+
 def flags(cache, extra=(), weights=WEIGHTS) -> list:
-    return (["--data_dir", cache, "--dropout", 0.0] + TINY
+    return (["--data_dir", cache, "--dropout", 0.0] + TINY + WINDOW
             + [item for flag, value in weights.items() for item in (f"--{flag}", value)] + list(extra))
 
 

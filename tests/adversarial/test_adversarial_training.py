@@ -147,6 +147,10 @@ def test_with_a_discriminator_the_block_adds_its_components_after_the_four():
     (["--discriminator_lr", 1e-3], "--discriminator_lr needs a discriminator"),
     (["--loss_weight_adversarial", 1, "--discriminator_lr", 0], "--discriminator_lr must be a positive number"),
     (["--ema_decay", 1.0], "--ema_decay must be in [0, 1)"),
+    (["--discriminator_window_seconds", 0.5], "--discriminator_window_seconds needs a discriminator"),
+    (["--loss_weight_adversarial", 1, "--discriminator_window_seconds", 0.05],
+     "--discriminator_window_seconds must be 0 (all the audio) or at least 0.0853 (the discriminator's largest "
+     "FFT), got 0.05"),
 ])
 def test_each_bad_adversarial_flag_is_a_one_line_error(extra, expected, tiny_cache, capsys):
     assert expected in validation_error(["--data_dir", tiny_cache] + TINY + extra, capsys)
@@ -155,7 +159,9 @@ def test_each_bad_adversarial_flag_is_a_one_line_error(extra, expected, tiny_cac
 def test_the_ablation_identity_keeps_earlier_hashes_and_knows_the_new_flags():
     from music_continuation.ablation import ablate
     parser = launcher.build_parser()
-    assert {name: parser.get_default(name) for name in ablate.LATER_FLAG_DEFAULTS} == ablate.LATER_FLAG_DEFAULTS
+    defaults = {name: parser.get_default(name) for name in ablate.LATER_FLAG_DEFAULTS}
+    # the first discriminators heard all the audio: older adversarial cells and checkpoints keep window 0
+    assert {**defaults, "discriminator_window_seconds": 0.0} == ablate.LATER_FLAG_DEFAULTS
     assert set(launcher.DISCRIMINATOR_DEFAULTS) | {"ema_decay"} <= set(launcher.RESUME_MUST_MATCH)
     assert {"loss_weight_adversarial", "loss_weight_feature_matching"} <= set(launcher.RESUME_MUST_MATCH)
 
@@ -184,16 +190,50 @@ def test_accumulated_micro_batches_match_one_batch(step_parts):  # noqa: F811
             torch.testing.assert_close(tensor, state_b[name], rtol=1e-4, atol=1e-6)
 
 
-def test_with_context_the_discriminator_hears_the_context_then_the_audio(step_parts):  # noqa: F811
-    heard = []
-    adversary = Adversary("cpu", lr=1e-3, context=True)
-    network = adversary.network
+def hearing(adversary) -> list:
+    """What the adversary's discriminator hears, call by call."""
+    heard, network = [], adversary.network
     adversary.network = lambda x: heard.append(x.detach().clone()) or network(x)
+    return heard
+
+
+def test_with_context_the_discriminator_hears_the_context_then_the_audio(step_parts):  # noqa: F811
+    adversary = Adversary("cpu", lr=1e-3, context=True)
+    heard = hearing(adversary)
     batch = small(step_parts["batches"][0])
     output = torch.randn(2, 1, 2560)
     adversary.measure(output, batch["input_audio"], batch["target_audio"])
-    audio, = heard
-    assert audio.shape == (4, 1, 5120)                          # [generated; real], each context + continuation
-    assert torch.equal(audio[:2, :, :2560], batch["input_audio"]) and torch.equal(audio[2:, :, :2560],
-                                                                                    batch["input_audio"])
-    assert torch.equal(audio[:2, :, 2560:], output) and torch.equal(audio[2:, :, 2560:], batch["target_audio"])
+    fake, real = heard
+    assert fake.shape == real.shape == (2, 1, 5120)           # context + continuation
+    assert torch.equal(fake[..., :2560], batch["input_audio"]) and torch.equal(real[..., :2560], batch["input_audio"])
+    assert torch.equal(fake[..., 2560:], output) and torch.equal(real[..., 2560:], batch["target_audio"])
+
+
+@pytest.mark.parametrize("context", [False, True])
+def test_the_window_is_cut_at_one_place_per_step_from_the_seed(context):
+    """Output and reference cut at the same place; the place a function of (seed, step) only; with the context
+    at least half the window is continuation; validation (step None) hears the first allowed window."""
+    window, length = 2400, 6000
+    seam = length if context else 0
+    ramp = torch.arange(seam + length, dtype=torch.float32).view(1, 1, -1)   # sample value = its position
+    context_audio, output = ramp[..., :length], ramp[..., seam:]
+    reference = output + 0.5
+
+    def starts(seed: int, steps: list) -> list:
+        adversary = Adversary("cpu", lr=1e-3, context=context, window_seconds=window / 24000, seed=seed)
+        heard, found = hearing(adversary), []
+        for step in steps:
+            adversary.terms(output, context_audio, reference, step=step)
+            fake, real = heard[-2:]
+            start = int(fake[0, 0, 0])
+            assert torch.equal(fake, ramp[..., start:start + window])
+            assert torch.equal(real - fake, (torch.arange(start, start + window) >= seam).float().view(1, 1, -1) / 2)
+            found.append(start)
+        return found
+
+    steps = list(range(16)) + [None]
+    first = starts(0, steps)
+    assert first == starts(0, steps) and first != starts(1, steps)
+    lowest = seam - window // 2 if context else 0
+    assert all(lowest <= start <= seam + length - window for start in first)
+    assert first[-1] == lowest and len(set(first[:-1])) > 4
