@@ -301,6 +301,7 @@ def bench_step(args, segment_seconds: float, checkpointing: bool) -> dict:
         "decoder_fwd_bwd_seconds": round(decode, 4),
         "step_over_decoder": round(step / decode, 3),
         "loss_balancer": args.loss_balancer, "discriminator": adversary is not None,
+        "discriminator_window_seconds": args.discriminator_window_seconds,
         "stage_share": {name: round(value / stage_sum, 3) for name, value in stage_medians.items()},
         "loss_gradients_seconds": round(stage_medians["loss_gradients"], 4),
         "single_loss_backward_seconds": round(single_backward, 4),

@@ -22,7 +22,8 @@ After the step's micro-batches, `reduce_gradients` averages D's gradients over t
 all_reduce of one flat buffer: the same collective on every rank in the same order, whatever the
 accumulation, and never the DDP reducer that a second parameter backward in one step would set off. D is
 updated only when the whole step is applied (`step`), a decision every rank shares. The generator's terms
-use D as it was before this step's update (AudioCraft updates D first; here one forward serves both).
+use D as it was before this step's update (AudioCraft updates D first and runs it again; here the same two
+forwards serve both).
 
 D's convolutions may run under autocast (channels-last: faster on CPU and cuDNN alike); its STFT and all
 its losses are float32.
