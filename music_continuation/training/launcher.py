@@ -198,6 +198,8 @@ def check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.nproc is not None and args.nproc < 1:
         parser.error(f"--nproc must be at least 1, got {args.nproc}")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():     # before --checkpoint_dir is made
+        parser.error(f"--data_dir {args.data_dir}: no such directory (make it with prepare_data.py)")
     if args.nproc is not None and torch.cuda.is_available() and args.nproc > torch.cuda.device_count():
         parser.error(f"--nproc {args.nproc}: only {torch.cuda.device_count()} GPUs are visible")
     if args.musical_every:
@@ -280,8 +282,6 @@ def check_data_and_codec(args: argparse.Namespace, parser: argparse.ArgumentPars
     from music_continuation.data.integrity import check_cache_files
     if args.data_dir is None:
         args.data_dir = str(ensure_demo_cache())
-    elif not Path(args.data_dir).is_dir():
-        parser.error(f"--data_dir {args.data_dir}: no such directory (make it with prepare_data.py)")
     args.data_dir = str(Path(args.data_dir).resolve())
     try:
         train_set = ContinuationDataset(args.data_dir, "train", args.segment_frames, args.unity_test)

@@ -354,6 +354,10 @@ def test_each_bad_flag_is_a_one_line_error(extra, expected, tiny_cache, capsys):
 
 def test_missing_data_dir_and_other_codec_are_refused(tiny_cache, other_codec_file, tmp_path, capsys):
     assert "no such directory" in validation_error(["--data_dir", tmp_path / "nothing"] + TINY, capsys)
+    with pytest.raises(SystemExit):      # refused before anything is written: no empty checkpoint folder is left
+        train_simple_ddp.parse_and_validate(["--data_dir", str(tmp_path / "nothing"),
+                                             "--checkpoint_dir", str(tmp_path / "ck")], lock=True)
+    assert not (tmp_path / "ck").exists()
     message = validation_error(["--data_dir", tiny_cache, "--encodec_weights", other_codec_file] + TINY, capsys)
     assert "differs from the one that made the cache" in message
 
