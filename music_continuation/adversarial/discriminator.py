@@ -30,6 +30,7 @@ KERNEL = (3, 9)           # (time, frequency)
 STRIDE = (1, 2)
 DILATIONS = (1, 2, 4)     # on the time axis
 NEGATIVE_SLOPE = 0.3
+SHORTEST_SECONDS = max(N_FFTS) / SAMPLE_RATE     # the shortest audio the scales can hear (no centring)
 
 
 def _padding(kernel: tuple[int, int], dilation: tuple[int, int] = (1, 1)) -> tuple[int, int]:
@@ -84,11 +85,6 @@ class MultiScaleSTFTDiscriminator(nn.Module):
         super().__init__()
         self.scales = nn.ModuleList(STFTDiscriminator(n_fft, filters=filters) for n_fft in n_ffts)
         self.min_length = max(n_ffts)     # no centring: the largest FFT needs that many samples
-
-    @staticmethod
-    def min_seconds(n_ffts: tuple[int, ...] = N_FFTS) -> float:
-        """The shortest audio the scales can hear, in seconds."""
-        return max(n_ffts) / SAMPLE_RATE
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
         if x.shape[-1] < self.min_length:

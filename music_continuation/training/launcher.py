@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from music_continuation.adversarial.discriminator import MultiScaleSTFTDiscriminator
+from music_continuation.adversarial.discriminator import SHORTEST_SECONDS
 from music_continuation.codec import HOP_LENGTH, WEIGHT_CHOICES_HELP, CodecLoadError, codec_fingerprint, load_codec
 from music_continuation.config import ConfigError, parse_with_config
 from music_continuation.evaluation.listeners import BEAT_TRACKERS
@@ -236,10 +236,9 @@ def check_adversarial_flags(args: argparse.Namespace, parser: argparse.ArgumentP
         parser.error(f"--discriminator_lr must be a positive number, got {args.discriminator_lr}")
     if args.adversarial_start_step < 0:
         parser.error(f"--adversarial_start_step must be >= 0, got {args.adversarial_start_step}")
-    shortest = MultiScaleSTFTDiscriminator.min_seconds()
     window = args.discriminator_window_seconds
-    if not (math.isfinite(window) and (window == 0 or window >= shortest)):
-        parser.error(f"--discriminator_window_seconds must be 0 (all the audio) or at least {shortest:.4f} "
+    if not (math.isfinite(window) and (window == 0 or window >= SHORTEST_SECONDS)):
+        parser.error(f"--discriminator_window_seconds must be 0 (all the audio) or at least {SHORTEST_SECONDS:.4f} "
                      f"(the discriminator's largest FFT), got {window}")
     if not adversarial_weighted(weights):
         for name, default in DISCRIMINATOR_DEFAULTS.items():
