@@ -13,7 +13,13 @@ import math
 import statistics
 from pathlib import Path
 
-from music_continuation.settings import BASELINES, LOSS_COMPONENTS  # the share columns follow LOSS_COMPONENTS
+from music_continuation.settings import (  # the share columns follow LOSS_COMPONENTS
+    ADVERSARIAL_COMPONENTS,
+    BASELINES,
+    LOSS_COMPONENTS,
+    LOSSES,
+    adversarial_weighted,
+)
 
 # 'level' and 'tempo_ratio' are best at 1; everything else is an error or a distance (lower is better)
 HIGHER_IS_BETTER = {"rhythm", "chroma", "melody_f1", "pitch_class_agreement", "beat_f1"}
@@ -154,11 +160,13 @@ def markdown_report(rows: list[dict], by_cell: dict, names, header: list[str], t
     unity = {r["cell"] for r in rows if r.get("unity")}     # a sanity check (target = input): not a contender
     marks = best_of(summary, names, unity, skip=("loss",))
     extra = " listening (MUSHRA) |" if listening else ""
+    weighted = weight_names(rows)
+    label = "/".join(["in/tgt/spec/mel"] + [c.short for c in LOSSES if c.adversarial and c.name in weighted])
     lines = header + ["", MARKDOWN_LEGEND, "",
-                      "| cell | weights in/tgt/spec/mel | seeds | " + " | ".join(names) + " |" + extra,
+                      f"| cell | weights {label} | seeds | " + " | ".join(names) + " |" + extra,
                       "|---|---|---|" + "---|" * (len(names) + bool(listening))]
     for c, group in by_cell.items():
-        lines.append(f"| {c} | {weights_of(group)} | {len(group)} | "
+        lines.append(f"| {c} | {weights_of(group, weighted)} | {len(group)} | "
                      + " | ".join(cell_text(summary, marks, c, n) for n in names) + " |"
                      + (f" {listening_text(listening, c)} |" if listening else ""))
     for b in BASELINES:
@@ -232,9 +240,15 @@ def cell_text(table: dict, marks: dict, c: str, n: str) -> str:
     return f"**{text}**" if marks.get(n) == c else text
 
 
-def weights_of(group: list) -> str:
+def weight_names(rows: list) -> tuple[str, ...]:
+    """The weights column's components: the four, and the adversarial two when some cell trains them."""
+    adversarial = any(adversarial_weighted(row["result"].get("weights") or {}) for row in rows)
+    return LOSS_COMPONENTS + (ADVERSARIAL_COMPONENTS if adversarial else ())
+
+
+def weights_of(group: list, names: tuple[str, ...]) -> str:
     weights = group[0]["result"].get("weights") or {}
-    return "/".join(f"{weights.get(k, 0):g}" for k in ("rms_input", "rms_target", "spectral", "mel"))
+    return "/".join(f"{weights.get(k, 0):g}" for k in names)
 
 
 def agree(values: list) -> bool:

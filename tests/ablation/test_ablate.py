@@ -337,3 +337,12 @@ def test_report_columns_of_the_listeners(tmp_path):
     table = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert [row["frechet_codec"] for row in table] == ["50.0", "", "80.0"]
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert column("a", "weights in/tgt/spec/mel") == "0/1/0/0"
+
+    # a cell that trains the discriminator: its weights join the column, for every cell
+    rows[2]["result"]["weights"] |= {"adversarial": 4.0, "feature_matching": 4.0}
+    markdown = write_report(rows, ["a", "b", "c"], tmp_path / "adversarial", ["# test"])
+    header = next(line for line in markdown.splitlines() if line.startswith("| cell | weights"))
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    assert column("c", "weights in/tgt/spec/mel/adv/feat") == "0/1/0/0/4/4"
+    assert column("a", "weights in/tgt/spec/mel/adv/feat") == "0/1/0/0/0/0"
