@@ -54,10 +54,16 @@ LOSS_WEIGHT_FLAGS = tuple(component.flag[2:] for component in LOSSES)
 DISCRIMINATOR_DEFAULTS = {"discriminator_lr": 3e-4, "adversarial_start_step": 0, "discriminator_context": False,
                           "discriminator_window_seconds": 0.2}
 # Flags added after runs and studies existed, with the value every older run had: a checkpoint without them
-# resumes as having these, and a study cell that leaves them at these keeps its identity hash. The first
-# discriminators heard all the audio (window 0).
+# resumes as having these, and a study cell that leaves them at these keeps its identity hash.
 LATER_FLAG_DEFAULTS = {**{component.flag[2:]: 0.0 for component in LOSSES if component.adversarial},
-                       **DISCRIMINATOR_DEFAULTS, "discriminator_window_seconds": 0.0, "ema_decay": 0.0}
+                       **DISCRIMINATOR_DEFAULTS, "ema_decay": 0.0}
+
+
+def older_run_values(flags: dict) -> dict:
+    """LATER_FLAG_DEFAULTS for a run with these flags (launcher flag names): the first discriminators heard all
+    the audio, so an adversarial run from before --discriminator_window_seconds had window 0."""
+    adversarial = any(float(flags.get(c.flag[2:]) or 0.0) > 0 for c in LOSSES if c.adversarial)
+    return {**LATER_FLAG_DEFAULTS, **({"discriminator_window_seconds": 0.0} if adversarial else {})}
 
 # The trivial continuations every model is read against (evaluation.scoring scores them).
 BASELINES = ("silence", "repeat", "oracle")

@@ -49,7 +49,7 @@ from music_continuation.ablation import executors  # noqa: E402  (light: submiti
 from music_continuation.ablation.executors import ExecutorError, Runner  # noqa: E402
 from music_continuation.ablation.report import BASELINES, figure_names, write_report  # noqa: E402, F401  (light: no torch at import)
 from music_continuation.config import ConfigError, apply_defaults, config_values, flag_actions, given_config  # noqa: E402
-from music_continuation.settings import LATER_FLAG_DEFAULTS, flags_where  # noqa: E402  (pure data)
+from music_continuation.settings import flags_where, older_run_values  # noqa: E402  (pure data)
 from music_continuation.training.mlflow_logger import PARENT_TAG, git_commit  # noqa: E402  (light: no torch, no mlflow at import)
 from music_continuation.training.mlflow_logger import short as one_line  # noqa: E402
 from music_continuation.utils import Interrupted, UserError, exit_now, export_package_path, warn, write_json  # noqa: E402, I001  (light: standard library only)
@@ -277,8 +277,9 @@ def build_cells(grid: list[dict], shared: dict, seeds: int, out_dir: Path) -> li
                 train_simple_ddp.check_flags(args, parser)
             except AblateError as error:
                 raise AblateError(f"cell {entry['name']!r}: {error}") from None
+            older = older_run_values(vars(args))
             settings = {key: value for key, value in sorted(vars(args).items())
-                        if key in IDENTITY and not (key in LATER_FLAG_DEFAULTS and value == LATER_FLAG_DEFAULTS[key])}
+                        if key in IDENTITY and not (key in older and value == older[key])}
             cells.append(Cell(entry["name"], seed, flags, settings, settings_hash(settings),
                               out_dir / entry["name"] / f"seed{seed}"))
     return cells

@@ -39,7 +39,7 @@ from music_continuation.losses.audio import (
     check_weights,
     weights_from_flags,
 )
-from music_continuation.settings import DISCRIMINATOR_DEFAULTS, LATER_FLAG_DEFAULTS, flags_where
+from music_continuation.settings import DISCRIMINATOR_DEFAULTS, flags_where, older_run_values
 from music_continuation.training import watchdog
 from music_continuation.training.checkpoint import describe_latest
 from music_continuation.training.watchdog import DEFAULT_STUCK_TIMEOUT, FIRST_STEP_FACTOR, START_UP_SECONDS
@@ -369,7 +369,7 @@ def resolve_resume(args: argparse.Namespace, parser: argparse.ArgumentParser, fi
         saved["world_size"] = state["world_size"]
     saved.setdefault("loss_balancer", False)     # checkpoints from before the balancer trained without it
     # ... and those from before the discriminator and the EMA without them
-    saved = {**LATER_FLAG_DEFAULTS, **saved}
+    saved = {**older_run_values(saved), **saved}
     refused, accepted = resume_changes(saved, args, world_size_of(args))
     if refused:
         name, before, now = refused[0]

@@ -156,14 +156,24 @@ def test_each_bad_adversarial_flag_is_a_one_line_error(extra, expected, tiny_cac
     assert expected in validation_error(["--data_dir", tiny_cache] + TINY + extra, capsys)
 
 
-def test_the_ablation_identity_keeps_earlier_hashes_and_knows_the_new_flags():
+def test_the_ablation_identity_keeps_earlier_hashes_and_knows_the_new_flags(tmp_path):
     from music_continuation.ablation import ablate
+    from music_continuation.settings import LATER_FLAG_DEFAULTS, older_run_values
     parser = launcher.build_parser()
-    defaults = {name: parser.get_default(name) for name in ablate.LATER_FLAG_DEFAULTS}
-    # the first discriminators heard all the audio: older adversarial cells and checkpoints keep window 0
-    assert {**defaults, "discriminator_window_seconds": 0.0} == ablate.LATER_FLAG_DEFAULTS
+    assert {name: parser.get_default(name) for name in LATER_FLAG_DEFAULTS} == LATER_FLAG_DEFAULTS
     assert set(launcher.DISCRIMINATOR_DEFAULTS) | {"ema_decay"} <= set(launcher.RESUME_MUST_MATCH)
     assert {"loss_weight_adversarial", "loss_weight_feature_matching"} <= set(launcher.RESUME_MUST_MATCH)
+    # the first discriminators heard all the audio: an adversarial run from before the window had window 0
+    assert older_run_values({"loss_weight_adversarial": 4.0})["discriminator_window_seconds"] == 0.0
+    assert older_run_values({"loss_weight_target": 1.0}) == LATER_FLAG_DEFAULTS
+
+    def identity(flags: dict) -> dict:
+        return ablate.build_cells([{"name": "cell", "flags": flags}], {}, 1, tmp_path)[0].settings
+    # a cell without the discriminator keeps its hash; one with it names the window it trains with
+    assert "discriminator_window_seconds" not in identity({"loss_weight_target": 1.0})
+    assert identity({"loss_weight_adversarial": 4.0})["discriminator_window_seconds"] == 0.2
+    assert "discriminator_window_seconds" not in identity({"loss_weight_adversarial": 4.0,
+                                                             "discriminator_window_seconds": 0.0})
 
 
 @pytest.mark.slow     # several training steps through the discriminator: too long for the inner loop

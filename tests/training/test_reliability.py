@@ -196,6 +196,25 @@ def test_resume_of_a_finished_run_needs_more_epochs(two_epoch_run, capsys):
     assert "pass a larger --epochs" in capsys.readouterr().err
 
 
+def test_a_checkpoint_from_before_the_window_resumes_as_it_trained(two_epoch_run, tmp_path, capsys):
+    """Its args lack --discriminator_window_seconds: without a discriminator the default is no change; an
+    adversarial run then heard all the audio (window 0), so the default 0.2 s is a change it refuses."""
+    state = load_checkpoint(two_epoch_run["folder"] / "ck" / "latest.pt")
+    args = {key: value for key, value in state["args"].items() if key != "discriminator_window_seconds"}
+    for adversarial in (0.0, 4.0):
+        path = tmp_path / f"adversarial{adversarial}.pt"
+        save_checkpoint(path, {**state, "args": {**args, "loss_weight_adversarial": adversarial}})
+        argv = [str(a) for a in two_epoch_run["argv"] + ["--resume", path, "--epochs", 3,
+                                                          "--loss_weight_adversarial", adversarial]]
+        if not adversarial:
+            assert train_simple_ddp.parse_and_validate(argv)[1] == str(path)
+            continue
+        with pytest.raises(SystemExit):
+            train_simple_ddp.parse_and_validate(argv)
+        assert ("the checkpoint has --discriminator_window_seconds 0.0, this command asks for 0.2"
+                in capsys.readouterr().err)
+
+
 # ------------------------------------------------------------------------------- errors inside ranks
 
 # A truncated or missing cache file is found at start, before any rank runs: tests/training/test_faults.py
