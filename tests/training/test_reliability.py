@@ -204,7 +204,7 @@ def test_a_checkpoint_from_before_the_window_resumes_as_it_trained(two_epoch_run
     for adversarial in (0.0, 4.0):
         path = tmp_path / f"adversarial{adversarial}.pt"
         save_checkpoint(path, {**state, "args": {**args, "loss_weight_adversarial": adversarial}})
-        argv = [str(a) for a in two_epoch_run["argv"] + ["--resume", path, "--epochs", 3,
+        argv = [str(a) for a in two_epoch_run["argv"] + ["--resume", path, "--epochs", state["epoch"] + 1,
                                                           "--loss_weight_adversarial", adversarial]]
         if not adversarial:
             assert train_simple_ddp.parse_and_validate(argv)[1] == str(path)
