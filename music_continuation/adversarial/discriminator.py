@@ -59,7 +59,8 @@ class STFTDiscriminator(nn.Module):
         layers.append(weight_norm(nn.Conv2d(filters, filters, square, padding=_padding(square))))
         self.convs = nn.ModuleList(layers)
         self.post = weight_norm(nn.Conv2d(filters, 1, square, padding=_padding(square)))
-        self.activation = nn.LeakyReLU(negative_slope)
+        # in place on the convolution's output, which no backward needs: one map less per layer, and faster
+        self.activation = nn.LeakyReLU(negative_slope, inplace=True)
 
     def spectrogram(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 1, N] -> [B, 2, frames, n_fft // 2 + 1]: real and imaginary parts, float32."""

@@ -23,6 +23,23 @@ def _float(tensors):
     return [tensor.float() for tensor in tensors]
 
 
+class _MeanAbsDifference(torch.autograd.Function):
+    """mean|a - b|, differentiated at a only: d/da = sign(a - b) / numel. The same value and gradient as
+    (a - b).abs().mean(), written by hand because autograd's version of that is 2.5x slower on these maps (its
+    backward multiplies an expanded scalar into a channels-last map)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        difference = a - b
+        ctx.save_for_backward(torch.sign(difference))
+        return difference.abs_().mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        sign, = ctx.saved_tensors
+        return sign * (grad / sign.numel()), None
+
+
 class HingeGeneratorLoss(nn.Module):
     """L_adv = (1 / K) sum_k mean(-D_k(y)): the generator raises the logits of its audio."""
 
@@ -47,5 +64,5 @@ class FeatureMatchingLoss(nn.Module):
         for fake_scale, real_scale in zip(fake_maps, real_maps, strict=True):
             for fake, real in zip(_float(fake_scale), _float(real_scale), strict=True):
                 real = real.detach()
-                terms.append((fake - real).abs().mean() / real.abs().mean().clamp(min=FEATURE_FLOOR))
+                terms.append(_MeanAbsDifference.apply(fake, real) / real.abs().mean().clamp(min=FEATURE_FLOOR))
         return torch.stack(terms).mean()
