@@ -6,6 +6,7 @@
 #   eval "$(cluster/dev_slurm.sh start)"     # prints: export SLURM_CONF=DIR/slurm.conf
 #   sbatch ... / ablate.py --executor slurm ...
 #   cluster/dev_slurm.sh stop                # stops only the daemons it started (by their pid files)
+#   cluster/dev_slurm.sh install             # only install the missing Debian packages (CI does it beside pip)
 #
 # DIR is $DEV_SLURM_DIR, default /tmp/dev_slurm-$UID. Missing Debian packages are installed (root only): slurmctld
 # slurmd slurm-client munge slurmdbd mariadb-server-core mariadb-client-core (-core: no system perl upgrade).
@@ -21,6 +22,7 @@ COMMANDS=(slurmctld slurmd sbatch munged slurmdbd mariadbd mariadb-install-db ma
 DAEMONS=(slurmd slurmctld slurmdbd mariadb munged)       # start is the reverse order
 START_TIMEOUT=${DEV_SLURM_TIMEOUT:-90}                     # seconds for each daemon to answer
 NODES=${DEV_SLURM_NODES:-1}
+APT_LOCK_WAIT=600
 
 say() { echo "dev_slurm: $*" >&2; }
 fail() { say "$*"; exit 1; }
@@ -62,8 +64,18 @@ ensure_packages() {
         exit 3
     fi
     say "installing ${PACKAGES[*]}"
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${PACKAGES[@]}"; } \
+    { apt_get update -qq && apt_get install -y -qq "${PACKAGES[@]}"; } \
         >"${TMPDIR:-/tmp}/dev_slurm_apt.log" 2>&1 || fail "apt-get install failed; see ${TMPDIR:-/tmp}/dev_slurm_apt.log"
+}
+
+apt_get() {   # apt-get ARGS, waiting up to APT_LOCK_WAIT s for another apt-get (CI installs these beside pip)
+    local deadline=$((SECONDS + APT_LOCK_WAIT)) out
+    until out=$(DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout="$APT_LOCK_WAIT" "$@" 2>&1); do
+        # `apt-get update` does not wait for its lock by itself
+        [[ $out == *"Could not get lock"* ]] && ((SECONDS < deadline)) || { echo "$out"; return 1; }
+        sleep 2
+    done
+    echo "$out"
 }
 
 free_port() {
@@ -218,6 +230,7 @@ case "${1:-}" in
     start) [[ $NODES == 1 || $NODES == 2 ]] || fail "DEV_SLURM_NODES=$NODES: 1 or 2 (the second node is localhost)"
            start ;;
     stop) stop ;;
-    *) echo "usage: $0 start|stop   (folder: \$DEV_SLURM_DIR, default /tmp/dev_slurm-\$UID; nodes: \$DEV_SLURM_NODES, 1 or 2)" >&2
+    install) ensure_packages ;;
+    *) echo "usage: $0 start|stop|install   (folder: \$DEV_SLURM_DIR, default /tmp/dev_slurm-\$UID; nodes: \$DEV_SLURM_NODES, 1 or 2)" >&2
        exit 2 ;;
 esac
