@@ -22,7 +22,7 @@ COMMANDS=(slurmctld slurmd sbatch munged slurmdbd mariadbd mariadb-install-db ma
 DAEMONS=(slurmd slurmctld slurmdbd mariadb munged)       # start is the reverse order
 START_TIMEOUT=${DEV_SLURM_TIMEOUT:-90}                     # seconds for each daemon to answer
 NODES=${DEV_SLURM_NODES:-1}
-APT_LOCK_WAIT=600
+APT_GET="$(dirname "${BASH_SOURCE[0]}")/apt_get.sh"     # waits for another apt-get (CI installs beside pip)
 
 say() { echo "dev_slurm: $*" >&2; }
 fail() { say "$*"; exit 1; }
@@ -64,18 +64,8 @@ ensure_packages() {
         exit 3
     fi
     say "installing ${PACKAGES[*]}"
-    { apt_get update -qq && apt_get install -y -qq "${PACKAGES[@]}"; } \
+    { bash "$APT_GET" update -qq && bash "$APT_GET" install -y -qq "${PACKAGES[@]}"; } \
         >"${TMPDIR:-/tmp}/dev_slurm_apt.log" 2>&1 || fail "apt-get install failed; see ${TMPDIR:-/tmp}/dev_slurm_apt.log"
-}
-
-apt_get() {   # apt-get ARGS, waiting up to APT_LOCK_WAIT s for another apt-get (CI installs these beside pip)
-    local deadline=$((SECONDS + APT_LOCK_WAIT)) out
-    until out=$(DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout="$APT_LOCK_WAIT" "$@" 2>&1); do
-        # `apt-get update` does not wait for its lock by itself
-        [[ $out == *"Could not get lock"* ]] && ((SECONDS < deadline)) || { echo "$out"; return 1; }
-        sleep 2
-    done
-    echo "$out"
 }
 
 free_port() {

@@ -189,7 +189,6 @@ def pytest_collection_modifyitems(config, items):
 
 BROWSER_PACKAGES = ("chromium", "chromium-driver")     # Debian's headless browser and its WebDriver
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-APT_LOCK_WAIT = 600     # seconds to wait for another apt-get
 
 
 def _install_browser() -> str | None:
@@ -198,15 +197,12 @@ def _install_browser() -> str | None:
         return None
     if os.geteuid() != 0:
         return f"{CHROMIUM} / {CHROMEDRIVER} missing and not root (apt-get install {' '.join(BROWSER_PACKAGES)})"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    wait = ["-o", f"DPkg::Lock::Timeout={APT_LOCK_WAIT}"]
-    for command in (["apt-get", *wait, "update", "-qq"], ["apt-get", *wait, "install", "-y", "-qq", *BROWSER_PACKAGES]):
-        deadline = time.monotonic() + APT_LOCK_WAIT
-        # .ci/run installs these beside pip; `apt-get update` does not wait for another apt's lock by itself
-        while (done := subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)).returncode:
-            if "Could not get lock" not in done.stderr or time.monotonic() > deadline:
-                return f"{' '.join(command)} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
-            time.sleep(2)
+    for arguments in (["update", "-qq"], ["install", "-y", "-qq", *BROWSER_PACKAGES]):
+        # cluster/apt_get.sh waits for another apt-get: .ci/run installs these beside pip
+        done = subprocess.run(["bash", str(ROOT / "cluster" / "apt_get.sh"), *arguments], capture_output=True,
+                              text=True, timeout=900)
+        if done.returncode != 0:
+            return f"apt-get {' '.join(arguments)} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
     return None
 
 
