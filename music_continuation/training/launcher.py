@@ -544,6 +544,8 @@ def supervise(ranks: list, reports, checkpoint_dir: str, board=None, stuck_timeo
             multiprocessing.connection.wait([p.sentinel for p in ranks], timeout=0.5)
             drain(reports, done, errors)
             dead = failed(ranks, done)     # before stopping the others, whose exits are not the cause
+            if dead and board is not None and board.held_by_another():
+                dead = []    # a watchdog ending a stuck job killed it (or its stack dump crashed it): its line follows
             if board is not None and not (errors or dead):
                 stuck = watchdog.stuck_slots(board, stuck_timeout, watchdog.LAUNCHER_GRACE_SECONDS)
                 if stuck and board.try_lock():

@@ -99,6 +99,15 @@ class Board:
         except OSError:
             return False
 
+    def held_by_another(self) -> bool:
+        """Whether another process holds the lock: a rank's watchdog is ending the job and will report why."""
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        return False
+
     def remove(self) -> None:
         with contextlib.suppress(OSError):
             self.path.unlink()

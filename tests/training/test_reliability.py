@@ -23,6 +23,7 @@ from music_continuation.data.cache import read_manifest, track_paths
 from music_continuation.data.integrity import check_cache_files
 from music_continuation.training import launcher as train_simple_ddp
 from music_continuation.training import step as training_step
+from music_continuation.training import watchdog
 from music_continuation.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tests.fault_launcher import FAULT_LAUNCHER, fault_environment
 from tests.training.test_training import RUN_TIMEOUT, TINY, epoch_blocks, make_trainable, run_launcher, sqlite_uri
@@ -258,11 +259,33 @@ def _fail(rank, args, resume_path, reports):
     time.sleep(60)                             # blocked in a collective, waiting for rank 1
 
 
-def supervise_with(target, tmp_path) -> int:
+STUCK_LINE = "rank 1 made no progress for 10 s at step 3 (its process is stopped) on host (--stuck_timeout 10)"
+
+
+def _stack_dump_crashes_the_stuck_rank(rank, board_path, resume_path, reports):
+    from music_continuation.training.watchdog import EXIT_STUCK, Board
+    board = Board(Path(board_path), 2)
+    if rank == 0:                              # the acting watchdog: holds the lock, dumps stacks, then reports
+        assert board.try_lock()
+        time.sleep(1.0)
+        reports.put(("stuck", 0, f"error: {STUCK_LINE}"))
+        os._exit(EXIT_STUCK)
+    while not board.held_by_another():
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGSEGV)       # what faulthandler's dump of a resumed, stopped rank did once
+
+
+def supervise_with(target, tmp_path, board_path=None) -> int:
     context = torch.multiprocessing.get_context("spawn")
     reports = context.SimpleQueue()
-    ranks = [context.Process(target=target, args=(rank, None, None, reports)) for rank in range(2)]
-    return train_simple_ddp.supervise(ranks, reports, str(tmp_path))
+    ranks = [context.Process(target=target, args=(rank, board_path, None, reports)) for rank in range(2)]
+    board = None if board_path is None else watchdog.Board(Path(board_path), 2)
+    return train_simple_ddp.supervise(ranks, reports, str(tmp_path), board=board, stuck_timeout=10)
+
+
+def test_a_rank_lost_while_a_watchdog_ends_the_job_gives_the_watchdogs_line(tmp_path, capsys):
+    assert supervise_with(_stack_dump_crashes_the_stuck_rank, tmp_path, str(tmp_path / "board")) == 1
+    assert capsys.readouterr().err.strip() == f"error: {STUCK_LINE}"
 
 
 def test_a_rank_dying_after_it_finished_does_not_fail_the_run(tmp_path):
